@@ -1,0 +1,3 @@
+from elmd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""The contract between the HTTP service and a backend (PyTorch or MLX).
+
+The service imports only this module and `elmd.engine.engine`; it never learns which
+runtime answers. A backend turns prompt token ids into generated token ids; text
+(detokenization, stop strings, chat templates) is handled above it, once, for all
+backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Protocol
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Everything that shapes one generation. Defaults are the OpenAI API's."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # 1.0: off (multiplicative, as in CTRL / transformers)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob and k alternatives
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one token and the `top` most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token, as a backend reports it."""
+
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The backend's last word on a sequence: why it stopped, and what the prompt reused."""
+
+    reason: str  # "length" | "eos" | "cancelled" | "error"
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+class StepChannel:
+    """A thread-safe pipe from a backend's worker thread to one consumer.
+
+    The producer calls `put(Step)` then `close(Finished)`; the consumer iterates, from a
+    thread or from asyncio. `cancel()` tells the producer to stop at its next step.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Step | Finished] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._lock = threading.Lock()
+        self.finished: Finished | None = None
+
+    # producer side
+    def put(self, item: Step | Finished) -> None:
+        self._queue.put(item)
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    def close(self, finished: Finished) -> None:
+        self.put(finished)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # consumer side
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _take(self, item: Step | Finished) -> Step | None:
+        if isinstance(item, Finished):
+            self.finished = item
+            return None
+        return item
+
+    def __iter__(self) -> Iterator[Step]:
+        while self.finished is None:
+            step = self._take(self._queue.get())
+            if step is not None:
+                yield step
+
+    async def __aiter__(self) -> AsyncIterator[Step]:
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        with self._lock:
+            self._waiters.append((loop, ready))
+        try:
+            while self.finished is None:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    ready.clear()
+                    if self._queue.empty():
+                        await ready.wait()
+                    continue
+                step = self._take(item)
+                if step is not None:
+                    yield step
+        finally:
+            with self._lock:
+                self._waiters.remove((loop, ready))
+
+
+@dataclass
+class BackendInfo:
+    """What a loaded backend tells the service about itself."""
+
+    name: str  # "torch" | "mlx"
+    device: str  # "cpu", "cuda:0", "mps", "mlx-cpu", "mlx-gpu"
+    dtype: str
+    quant: str  # "none" | "int8" | "int4" ...
+    context_length: int
+    vocab_size: int
+    memory_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """A model loaded on one runtime. Methods are safe to call from any thread."""
+
+    info: BackendInfo
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> StepChannel:
+        """Start generating after `prompt_ids`; steps arrive on the returned channel.
+
+        The backend stops at `max_tokens`, at a token in `stop_ids` (unless
+        `params.ignore_eos`), or when the channel is cancelled, and always ends the
+        channel with `Finished`. A token in `stop_ids` is reported, then `Finished("eos")`.
+        """
+        ...
+
+    def score(self, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
+        """Log-probability of each token given those before it (len(token_ids) - 1 entries)."""
+        ...
+
+    def close(self) -> None:
+        """Stop the worker and free the weights."""
+        ...
