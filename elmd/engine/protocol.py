@@ -56,10 +56,9 @@ class Step:
 
 @dataclass(frozen=True)
 class Finished:
-    """The backend's last word on a sequence: why it stopped, and what the prompt reused."""
+    """The backend's last word on a sequence: why it stopped."""
 
     reason: str  # "length" | "eos" | "cancelled" | "error"
-    cached_tokens: int = 0
     error: str | None = None
 
 
@@ -76,6 +75,7 @@ class StepChannel:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._lock = threading.Lock()
         self.finished: Finished | None = None
+        self.cached_tokens = 0  # prompt tokens the backend reused from its prefix cache; set before the first step
 
     # producer side
     def put(self, item: Step | Finished) -> None:

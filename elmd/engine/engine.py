@@ -1,0 +1,227 @@
+"""A loaded model as the service sees it: tokenizer + backend + text handling.
+
+Backends produce token ids; this layer turns them into text once, for every backend:
+incremental detokenization, stop strings that may span tokens (never emitted), EOS,
+and the usage counts the API reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterable, Iterator
+
+from elmd.engine.protocol import Backend, Finished, SamplingParams, Step, StepChannel, TokenLogprob
+from elmd.engine.tokenizer import Tokenizer
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the requested tokens do not fit the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int):
+        self.prompt_tokens, self.max_tokens, self.context_length = prompt_tokens, max_tokens, context_length
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the prompt or max_tokens."
+        )
+
+
+@dataclass
+class Chunk:
+    """New text from one or more tokens. The last chunk of a stream has `finish_reason`."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" (OpenAI's words)
+    usage: "Usage | None" = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str
+    usage: Usage
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back any tail that could begin one."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) - 1 for s in self.stops), default=0)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            out, self.pending = self.pending[:cut], ""
+            return out, True
+        keep = self._partial_tail()
+        out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return out, False
+
+    def _partial_tail(self) -> int:
+        """Length of the longest suffix of `pending` that is a proper prefix of a stop string."""
+        for n in range(min(self.hold, len(self.pending)), 0, -1):
+            tail = self.pending[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Engine:
+    """One servable model. Thread-safe; generations run concurrently in the backend."""
+
+    def __init__(
+        self,
+        model_id: str,
+        backend: Backend,
+        tokenizer: Tokenizer,
+        defaults: dict | None = None,
+    ):
+        self.model_id = model_id
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.defaults = defaults or {}  # per-model sampling defaults from models.yaml
+
+    @property
+    def context_length(self) -> int:
+        return self.backend.info.context_length
+
+    def params(self, **overrides) -> SamplingParams:
+        """SamplingParams from the model's defaults, then the request's explicit values."""
+        values = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        if isinstance(values.get("stop"), str):
+            values["stop"] = (values["stop"],)
+        if "stop" in values:
+            values["stop"] = tuple(values["stop"])
+        return SamplingParams(**values)
+
+    def check_length(self, prompt_ids: list[int], max_tokens: int) -> None:
+        if not prompt_ids or len(prompt_ids) + max_tokens > self.context_length:
+            raise ContextLengthError(len(prompt_ids), max_tokens, self.context_length)
+
+    def _start(self, prompt_ids: list[int], params: SamplingParams) -> StepChannel:
+        self.check_length(prompt_ids, params.max_tokens)
+        return self.backend.submit(list(prompt_ids), params, self.tokenizer.eos_ids)
+
+    def _text(self, prompt_ids: list[int], params: SamplingParams, channel: StepChannel) -> "_TextAssembler":
+        """The state machine shared by the sync and async streams."""
+        return _TextAssembler(self.tokenizer, params, len(prompt_ids), channel)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
+        """Generate, yielding text as it becomes final. Closing the iterator cancels."""
+        channel = self._start(prompt_ids, params)
+        text = self._text(prompt_ids, params, channel)
+        try:
+            for step in channel:
+                chunk = text.step(step)
+                if chunk is not None:
+                    yield chunk
+                if text.done:
+                    return
+            yield text.finish(channel.finished)
+        finally:
+            channel.cancel()
+
+    async def astream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+        """The asyncio twin of `stream`; `aclose()` (a client gone) cancels within one step."""
+        channel = self._start(prompt_ids, params)
+        text = self._text(prompt_ids, params, channel)
+        try:
+            async for step in channel:
+                chunk = text.step(step)
+                if chunk is not None:
+                    yield chunk
+                if text.done:
+                    return
+            yield text.finish(channel.finished)
+        finally:
+            channel.cancel()
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        return _collect(list(self.stream(prompt_ids, params)))
+
+    async def agenerate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        return _collect([chunk async for chunk in self.astream(prompt_ids, params)])
+
+    def complete(self, prompt: str, **params) -> str:
+        """The small public API: text in, text out."""
+        return self.generate(self.tokenizer.encode(prompt), self.params(**params)).text
+
+    def chat(self, messages: list[dict], **params) -> str:
+        return self.generate(self.tokenizer.encode_chat(messages), self.params(**params)).text
+
+    def score(self, token_ids: list[int], top_n: int = 0) -> list[TokenLogprob]:
+        """Log-probabilities of the prompt's own tokens (for `echo` and log-likelihood evals)."""
+        if len(token_ids) > self.context_length:
+            raise ContextLengthError(len(token_ids), 0, self.context_length)
+        return self.backend.score(list(token_ids), top_n)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class _TextAssembler:
+    """Turns backend steps into text chunks: detokenize, cut at stop strings, count."""
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_tokens: int, channel: StepChannel):
+        self.channel = channel
+        self.detok = tokenizer.detokenizer()
+        self.stops = StopMatcher(params.stop)
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.done = False
+        self.eos_ids = tokenizer.eos_ids
+
+    def _usage(self) -> Usage:
+        return Usage(self.prompt_tokens, self.completion_tokens, self.channel.cached_tokens)
+
+    def step(self, step: Step) -> Chunk | None:
+        self.completion_tokens += 1
+        logprobs = [step.logprob] if step.logprob is not None else []
+        if step.token_id in self.eos_ids:
+            return None  # the EOS token itself is counted, never shown; Finished follows
+        emitted, hit = self.stops.feed(self.detok.add(step.token_id))
+        if hit:
+            self.done = True
+            return Chunk(emitted, [step.token_id], logprobs, "stop", self._usage())
+        return Chunk(emitted, [step.token_id], logprobs)
+
+    def finish(self, finished: Finished | None) -> Chunk:
+        if finished is not None and finished.reason == "error":
+            raise RuntimeError(finished.error or "generation failed")
+        tail, hit = self.stops.feed(self.detok.flush())
+        tail = tail if hit else tail + self.stops.flush()
+        reason = "length" if finished is not None and finished.reason == "length" and not hit else "stop"
+        return Chunk(tail, [], [], reason, self._usage())
+
+
+def _collect(chunks: list[Chunk]) -> Completion:
+    last = chunks[-1]
+    return Completion(
+        text="".join(c.text for c in chunks),
+        token_ids=[t for c in chunks for t in c.token_ids],
+        logprobs=[lp for c in chunks for lp in c.logprobs],
+        finish_reason=last.finish_reason or "stop",
+        usage=last.usage or Usage(0, 0),
+    )
