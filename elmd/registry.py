@@ -1,0 +1,128 @@
+"""The models elmd knows by name: `elmd/models.yaml` (shipped in the package) plus an
+optional `models.yaml` in the config directory that adds entries or overrides them by id.
+
+The registry only describes models; whether one is installed is the store's business.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from elmd import paths
+from elmd.store import validate_name
+
+BACKENDS = ("torch", "mlx")
+FILE_NAME = "models.yaml"
+
+
+class RegistryError(ValueError):
+    """A models.yaml that cannot be used; the message names the file and the entry."""
+
+
+class HubSource(BaseModel):
+    """A Hugging Face repository in the hub layout."""
+
+    model_config = ConfigDict(extra="forbid")
+    hub: str
+    revision: str | None = None
+
+
+class PackageSource(BaseModel):
+    """A file inside an installed Python package (found without importing the package)."""
+
+    model_config = ConfigDict(extra="forbid")
+    package: str
+    file: str
+
+    def locate(self) -> Path | None:
+        """The file's path, or None if the package or the file is not installed."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / self.file
+            if candidate.is_file():
+                return candidate
+        return None
+
+
+Source = HubSource | PackageSource
+
+
+class ModelSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weights: Source
+    tokenizer: Source
+
+
+class ModelEntry(BaseModel):
+    """One model of models.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    architecture: Literal["openelm", "llama"]
+    context_length: int = Field(gt=0)
+    default_quant: Literal["none", "int8", "int4"] = "none"
+    chat_template: str | None = None
+    sampling: dict = Field(default_factory=dict)
+    source: ModelSource
+    sources: dict[Literal["torch", "mlx"], ModelSource] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid_id(self) -> "ModelEntry":
+        validate_name(self.id)
+        return self
+
+    def source_for(self, backend: str) -> ModelSource:
+        """Where this model's weights and tokenizer come from for `backend` (torch | mlx)."""
+        return self.sources.get(backend, self.source)
+
+
+class Registry:
+    """Model entries by id, in file order (the package's first, then the user's additions)."""
+
+    def __init__(self, entries: list[ModelEntry]):
+        self._entries = {entry.id: entry for entry in entries}
+
+    @classmethod
+    def load(cls, user_file: Path | None = None) -> "Registry":
+        """The shipped models.yaml, overlaid with the user's (default: config_dir()/models.yaml)."""
+        shipped = importlib.resources.files("elmd").joinpath(FILE_NAME)
+        entries = {e.id: e for e in _parse(shipped.read_text(), f"elmd/{FILE_NAME}")}
+        user_file = user_file if user_file is not None else paths.config_dir() / FILE_NAME
+        if user_file.is_file():
+            for entry in _parse(user_file.read_text(), str(user_file)):
+                entries[entry.id] = entry
+        return cls(list(entries.values()))
+
+    def get(self, model_id: str) -> ModelEntry | None:
+        return self._entries.get(model_id)
+
+    def __contains__(self, model_id: str) -> bool:
+        return model_id in self._entries
+
+    def __iter__(self):
+        return iter(self._entries.values())
+
+
+def _parse(text: str, origin: str) -> list[ModelEntry]:
+    try:
+        document = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{origin}: not valid YAML: {exc}") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("models", []), list):
+        raise RegistryError(f"{origin}: expected a mapping with a list under 'models'")
+    entries = []
+    for index, raw in enumerate(document.get("models") or []):
+        try:
+            entries.append(ModelEntry.model_validate(raw))
+        except (ValidationError, ValueError) as exc:
+            name = raw.get("id", f"#{index}") if isinstance(raw, dict) else f"#{index}"
+            raise RegistryError(f"{origin}: model {name}: {exc}") from exc
+    return entries

@@ -1,0 +1,91 @@
+"""Daemon settings: command-line flags, then `ELMD_*` environment variables, then
+`config.yaml` in the config directory, then these defaults."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from elmd import paths
+
+# 8356: "ELM" on a phone keypad after an 8. Clear of Ollama (11434), llama.cpp (8080),
+# LM Studio (1234), the Python/uvicorn default (8000) and other local tools
+# (AnkiConnect 8765, Jupyter 8888, Gradio 7860, ComfyUI 8188, Syncthing 8384).
+DEFAULT_PORT = 8356
+CONFIG_FILE = "config.yaml"
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str | int | float | None) -> float | None:
+    """Seconds from a keep-alive as Ollama accepts it: a number of seconds or a Go-style
+    duration ("5m", "1h30m", "90s"). Negative means forever and returns None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("expected a number of seconds or a duration such as '5m'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = value.strip()
+        negative = text.startswith("-")
+        body = text.lstrip("+-")
+        try:
+            seconds = float(body)
+        except ValueError:
+            parts = _DURATION_PART.findall(body)
+            if not parts or "".join(n + u for n, u in parts) != body:
+                raise ValueError(f"invalid duration {value!r}: use seconds or e.g. '5m', '1h30m'") from None
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+        seconds = -seconds if negative else seconds
+    return None if seconds < 0 else seconds
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ELMD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    model: str | None = None  # what `serve` loads at start: a models.yaml / store name (or, from the CLI, a directory)
+    backend: Literal["auto", "torch", "mlx"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    quant: Literal["none", "int8", "int4"] = "none"
+
+    # model lifecycle
+    keep_alive: float | None = 300.0  # seconds an idle model stays loaded; None: forever
+    max_loaded_models: int = Field(2, ge=1)
+    memory_budget_bytes: int | None = Field(None, ge=0)  # None: half of physical memory
+
+    # back-pressure
+    max_concurrent_requests: int = Field(16, ge=1)  # generating at once (the backend batches them)
+    max_queued_requests: int = Field(64, ge=0)  # waiting beyond those; more get 429
+    request_timeout: float = Field(600.0, gt=0)  # seconds from arrival to the last token
+    retry_after: int = Field(1, ge=1)  # seconds suggested in Retry-After
+
+    # streaming
+    sse_ping_seconds: float = Field(10.0, gt=0)  # comment keep-alives while a prompt is processed
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value):
+        return parse_duration(value)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file=config_file()))
+
+
+def config_file() -> Path:
+    return paths.config_dir() / CONFIG_FILE
