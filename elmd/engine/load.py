@@ -1,0 +1,45 @@
+"""Choosing a backend and loading a model directory into an `Engine`."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+
+from elmd.engine.engine import Engine
+from elmd.engine.tokenizer import Tokenizer
+
+BACKENDS = ("auto", "torch", "mlx")
+
+
+def pick_backend(backend: str = "auto") -> str:
+    """MLX on Apple silicon, PyTorch everywhere else; either can be forced."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    return "mlx" if sys.platform == "darwin" and platform.machine() == "arm64" else "torch"
+
+
+def load_engine(
+    model_dir: str | Path,
+    *,
+    model_id: str | None = None,
+    backend: str = "auto",
+    dtype: str = "auto",
+    quant: str = "none",
+    chat_template: str | None = None,
+    defaults: dict | None = None,
+    **backend_options,
+) -> Engine:
+    model_dir = Path(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir, chat_template=chat_template)
+    if pick_backend(backend) == "mlx":
+        from elmd.engine.mlx_backend import MLXBackend
+
+        runtime = MLXBackend(model_dir, dtype=dtype, quant=quant)
+    else:
+        from elmd.engine.torch_backend import TorchBackend
+
+        runtime = TorchBackend(model_dir, dtype=dtype, quant=quant, **backend_options)
+    return Engine(model_id or model_dir.name, runtime, tokenizer, defaults)

@@ -1,0 +1,265 @@
+"""OpenELM in PyTorch: the config, the network and its static KV cache.
+
+One file, gpt-fast style. `forward(tokens, positions, slots)` takes explicit positions
+and cache rows, so prefill, batched decode of sequences at different lengths, and
+scoring without a cache are the same code. Weight names match the hub checkpoint
+(`transformer.layers.N.attn.qkv_proj.weight`, ...), so loading is a plain state dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_divisible(v: float, divisor: int) -> int:
+    """Apple's rounding rule for layer widths (see docs/openelm.md)."""
+    n = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    if n < 0.9 * v:
+        n += divisor
+    return int(n)
+
+
+def _linspace(lo: float, hi: float, n: int) -> list[float]:
+    return [round(lo + (hi - lo) * i / max(n - 1, 1), 2) for i in range(n)]
+
+
+@dataclass
+class OpenELMConfig:
+    vocab_size: int
+    model_dim: int
+    head_dim: int
+    num_transformer_layers: int
+    num_query_heads: list[int]
+    num_kv_heads: list[int]
+    ffn_multipliers: list[float]
+    ffn_dim_divisor: int = 256
+    ffn_with_glu: bool = True
+    normalize_qk_projections: bool = True
+    share_input_output_layers: bool = True
+    rope_freq_constant: float = 10000.0
+    rope_max_length: int = 4096
+    max_context_length: int = 2048
+    rms_norm_eps: float = 1e-6
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "OpenELMConfig":
+        """Build from config.json, deriving per-layer lists the way Apple's config does when
+        only the multiplier ranges are given."""
+        if d.get("model_type") != "openelm":
+            raise ValueError(f"unsupported model_type {d.get('model_type')!r}: elmd serves 'openelm' checkpoints")
+        d = dict(d)
+        layers = int(d["num_transformer_layers"])
+        if "num_query_heads" not in d or not isinstance(d["num_query_heads"], list):
+            groups = int(d.get("num_gqa_groups", 4))
+            lo, hi = d.get("qkv_multipliers", (0.5, 1.0))
+            q_heads = [
+                make_divisible(d["model_dim"] * m, d["head_dim"] * groups) // d["head_dim"]
+                for m in _linspace(lo, hi, layers)
+            ]
+            d["num_query_heads"] = q_heads
+            d["num_kv_heads"] = [q // groups for q in q_heads]
+        ffn = d.get("ffn_multipliers", (0.5, 4.0))
+        if not isinstance(ffn, list) or len(ffn) != layers:
+            d["ffn_multipliers"] = _linspace(ffn[0], ffn[1], layers) if len(ffn) == 2 else [ffn[0]] * layers
+        names = {f.name for f in fields(cls)} - {"extra"}
+        cfg = cls(**{k: v for k, v in d.items() if k in names}, extra={k: v for k, v in d.items() if k not in names})
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        n = self.num_transformer_layers
+        for name in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"config: {name} has {len(getattr(self, name))} entries for {n} layers")
+        for i, (q, kv) in enumerate(zip(self.num_query_heads, self.num_kv_heads)):
+            if kv <= 0 or q % kv:
+                raise ValueError(f"config: layer {i} has {q} query heads, not a multiple of {kv} kv heads")
+
+    @property
+    def ffn_dims(self) -> list[int]:
+        return [make_divisible(m * self.model_dim, self.ffn_dim_divisor) for m in self.ffn_multipliers]
+
+    @property
+    def context_length(self) -> int:
+        return min(self.max_context_length, self.rope_max_length)
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * sum(self.num_kv_heads) * self.head_dim * elem
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the scale, as OpenELM does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class KVCache(nn.Module):
+    """Static, preallocated keys and values for `slots` sequences of up to `length` tokens."""
+
+    def __init__(self, slots: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype, device):
+        super().__init__()
+        shape = (slots, kv_heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int):
+        """Write k, v ([B, H, T, D]) at `positions` ([B, T]) of rows `slots` ([B]); return the
+        first `span` positions of those rows."""
+        rows = slots[:, None]
+        self.k[rows, :, positions] = k.transpose(1, 2)
+        self.v[rows, :, positions] = v.transpose(1, 2)
+        return self.k[slots, :, :span], self.v[slots, :, :span]
+
+
+def rope_tables(head_dim: int, length: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half (NeoX) RoPE over the whole head; cos/sin are [B, 1, T, D] in fp32."""
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: OpenELMConfig, layer: int):
+        super().__init__()
+        self.q_heads, self.kv_heads, self.head_dim = cfg.num_query_heads[layer], cfg.num_kv_heads[layer], cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.model_dim, (self.q_heads + 2 * self.kv_heads) * cfg.head_dim, bias=False)
+        self.out_proj = nn.Linear(self.q_heads * cfg.head_dim, cfg.model_dim, bias=False)
+        if cfg.normalize_qk_projections:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.normalize_qk_projections
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, slots, positions, mask, span):
+        B, T, _ = x.shape
+        qkv = self.qkv_proj(x).view(B, T, self.q_heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.q_heads, self.kv_heads, self.kv_heads], dim=1)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(slots, positions, k, v, span)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.q_heads != self.kv_heads)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, self.q_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: OpenELMConfig, layer: int):
+        super().__init__()
+        width = cfg.ffn_dims[layer]
+        self.glu = cfg.ffn_with_glu
+        self.proj_1 = nn.Linear(cfg.model_dim, (2 if self.glu else 1) * width, bias=False)
+        self.proj_2 = nn.Linear(width, cfg.model_dim, bias=False)
+
+    def forward(self, x):
+        h = self.proj_1(x)
+        if self.glu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj_2(F.silu(gate) * up)
+        return self.proj_2(F.silu(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: OpenELMConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.model_dim, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.model_dim, cfg.rms_norm_eps)
+        self.ffn = FeedForward(cfg, layer)
+
+    def forward(self, x, cos, sin, slots, positions, mask, span):
+        h = x + self.attn(self.attn_norm(x), cos, sin, slots, positions, mask, span)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: OpenELMConfig):
+        super().__init__()
+        self.token_embeddings = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_transformer_layers))
+        self.norm = RMSNorm(cfg.model_dim, cfg.rms_norm_eps)
+
+
+class OpenELM(nn.Module):
+    def __init__(self, cfg: OpenELMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = Transformer(cfg)
+        if not cfg.share_input_output_layers:
+            self.lm_head = nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.rope_max_length, cfg.rope_freq_constant)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.cache_slots = 0
+
+    def setup_caches(self, slots: int, length: int | None = None) -> None:
+        """Allocate the static KV cache once: `slots` sequences of `length` tokens."""
+        length = length or self.cfg.context_length
+        p = self.transformer.token_embeddings.weight
+        for block in self.transformer.layers:
+            a = block.attn
+            a.cache = KVCache(slots, a.kv_heads, length, a.head_dim, p.dtype, p.device)
+        self.cache_slots = slots
+
+    def drop_caches(self) -> None:
+        for block in self.transformer.layers:
+            block.attn.cache = None
+        self.cache_slots = 0
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        weight = self.lm_head.weight if not self.cfg.share_input_output_layers else self.transformer.token_embeddings.weight
+        return F.linear(h, weight)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        span: int | None = None,
+    ) -> torch.Tensor:
+        """Logits for `tokens` [B, T] at `positions` [B, T].
+
+        With `slots` [B], keys and values go to those cache rows and attention reads
+        their first `span` positions (default: up to the furthest position); without,
+        attention is causal over `tokens` alone (scoring).
+        """
+        x = self.transformer.token_embeddings(tokens)
+        cos = self.rope_cos[positions][:, None]
+        sin = self.rope_sin[positions][:, None]
+        if slots is None:
+            T = tokens.shape[1]
+            mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        else:
+            span = span or int(positions.max()) + 1
+            mask = torch.arange(span, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
+        for block in self.transformer.layers:
+            x = block(x, cos, sin, slots, positions, mask, span)
+        return self.head(self.transformer.norm(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

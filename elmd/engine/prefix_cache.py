@@ -1,0 +1,70 @@
+"""Keys and values of earlier sequences, reused when a new prompt starts with them.
+
+A chat's next turn repeats the whole history; reusing its KV turns a long prefill into a
+short one. Entries are bounded in bytes and evicted least recently used. Reuse is exact:
+the same tokens at the same positions give the same keys and values.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v as [kv_heads, n, head_dim]
+
+
+def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, ...], LayerKV] = OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def _size(kv: LayerKV) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+    def lookup(self, tokens: list[int]) -> tuple[int, LayerKV | None]:
+        """The longest cached prefix of `tokens`, leaving at least one token to compute
+        (the model needs it for the next logits)."""
+        best, best_key = 0, None
+        limit = len(tokens) - 1
+        for key in self.entries:
+            n = min(_common_prefix(key, tokens), limit)
+            if n > best:
+                best, best_key = n, key
+        if best_key is None:
+            return 0, None
+        self.entries.move_to_end(best_key)
+        return best, self.entries[best_key]
+
+    def store(self, tokens: list[int], kv: LayerKV) -> None:
+        key = tuple(tokens)
+        if self.max_bytes <= 0 or not key:
+            return
+        for other in list(self.entries):
+            if other[: len(key)] == key:  # already covered by a longer entry
+                self.entries.move_to_end(other)
+                return
+            if key[: len(other)] == other:  # the new entry covers an older one
+                self.bytes -= self._size(self.entries.pop(other))
+        size = self._size(kv)
+        if size > self.max_bytes:
+            return
+        self.entries[key] = kv
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, evicted = self.entries.popitem(last=False)
+            self.bytes -= self._size(evicted)
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0

@@ -1,0 +1,77 @@
+"""Choosing the next token from logits, per sequence (PyTorch backend).
+
+Each sequence owns a `Sampler` with its parameters, its own seeded generator and its
+token counts, so sequences that share a batch never influence each other: a seeded
+request gives the same tokens alone or beside others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from elmd.engine.protocol import SamplingParams, TokenLogprob
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device="cpu"):
+        self.params = params
+        self.generator = torch.Generator(device=device)
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # prompt + output, for repetition
+        self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)  # output only, for presence/frequency
+        if prompt_ids:
+            self.seen[torch.tensor(prompt_ids, device=device).clamp_(0, vocab_size - 1)] = True
+
+    def observe(self, token_id: int) -> None:
+        self.seen[token_id] = True
+        self.counts[token_id] += 1
+
+    def penalized(self, logits: torch.Tensor) -> torch.Tensor:
+        """Repetition (CTRL-style, over prompt and output), presence and frequency (OpenAI-style,
+        over the output) penalties."""
+        p = self.params
+        if p.repetition_penalty != 1.0:
+            scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(self.seen, scaled, logits)
+        if p.presence_penalty or p.frequency_penalty:
+            logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+        return logits
+
+    def choose(self, logits: torch.Tensor) -> int:
+        p = self.params
+        logits = self.penalized(logits)
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k > 0 and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.min_p > 0.0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = sorted_probs.cumsum(-1)
+            drop = cumulative - sorted_probs > p.top_p  # keep the smallest prefix reaching top_p
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def sample(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """Pick a token from fp32 logits [V]; report its log-probability under the model
+        (before penalties and temperature) when asked."""
+        token = self.choose(logits)
+        self.observe(token)
+        if self.params.logprobs is None:
+            return token, None
+        return token, logprob_of(torch.log_softmax(logits, dim=-1), token, self.params.logprobs)
+
+
+def logprob_of(logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
+    top: tuple[tuple[int, float], ...] = ()
+    if top_n > 0:
+        values, ids = torch.topk(logprobs, top_n)
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), top)

@@ -1,0 +1,172 @@
+"""Continuous batching for the PyTorch backend.
+
+One worker thread owns the model. Each iteration it admits waiting requests into free
+KV-cache slots (reusing cached prefixes), runs one prefill chunk, then one decode step
+for every running sequence together. Requests join and leave between steps; a cancelled
+channel frees its slot before the next step.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from elmd.engine.openelm import OpenELM
+from elmd.engine.prefix_cache import PrefixCache
+from elmd.engine.protocol import Finished, SamplingParams, Step, StepChannel
+from elmd.engine.sampling import Sampler
+
+
+@dataclass
+class Sequence:
+    channel: StepChannel
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    sampler: Sampler
+    tokens: list[int]  # prompt, then generated tokens
+    prompt_len: int
+    slot: int = -1
+    filled: int = 0  # tokens whose keys and values are in the slot
+    generated: int = 0
+
+
+class Scheduler:
+    def __init__(self, model: OpenELM, slots: int, prefill_chunk: int = 256, prefix_cache_bytes: int = 0):
+        self.model = model
+        self.device = model.rope_cos.device
+        model.setup_caches(slots)
+        self.cache_len = model.transformer.layers[0].attn.cache.k.shape[2]
+        self.free = list(range(slots))[::-1]
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.prefill_chunk = prefill_chunk
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.compute_lock = threading.Lock()  # the model runs one forward at a time
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="elmd-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ------------------------------------------------------
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> StepChannel:
+        channel = StepChannel()
+        sampler = Sampler(params, prompt_ids, self.model.cfg.vocab_size, self.device)
+        seq = Sequence(channel, params, stop_ids, sampler, list(prompt_ids), len(prompt_ids))
+        with self._wake:
+            self.waiting.append(seq)
+            self._wake.notify()
+        return channel
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def active(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    # -- the worker ------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.waiting and not self.running:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            try:
+                self._iteration()
+            except Exception as e:  # a failed step ends its sequences, never the daemon
+                for seq in self.running + list(self.waiting):
+                    self._finish(seq, Finished("error", error=f"{type(e).__name__}: {e}"), keep=False)
+                self.waiting.clear()
+        for seq in self.running + list(self.waiting):
+            self._finish(seq, Finished("cancelled"), keep=False)
+
+    def _iteration(self) -> None:
+        for seq in [s for s in self.running if s.channel.cancelled]:
+            self._finish(seq, Finished("cancelled"))
+        self._admit()
+        with torch.inference_mode(), self.compute_lock:
+            prefilling = next((s for s in self.running if s.filled < s.prompt_len), None)
+            if prefilling is not None:
+                self._prefill_chunk(prefilling)
+            decoding = [s for s in self.running if s.generated > 0 and s.filled == len(s.tokens) - 1]
+            if decoding:
+                self._decode(decoding)
+
+    def _admit(self) -> None:
+        with self._wake:
+            while self.waiting and self.free:
+                seq = self.waiting.popleft()
+                if seq.channel.cancelled:
+                    seq.channel.close(Finished("cancelled"))
+                    continue
+                if seq.params.max_tokens <= 0 or seq.prompt_len >= self.cache_len:
+                    seq.channel.close(Finished("length"))
+                    continue
+                seq.slot = self.free.pop()
+                self.running.append(seq)
+                self._reuse_prefix(seq)
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        n, kv = self.prefix_cache.lookup(seq.tokens)
+        if kv is None:
+            return
+        for block, (k, v) in zip(self.model.transformer.layers, kv):
+            block.attn.cache.k[seq.slot, :, :n] = k[:, :n]
+            block.attn.cache.v[seq.slot, :, :n] = v[:, :n]
+        seq.filled = n
+        seq.channel.cached_tokens = n
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        start = seq.filled
+        end = min(seq.prompt_len, start + self.prefill_chunk)
+        tokens = torch.tensor([seq.tokens[start:end]], device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
+        slots = torch.tensor([seq.slot], device=self.device)
+        logits = self.model(tokens, positions, slots, span=end)
+        seq.filled = end
+        if end == seq.prompt_len:
+            self._emit(seq, logits[0, -1].float())
+
+    def _decode(self, batch: list[Sequence]) -> None:
+        tokens = torch.tensor([[s.tokens[-1]] for s in batch], device=self.device)
+        positions = torch.tensor([[s.filled] for s in batch], device=self.device)
+        slots = torch.tensor([s.slot for s in batch], device=self.device)
+        logits = self.model(tokens, positions, slots)[:, -1].float()
+        for i, seq in enumerate(batch):
+            seq.filled += 1
+            self._emit(seq, logits[i])
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample the next token, report it, and finish the sequence if it is time."""
+        if seq.channel.cancelled:
+            self._finish(seq, Finished("cancelled"))
+            return
+        token, logprob = seq.sampler.sample(logits)
+        seq.tokens.append(token)
+        seq.generated += 1
+        seq.channel.put(Step(token, logprob))
+        if token in seq.stop_ids and not seq.params.ignore_eos:
+            self._finish(seq, Finished("eos"))
+        elif seq.generated >= seq.params.max_tokens or len(seq.tokens) >= self.cache_len:
+            self._finish(seq, Finished("length"))
+
+    def _finish(self, seq: Sequence, finished: Finished, keep: bool = True) -> None:
+        if keep and seq.filled > 0 and self.prefix_cache.max_bytes > 0:
+            self.prefix_cache.store(seq.tokens[: seq.filled], self._slot_kv(seq.slot, seq.filled))
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free.append(seq.slot)
+        seq.channel.close(finished)
+
+    def _slot_kv(self, slot: int, n: int):
+        return [
+            (b.attn.cache.k[slot, :, :n].clone(), b.attn.cache.v[slot, :, :n].clone())
+            for b in self.model.transformer.layers
+        ]

@@ -1,0 +1,100 @@
+"""The PyTorch backend: OpenELM on CPU, CUDA or MPS, with continuous batching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import torch
+
+from elmd.engine.checkpoint import load_model
+from elmd.engine.protocol import BackendInfo, SamplingParams, StepChannel, TokenLogprob
+from elmd.engine.sampling import logprob_of
+from elmd.engine.scheduler import Scheduler
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str, model_dim: int) -> torch.dtype:
+    """bf16 on accelerators and CPU alike; fp16 only where the model cannot overflow it
+    (OpenELM-3B's activations exceed fp16's range)."""
+    if dtype == "auto":
+        return torch.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+    if dtype == "float16" and model_dim >= 3072:
+        raise ValueError("float16 overflows in OpenELM-3B-sized models; use bfloat16 or float32")
+    return DTYPES[dtype]
+
+
+def set_threads() -> None:
+    """One intra-op thread per physical core: hyper-threads only contend for the same
+    memory bandwidth that batch-1 decode is bound by."""
+    cores = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    torch.set_num_threads(cores)
+
+
+class TorchBackend:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str = "auto",
+        quant: str = "none",
+        device: str = "auto",
+        slots: int = 8,
+        prefix_cache_bytes: int = 256 << 20,
+    ):
+        from elmd.engine.checkpoint import read_config
+
+        device = pick_device(device)
+        if device == "cpu":
+            set_threads()
+        cfg = read_config(Path(model_dir))
+        torch_dtype = pick_dtype(dtype, device, cfg.model_dim)
+        model = load_model(Path(model_dir), dtype=torch_dtype, device=device)
+        if quant != "none":
+            from elmd.engine.quantize import quantize_model
+
+            model = quantize_model(model, quant)
+        self.model = model
+        self.scheduler = Scheduler(model, slots=slots, prefix_cache_bytes=prefix_cache_bytes)
+        weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        self.info = BackendInfo(
+            name="torch",
+            device=device,
+            dtype=str(torch_dtype).removeprefix("torch."),
+            quant=quant,
+            context_length=cfg.context_length,
+            vocab_size=cfg.vocab_size,
+            memory_bytes=weights,
+            extra={"slots": slots},
+        )
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> StepChannel:
+        return self.scheduler.submit(prompt_ids, params, stop_ids)
+
+    def score(self, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
+        if len(token_ids) < 2:
+            return []
+        device = self.scheduler.device
+        with torch.inference_mode(), self.scheduler.compute_lock:
+            tokens = torch.tensor([token_ids], device=device)
+            logits = self.model(tokens, torch.arange(len(token_ids), device=device)[None])[0, :-1].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+        return [logprob_of(logprobs[i], token_ids[i + 1], top_n) for i in range(len(token_ids) - 1)]
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.model.drop_caches()
+        self.scheduler.prefix_cache.clear()
+        del self.model
