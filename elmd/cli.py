@@ -9,6 +9,11 @@ import sys
 
 COMMANDS = [
     "serve",
+    "pull",
+    "list",
+    "show",
+    "rm",
+    "import_model",
 ]
 
 

@@ -70,6 +70,9 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
+    with open(gguf_path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UnsupportedModelError(f"{gguf_path} is not a GGUF file")
     reader = gguf.GGUFReader(str(gguf_path))
     fields = _fields(reader)
     shape = _llama_shape(fields)

@@ -1,0 +1,100 @@
+"""`elmd import FILE.gguf|DIR [--name NAME]`: install a local model into the store.
+
+A GGUF file is converted to an OpenELM checkpoint (see `elmd.convert.gguf`); a directory
+in the hub's layout is checked and copied. Either way the store sees the model only once
+it is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+# The file-type tags llama.cpp's tools append to GGUF names ("model.Q4_1.gguf", "model-f16.gguf").
+QUANT_SUFFIX = re.compile(r"[.-](q\d[a-z0-9_]*|iq\d[a-z0-9_]*|f16|bf16|f32)$")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "import",
+        help="install a local GGUF file or hub-layout checkpoint directory",
+        description=(
+            "Install a model from this machine into the store. A llama-architecture GGUF file is "
+            "converted to an OpenELM checkpoint; a directory in the Hugging Face hub's layout "
+            "(config.json, safetensors, tokenizer) is checked and copied."
+        ),
+    )
+    parser.add_argument("source", type=Path, help="a .gguf file or a checkpoint directory")
+    parser.add_argument("--name", help="the model's name in the store (default: from the file or folder name)")
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weight type for a converted GGUF"
+    )
+    parser.add_argument("--force", action="store_true", help="replace a model of the same name")
+    parser.set_defaults(func=run)
+
+
+def default_name(source: Path) -> str:
+    """A store name from a file or folder name: 'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'smollm2-135m-instruct'."""
+    stem = source.name[: -len(".gguf")] if source.name.lower().endswith(".gguf") else source.name
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")
+    return QUANT_SUFFIX.sub("", name) or "model"
+
+
+def run(args: argparse.Namespace) -> int:
+    from elmd.convert import UnsupportedModelError, UnsupportedTokenizerError
+    from elmd.convert.checkpoint_dir import CheckpointDirError
+    from elmd.store import InvalidModelName
+
+    source: Path = args.source.expanduser()
+    try:
+        name = args.name or default_name(source)
+        if source.is_dir():
+            installed = _install_dir(source, name, args.force)
+        elif source.is_file():
+            installed = _install_gguf(source, name, args.dtype, args.force)
+        else:
+            raise FileNotFoundError(f"{source}: no such file or directory")
+    except FileExistsError as e:
+        print(f"elmd import: error: {e}; pass --force to replace it", file=sys.stderr)
+        return 1
+    except (
+        FileNotFoundError,
+        InvalidModelName,
+        UnsupportedModelError,
+        UnsupportedTokenizerError,
+        CheckpointDirError,
+    ) as e:
+        print(f"elmd import: error: {e}", file=sys.stderr)
+        return 1
+    print(f"installed {name} in {installed}")
+    return 0
+
+
+def _install_gguf(source: Path, name: str, dtype: str, force: bool) -> Path:
+    from elmd.convert import import_gguf
+    from elmd.store import Store, sha256_file, write_manifest
+
+    store = Store()
+    with store.installing(name, overwrite=force) as tmp:
+        print(f"converting {source} ...", file=sys.stderr)
+        import_gguf(source, tmp, dtype=dtype)
+        write_manifest(
+            tmp,
+            source={"kind": "gguf-file", "path": str(source.resolve()), "sha256": sha256_file(source)},
+            revision=None,
+            dtype=dtype,
+        )
+    return store.path(name)
+
+
+def _install_dir(source: Path, name: str, force: bool) -> Path:
+    from elmd.convert.checkpoint_dir import copy_checkpoint
+    from elmd.store import Store, write_manifest
+
+    store = Store()
+    with store.installing(name, overwrite=force) as tmp:
+        copy_checkpoint(source, tmp)
+        write_manifest(tmp, source={"kind": "local-dir", "path": str(source.resolve())}, revision=None)
+    return store.path(name)
