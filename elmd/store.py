@@ -190,15 +190,21 @@ class Store:
         return json.loads(manifest.read_text())
 
 
-def resolve_inside(base: Path, relative: str) -> Path:
-    """`base / relative`, refusing absolute references, `..` parts and symlinks that lead
-    out of `base` (which must already be resolved)."""
+def check_relative(relative: str) -> PurePosixPath:
+    """A file reference as written in a checkpoint or the hub's file list: relative, no
+    `..` parts, no backslashes or NULs."""
     if not isinstance(relative, str) or not relative or "\\" in relative or "\x00" in relative:
         raise UnsafeModelFile(f"invalid file reference {relative!r}")
     ref = PurePosixPath(relative)
     if ref.is_absolute() or ".." in ref.parts:
         raise UnsafeModelFile(f"file reference {relative!r} leaves the model folder")
-    full = (base / ref).resolve()
+    return ref
+
+
+def resolve_inside(base: Path, relative: str) -> Path:
+    """`base / relative`, refusing absolute references, `..` parts and symlinks that lead
+    out of `base` (which must already be resolved)."""
+    full = (base / check_relative(relative)).resolve()
     if full != base and base not in full.parents:
         raise UnsafeModelFile(f"file {relative!r} resolves outside the model folder")
     return full
