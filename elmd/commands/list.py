@@ -1,0 +1,58 @@
+"""`elmd list`: the models installed in the store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "list",
+        help="list the models installed in the store",
+        description="List the installed models with their size, quantization, source and install date.",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from elmd.store import Store
+
+    models = Store().list()
+    if args.json:
+        print(json.dumps([{"name": m.name, "path": str(m.path), "size_bytes": m.size_bytes,
+                           "manifest": m.manifest} for m in models], indent=2))
+        return 0
+    if not models:
+        print("no models installed (try `elmd pull smollm2-135m-instruct`)")
+        return 0
+    rows = [("NAME", "SIZE", "QUANT", "SOURCE", "CREATED")]
+    for m in models:
+        rows.append((m.name, human_size(m.size_bytes), m.manifest.get("quant", "?"),
+                     describe_source(m.manifest.get("source")), m.manifest.get("created", "?")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def describe_source(source) -> str:
+    if not isinstance(source, dict):
+        return "?"
+    if source.get("kind") == "hub":
+        weights = source.get("weights", {})
+        return f"{weights.get('hub')}@{(weights.get('commit') or '?')[:12]}"
+    for key in ("package", "path"):
+        if source.get(key):
+            return f"{source.get('kind')}:{source[key]}"
+    return str(source.get("kind", "?"))
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"

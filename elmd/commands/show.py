@@ -1,0 +1,45 @@
+"""`elmd show MODEL`: where an installed model came from and what it holds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "show",
+        help="show an installed model's source, revision, quantization and files",
+        description="Show an installed model's manifest: source, revision, quantization, files and their sha256.",
+    )
+    parser.add_argument("model", help="the model's name in the store")
+    parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from elmd.commands.list import describe_source, human_size
+    from elmd.store import ModelNotFound, Store
+
+    try:
+        model = Store().get(args.model)
+    except (ModelNotFound, ValueError) as e:
+        print(f"elmd show: error: {e}", file=sys.stderr)
+        return 1
+    manifest = model.manifest
+    if args.json:
+        print(json.dumps({"name": model.name, "path": str(model.path), "size_bytes": model.size_bytes,
+                          "manifest": manifest}, indent=2))
+        return 0
+    print(f"name:      {model.name}")
+    print(f"path:      {model.path}")
+    print(f"size:      {human_size(model.size_bytes)}")
+    print(f"source:    {describe_source(manifest.get('source'))}")
+    print(f"revision:  {manifest.get('revision')}")
+    print(f"quant:     {manifest.get('quant', '?')}")
+    print(f"created:   {manifest.get('created', '?')}")
+    print("files:")
+    for name, info in sorted(manifest.get("files", {}).items()):
+        print(f"  {name}  {human_size(info.get('size', 0))}  sha256:{info.get('sha256')}")
+    return 0
