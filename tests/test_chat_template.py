@@ -83,10 +83,10 @@ def test_zephyr_matches_transformers_apply_chat_template(tok_dir, tok):
     assert tok.encode_chat(CONVERSATION) == list(ids)
 
 
-def test_content_parts_are_flattened(tok):
-    parts = [{**m, "content": [{"type": "text", "text": m["content"][:5]}, {"type": "text", "text": m["content"][5:]}]}
-             for m in CONVERSATION]
-    assert tok.apply_chat_template(parts) == ZEPHYR_TEXT
+def test_content_parts_are_joined_by_newlines(tok):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "text", "text": "é 🙂"}]}]
+    assert tok.apply_chat_template(parts) == "<s><|user|>\nLook:\né 🙂</s>\n<|assistant|>\n"
+    assert tok.apply_chat_template([{**m, "content": [{"type": "text", "text": m["content"]}]} for m in CONVERSATION]) == ZEPHYR_TEXT
     with pytest.raises(ChatTemplateError, match="image_url"):
         tok.apply_chat_template([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
 

@@ -124,6 +124,14 @@ def test_token_text(tok):
         tok.token_text(tok.vocab_size + 5)
 
 
+def test_token_bytes_rebuild_the_text(tok):
+    for text in TEXTS:
+        ids = tok.encode(text, add_bos=False)
+        assert b"".join(tok.token_bytes(i) for i in ids).decode()[1:] == text  # less the dummy prefix
+    assert tok.token_bytes(3 + 0xE4) == b"\xe4"
+    assert tok.token_bytes(1) == b"<s>"
+
+
 # -- streaming -------------------------------------------------------------------------
 
 
@@ -252,6 +260,43 @@ def test_agrees_with_transformers_autotokenizer(tok_dir, tok):
     assert (hf.bos_token_id, hf.eos_token_id) == (tok.bos_id, 2)
 
 
+# -- a byte-level BPE tokenizer.json (GPT-2 style, as the GGUF importer writes) ----------
+
+
+@pytest.fixture(scope="module")
+def byte_level_dir(tmp_path_factory) -> Path:
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from elmd.engine import fixture_tokenizer
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    raw.train_from_iterator(fixture_tokenizer._CORPUS.splitlines(), trainer=trainer)
+    d = tmp_path_factory.mktemp("bytelevel")
+    raw.save(str(d / "tokenizer.json"))
+    _edit_json(d / "tokenizer_config.json", eos_token="<|endoftext|>", add_bos_token=False)
+    return d
+
+
+def test_byte_level_tokenizer(byte_level_dir):
+    t = Tokenizer.from_dir(byte_level_dir)
+    assert t.bos_id is None and not t.add_bos
+    assert t.eos_ids == frozenset({0, 1})  # eos_token and the <|im_end|> end-of-turn token
+    for text in TEXTS:
+        ids = t.encode(text)
+        assert t.decode(ids) == text
+        chunks = stream(t.detokenizer(), ids)
+        assert not any("\ufffd" in c for c in chunks) and "".join(chunks) == text
+        assert b"".join(t.token_bytes(i) for i in ids).decode() == text
+    hello = t.encode(" Hello")
+    assert "".join(t.token_text(i) for i in hello) == " Hello"
+
+
 # -- a lone SentencePiece model ----------------------------------------------------------------
 
 
@@ -301,3 +346,4 @@ def test_sentencepiece_splits_special_tokens_written_in_text(spm_dir):
     assert ids == [1, *sp.encode("Hi"), 2, *sp.encode("\nthere")]
     assert t.decode(ids) == "Hi \nthere"  # the legacy "▁" after a special token, as with tokenizer.json
     assert t.token_text(sp.piece_to_id("▁the")) == " the"
+    assert t.token_bytes(sp.piece_to_id("<0xE4>")) == b"\xe4"

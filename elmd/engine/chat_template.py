@@ -59,7 +59,8 @@ def render(
 
 
 def flatten_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Messages with their content as one string: OpenAI allows a list of text parts."""
+    """Messages with their content as one string: OpenAI allows a list of text parts,
+    which are joined by newlines."""
     return [{**m, "content": _content_text(m.get("content"))} for m in messages]
 
 
@@ -73,7 +74,7 @@ def _content_text(content: Any) -> str:
         if part.get("type") != "text":
             raise ChatTemplateError(f"unsupported content part type {part.get('type')!r}: only text parts are")
         texts.append(part["text"])
-    return "".join(texts)
+    return "\n".join(texts)  # as vLLM and our service join text parts
 
 
 @lru_cache(maxsize=16)

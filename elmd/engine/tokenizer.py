@@ -115,6 +115,11 @@ class Tokenizer:
         character keeps its `<0xE2>` form, so that distinct tokens stay distinct."""
         return self._backend.token_text(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's exact bytes (OpenAI logprobs' `bytes`): b"\\xe4" for the byte
+        piece `<0xE4>`, which `token_text` can only name."""
+        return self._backend.token_bytes(token_id)
+
     def _is_char_continuation(self, token_id: int) -> bool:
         """Whether the token is a byte-fallback piece in the middle of a UTF-8 character."""
         byte = self._backend.byte_value(token_id)
@@ -166,6 +171,7 @@ class _Backend(Protocol):
     def token_to_id(self, token: str) -> int | None: ...
     def id_to_token(self, token_id: int) -> str | None: ...
     def token_text(self, token_id: int) -> str: ...
+    def token_bytes(self, token_id: int) -> bytes: ...
     def byte_value(self, token_id: int) -> int | None: ...
     def adds_bos(self, bos_id: int | None) -> bool: ...
 
@@ -181,6 +187,7 @@ class _HFBackend:
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
         decoder_spec = self._tok.decoder.__getstate__() if self._tok.decoder else b""
         self._sentencepiece_pieces = SPACE.encode() in decoder_spec or b"Metaspace" in decoder_spec
+        self._byte_level_pieces = b'"ByteLevel"' in decoder_spec
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -206,6 +213,15 @@ class _HFBackend:
         if self._sentencepiece_pieces:
             return _piece_text(piece)
         return self._tok.decoder.decode([piece]) if self._tok.decoder else piece
+
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self._tok.id_to_token(token_id)
+        if piece is not None and token_id not in self.special_ids:
+            if self._sentencepiece_pieces:
+                return _piece_bytes(piece)
+            if self._byte_level_pieces:
+                return bytes(_BYTE_LEVEL_DECODE[c] for c in piece)
+        return self.token_text(token_id).encode()
 
     def adds_bos(self, bos_id: int | None) -> bool:
         ids = self._tok.encode("a", add_special_tokens=True).ids
@@ -240,13 +256,7 @@ class _SentencePieceBackend:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        data = bytearray()
-        for i in ids:
-            if i in self.special_ids:
-                continue
-            piece = self._sp.id_to_piece(i)
-            byte = _byte_value(piece)
-            data += bytes([byte]) if byte is not None else piece.replace(SPACE, " ").encode()
+        data = b"".join(_piece_bytes(self._sp.id_to_piece(i)) for i in ids if i not in self.special_ids)
         text = data.decode("utf-8", errors="replace")
         return text[1:] if self._strips_first_space and text.startswith(" ") else text
 
@@ -266,6 +276,10 @@ class _SentencePieceBackend:
         piece = self._sp.id_to_piece(token_id)
         return piece if token_id in self.special_ids else _piece_text(piece)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        piece = self.token_text(token_id)  # validates the id
+        return piece.encode() if token_id in self.special_ids else _piece_bytes(self._sp.id_to_piece(token_id))
+
     def adds_bos(self, bos_id: int | None) -> bool:
         return bos_id is not None  # LlamaTokenizer's default
 
@@ -273,6 +287,23 @@ class _SentencePieceBackend:
 def _byte_value(piece: str | None) -> int | None:
     m = _BYTE_PIECE.fullmatch(piece or "")
     return int(m[1], 16) if m else None
+
+
+def _piece_bytes(piece: str) -> bytes:
+    byte = _byte_value(piece)
+    return bytes([byte]) if byte is not None else piece.replace(SPACE, " ").encode()
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as a printable character; this undoes it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    others = (b for b in range(256) if b not in chars)
+    chars.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_LEVEL_DECODE = _byte_level_alphabet()
 
 
 def _piece_text(piece: str) -> str:
