@@ -9,6 +9,7 @@ import sys
 
 COMMANDS = [
     "serve",
+    "agent",
     "pull",
     "list",
     "show",
