@@ -1,0 +1,133 @@
+"""`elmd serve`: run the OpenAI-compatible API on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from elmd.registry import PackageSource
+
+OFFLINE_DEFAULT = "smollm2-135m-instruct"
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the OpenAI-compatible API server",
+        description="Serve installed models over an OpenAI-compatible HTTP API on localhost. Models load on "
+        "first use; --model loads one at start (a name from models.yaml or the store, or a local directory "
+        "in the hub layout). Without --model the offline default is served, installed from its Python "
+        "package if needed.",
+    )
+    parser.add_argument("--model", help="model name, or a local model directory (hub layout)")
+    parser.add_argument("--backend", choices=["auto", "torch", "mlx"], help="runtime (default: auto)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="activation dtype (default: auto)")
+    parser.add_argument("--quant", choices=["none", "int8", "int4"], help="weight quantization (default: the model's)")
+    parser.add_argument("--host", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (default: 8356; 0 picks a free one)")
+    parser.add_argument("--keep-alive", help="how long an idle model stays loaded: seconds or e.g. 5m; -1 forever")
+    parser.add_argument("--max-loaded-models", type=int, help="models resident at once (default: 2)")
+    parser.add_argument("--memory-budget-bytes", type=int, help="memory for resident models (default: half of RAM)")
+    parser.add_argument("--max-concurrent-requests", type=int, help="requests generating at once (default: 16)")
+    parser.add_argument("--max-queued-requests", type=int, help="requests waiting beyond those; more get 429")
+    parser.add_argument("--request-timeout", type=float, help="seconds a request may take (default: 600)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from elmd.registry import Registry
+    from elmd.server.app import create_app
+    from elmd.server.manager import ModelManager
+    from elmd.settings import Settings
+    from elmd.store import Store
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = {
+        "model": args.model, "backend": args.backend, "dtype": args.dtype, "quant": args.quant,
+        "host": args.host, "port": args.port, "keep_alive": args.keep_alive,
+        "max_loaded_models": args.max_loaded_models, "memory_budget_bytes": args.memory_budget_bytes,
+        "max_concurrent_requests": args.max_concurrent_requests, "max_queued_requests": args.max_queued_requests,
+        "request_timeout": args.request_timeout,
+    }  # fmt: skip
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        print(f"elmd serve: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    registry, store = Registry.load(), Store()
+    try:
+        pinned, preload = startup_model(settings, registry, store)
+    except StartupError as exc:
+        print(f"elmd serve: {exc}", file=sys.stderr)
+        return 1
+    manager = ModelManager(settings, registry, store, pinned=pinned)
+    app = create_app(settings, manager, preload=preload)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    return 0
+
+
+class StartupError(RuntimeError):
+    """The model `serve` was asked to start with cannot be served; the message says why."""
+
+
+def startup_model(settings, registry, store):
+    """(pinned ModelSpec or None, model id to load at start or None).
+
+    A directory given by the operator is served under its folder name; a name must be
+    installed, or be installable without the network (the offline default ships in a
+    Python package)."""
+    from elmd.server.manager import ModelSpec
+    from elmd.store import InvalidModelName
+
+    name = settings.model
+    if name and _is_directory_argument(name, store):
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise StartupError(f"{path} is not a model directory (no config.json)")
+        spec = ModelSpec(id=path.resolve().name, path=path.resolve(), backend=settings.backend, dtype=settings.dtype,
+                         quant=settings.quant or "none", created=int(path.stat().st_mtime))
+        return spec, spec.id
+    wanted = name or OFFLINE_DEFAULT
+    try:
+        if store.exists(wanted):
+            return None, wanted
+    except InvalidModelName as exc:
+        raise StartupError(str(exc)) from None
+    entry = registry.get(wanted)
+    if entry is None:
+        raise StartupError(f"unknown model {wanted!r}: not in models.yaml and not installed (see `elmd list`)")
+    source = entry.source_for(_backend(settings.backend))
+    if isinstance(source.weights, PackageSource) and source.weights.locate() is not None:
+        from elmd.pull import pull
+
+        pull(wanted, entry, store, progress=False, backend=_backend(settings.backend))
+        return None, wanted
+    if name:
+        raise StartupError(f"model {wanted!r} is not installed: run `elmd pull {wanted}` first")
+    logging.getLogger("elmd.server").warning("the offline default %s is not installable here; serving installed models only", wanted)
+    return None, None
+
+
+def _is_directory_argument(value: str, store) -> bool:
+    """A path-like value, or a bare name that is a directory here and not an installed model."""
+    from elmd.store import InvalidModelName
+
+    if "/" in value or "\\" in value or value.startswith((".", "~")):
+        return True
+    try:
+        installed = store.exists(value)
+    except InvalidModelName:
+        installed = False
+    return not installed and Path(value).is_dir()
+
+
+def _backend(backend: str) -> str:
+    from elmd.pull import resolve_backend
+
+    return resolve_backend(backend)

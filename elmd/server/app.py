@@ -1,0 +1,34 @@
+"""The FastAPI application: `create_app(settings, manager)` builds the whole service, so
+the CLI and the tests run exactly the same app."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from elmd import __version__
+from elmd.server import errors, routes_chat, routes_completions, routes_models, routes_tokenize
+from elmd.server.manager import ModelManager
+from elmd.settings import Settings
+
+
+def create_app(settings: Settings, manager: ModelManager, preload: str | None = None) -> FastAPI:
+    """The daemon's app. `preload` names a model to start loading at startup (GET /health
+    answers 503 until it is ready)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await manager.start(preload)
+        try:
+            yield
+        finally:
+            await manager.close()
+
+    app = FastAPI(title="elmd", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.manager = manager
+    errors.install(app)
+    for module in (routes_models, routes_chat, routes_completions, routes_tokenize):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,134 @@
+"""OpenAI's error object for every failure: `{"error": {"message", "type", "param", "code"}}`.
+
+Validation failures become 400 naming the parameter (not FastAPI's 422 body), unknown
+routes and methods keep their status in the same shape, and anything unexpected is a
+500 whose body says nothing about the code (the traceback goes to the log only).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from elmd.server.schemas import ErrorBody, ErrorResponse
+
+log = logging.getLogger("elmd.server")
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict"}
+
+
+class APIError(Exception):
+    """An error a handler raises to answer with OpenAI's error object."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def unsupported(param: str) -> APIError:
+    return APIError(400, f"'{param}' is not supported by this server.", param=param, code="unsupported_parameter")
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model '{model}' does not exist or is not installed. GET /v1/models lists the models this server can serve.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def too_many_requests(retry_after: int) -> APIError:
+    return APIError(
+        429,
+        "The server is busy: too many requests are queued. Retry after a moment.",
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def unavailable(message: str, retry_after: int, code: str = "server_overloaded") -> APIError:
+    return APIError(503, message, type="server_error", code=code, headers={"Retry-After": str(retry_after)})
+
+
+def timed_out(retry_after: int) -> APIError:
+    return unavailable("The request timed out.", retry_after, code="timeout")
+
+
+def param_name(loc: tuple) -> str | None:
+    """`messages[0].content` from a pydantic error location (without `body` and union tags)."""
+    parts: list[str] = []
+    for item in loc:
+        if item == "body" and not parts:
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif isinstance(item, str) and ("[" in item or item in _TYPE_TAGS or item[:1].isupper()):
+            continue
+        else:
+            parts.append(f".{item}" if parts else str(item))
+    return "".join(parts) or None
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return invalid(
+            "We could not parse the JSON body of your request. The body must be valid JSON.",
+            code="invalid_json",
+        )
+    param = param_name(tuple(first.get("loc", ())))
+    if param is None:
+        return invalid("The request body must be a JSON object.", code="invalid_body")
+    if first.get("type") == "missing":
+        return invalid(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    return invalid(f"Invalid value for '{param}': {first.get('msg', 'invalid value')}.", param=param, code="invalid_value")
+
+
+def install(app: FastAPI) -> None:
+    """Route every error through OpenAI's error object."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: f"Unknown URL: {request.method} {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return APIError(500, "The server had an error while processing your request.", type="server_error", code="internal_error").response()

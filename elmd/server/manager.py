@@ -1,0 +1,333 @@
+"""Which models are resident and who may use them.
+
+- A request's `model` resolves only to the model `serve` was started with or to a model
+  installed in the store (with its models.yaml entry, if any); never to a path.
+- A model loads on first use, in a worker thread, so loading one model never blocks
+  requests to another; concurrent requests for a loading model wait for the same load.
+- An idle model unloads after its keep-alive (the setting, or the last request's
+  Ollama-style `keep_alive`); a memory budget and a count cap resident models, evicting
+  the least recently used idle one to make room.
+- Back-pressure: at most `max_concurrent_requests` run and `max_queued_requests` wait;
+  beyond that a request gets 429 with Retry-After, and one that waits past its deadline
+  gets 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import psutil
+
+from elmd.registry import Registry
+from elmd.server.errors import APIError, model_not_found, too_many_requests, unavailable
+from elmd.settings import Settings
+from elmd.store import InvalidModelName, Store, StoredModel
+
+if TYPE_CHECKING:
+    from elmd.engine.engine import Engine
+
+log = logging.getLogger("elmd.server")
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz")
+REAP_INTERVAL = 0.25
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to load one servable model."""
+
+    id: str
+    path: Path
+    backend: str
+    dtype: str
+    quant: str
+    chat_template: str | None = None
+    defaults: dict = field(default_factory=dict)
+    context_length: int | None = None  # from models.yaml; the loaded engine's is authoritative
+    created: int = 0
+
+    def estimated_bytes(self) -> int:
+        """Resident size before loading: the weight files' size (a fair upper bound for
+        unquantized weights, the common case)."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+@dataclass
+class _Resident:
+    spec: ModelSpec
+    engine: "Engine"
+    memory_bytes: int
+    keep_alive: float | None
+    active: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class Lease:
+    """One request's hold on a loaded model and on a generation slot; `release()` once done."""
+
+    def __init__(self, manager: "ModelManager", resident: _Resident, keep_alive: tuple[bool, float | None], deadline: float):
+        self.engine = resident.engine
+        self.deadline = deadline
+        self._manager, self._resident, self._keep_alive = manager, resident, keep_alive
+        self._released = False
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._manager._release(self._resident, self._keep_alive)
+
+
+def _default_loader(spec: ModelSpec) -> "Engine":
+    from elmd.engine.load import load_engine
+
+    return load_engine(
+        spec.path,
+        model_id=spec.id,
+        backend=spec.backend,
+        dtype=spec.dtype,
+        quant=spec.quant,
+        chat_template=spec.chat_template,
+        defaults=spec.defaults,
+    )
+
+
+class ModelManager:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        store: Store,
+        *,
+        pinned: ModelSpec | None = None,
+        loader: Callable[[ModelSpec], "Engine"] = _default_loader,
+    ):
+        self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
+        self._loader = loader
+        self._resident: dict[str, _Resident] = {}
+        self._loading: dict[str, asyncio.Task] = {}
+        self._loading_bytes: dict[str, int] = {}
+        self._errors: dict[str, str] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._waiting = 0
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ resolution
+
+    def specs(self) -> list[ModelSpec]:
+        """The models this daemon can serve: the pinned one, then the store's."""
+        specs = [self.pinned] if self.pinned else []
+        for stored in self.store.list():
+            if not self.pinned or stored.name != self.pinned.id:
+                specs.append(self._spec_from_store(stored))
+        return specs
+
+    def spec(self, model_id: str) -> ModelSpec:
+        """The model a request names; 404 for anything else (paths included)."""
+        if self.pinned and model_id == self.pinned.id:
+            return self.pinned
+        try:
+            if isinstance(model_id, str) and self.store.exists(model_id):
+                return self._spec_from_store(self.store.get(model_id))
+        except InvalidModelName:
+            pass
+        raise model_not_found(model_id)
+
+    def default_model_id(self) -> str | None:
+        """The model for requests that need not name one (the tokenizer endpoints)."""
+        if self.pinned:
+            return self.pinned.id
+        if self.settings.model:
+            return self.settings.model
+        if len(self._resident) == 1:
+            return next(iter(self._resident))
+        specs = self.specs()
+        return specs[0].id if specs else None
+
+    def _spec_from_store(self, stored: StoredModel) -> ModelSpec:
+        entry = self.registry.get(stored.name) or self.registry.get(stored.name.split(":")[0])
+        manifest = stored.manifest or {}
+        quant = self.settings.quant or manifest.get("default_quant") or (entry.default_quant if entry else "none")
+        return ModelSpec(
+            id=stored.name,
+            path=stored.path,
+            backend=self.settings.backend,
+            dtype=self.settings.dtype,
+            quant=quant,
+            chat_template=entry.chat_template if entry else None,
+            defaults=dict(entry.sampling) if entry else {},
+            context_length=entry.context_length if entry else None,
+            created=int(stored.path.stat().st_mtime),
+        )
+
+    # ------------------------------------------------------------------ leases
+
+    async def lease(self, model_id: str, keep_alive: tuple[bool, float | None] = (False, None)) -> Lease:
+        """Wait for a generation slot and the loaded model (loading it if needed)."""
+        deadline = time.monotonic() + self.settings.request_timeout
+        spec = self.spec(model_id)
+        await self._admit(deadline)
+        try:
+            resident = await self._ensure_loaded(spec, deadline)
+        except BaseException:
+            self._slots.release()
+            raise
+        resident.active += 1
+        return Lease(self, resident, keep_alive, deadline)
+
+    async def engine(self, model_id: str) -> "Engine":
+        """The loaded engine for requests that do not generate (tokenize, detokenize)."""
+        spec = self.spec(model_id)
+        resident = await self._ensure_loaded(spec, time.monotonic() + self.settings.request_timeout)
+        resident.last_used = time.monotonic()
+        return resident.engine
+
+    async def _admit(self, deadline: float) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.settings.max_concurrent_requests)
+        if self._slots.locked() and self._waiting >= self.settings.max_queued_requests:
+            raise too_many_requests(self.settings.retry_after)
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise unavailable("The request timed out waiting for a free slot.", self.settings.retry_after, "timeout") from None
+        finally:
+            self._waiting -= 1
+
+    def _release(self, resident: _Resident, keep_alive: tuple[bool, float | None]) -> None:
+        self._slots.release()
+        resident.active -= 1
+        resident.last_used = time.monotonic()
+        given, seconds = keep_alive
+        if given:
+            resident.keep_alive = seconds
+        if resident.active == 0 and resident.keep_alive == 0:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._unload_if_idle(resident)))
+
+    # ------------------------------------------------------------------ loading
+
+    async def _ensure_loaded(self, spec: ModelSpec, deadline: float) -> _Resident:
+        if spec.id in self._resident:
+            return self._resident[spec.id]
+        task = self._loading.get(spec.id)
+        if task is None:
+            await self._make_room(spec)
+            if spec.id in self._resident:  # loaded by another request while we made room
+                return self._resident[spec.id]
+            task = self._loading.get(spec.id)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._load(spec))
+                self._loading[spec.id] = task
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout=max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise unavailable(f"The model '{spec.id}' is still loading.", self.settings.retry_after, "model_loading") from None
+
+    async def _load(self, spec: ModelSpec) -> _Resident:
+        self._loading_bytes[spec.id] = spec.estimated_bytes()
+        started = time.monotonic()
+        try:
+            engine = await asyncio.to_thread(self._loader, spec)
+        except Exception as exc:
+            log.exception("loading %s from %s failed", spec.id, spec.path)
+            self._errors[spec.id] = f"{type(exc).__name__}: {exc}"
+            raise APIError(500, f"The model '{spec.id}' failed to load: {type(exc).__name__}: {exc}",
+                           type="server_error", code="model_load_failed") from None
+        finally:
+            self._loading.pop(spec.id, None)
+            estimate = self._loading_bytes.pop(spec.id, 0)
+        self._errors.pop(spec.id, None)
+        memory = engine.backend.info.memory_bytes or estimate
+        resident = _Resident(spec, engine, memory, self.settings.keep_alive)
+        self._resident[spec.id] = resident
+        log.info("loaded %s (%s, %.1f MB) in %.2fs", spec.id, engine.backend.info.name, memory / 1e6, time.monotonic() - started)
+        return resident
+
+    def memory_budget(self) -> int:
+        if self.settings.memory_budget_bytes is not None:
+            return self.settings.memory_budget_bytes
+        return psutil.virtual_memory().total // 2
+
+    async def _make_room(self, spec: ModelSpec) -> None:
+        """Unload idle models, least recently used first, until `spec` fits the count and
+        the memory budget; 503 if it cannot fit because the others are busy."""
+        need, budget = spec.estimated_bytes(), self.memory_budget()
+        if need > budget:
+            raise APIError(503, f"The model '{spec.id}' needs about {need >> 20} MiB, more than the memory budget "
+                           f"of {budget >> 20} MiB (ELMD_MEMORY_BUDGET_BYTES).", type="server_error", code="insufficient_memory")
+        while True:
+            used = sum(r.memory_bytes for r in self._resident.values()) + sum(self._loading_bytes.values())
+            count = len(self._resident) + len(self._loading)
+            if count < self.settings.max_loaded_models and used + need <= budget:
+                return
+            idle = [r for r in self._resident.values() if r.active == 0]
+            if not idle:
+                raise unavailable("All loaded models are busy and no other model fits; retry shortly.",
+                                  self.settings.retry_after, "model_capacity")
+            victim = min(idle, key=lambda r: r.last_used)
+            log.info("unloading %s to make room for %s", victim.spec.id, spec.id)
+            await self._unload(victim)
+
+    async def _unload(self, resident: _Resident) -> None:
+        if self._resident.get(resident.spec.id) is resident:
+            del self._resident[resident.spec.id]
+            await asyncio.to_thread(resident.engine.close)
+            log.info("unloaded %s", resident.spec.id)
+
+    async def _unload_if_idle(self, resident: _Resident) -> None:
+        if resident.active == 0:
+            await self._unload(resident)
+
+    async def _reap(self) -> None:
+        """Unload models idle past their keep-alive."""
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            now = time.monotonic()
+            for resident in list(self._resident.values()):
+                if resident.active == 0 and resident.keep_alive is not None and now - resident.last_used >= resident.keep_alive:
+                    await self._unload(resident)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, preload: str | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._reap()))
+        if preload:
+            self._tasks.append(loop.create_task(self._preload(preload)))
+
+    async def _preload(self, model_id: str) -> None:
+        try:
+            await self._ensure_loaded(self.spec(model_id), time.monotonic() + self.settings.request_timeout)
+        except APIError as exc:
+            log.error("could not load %s at start: %s", model_id, exc.message)
+            self._errors.setdefault(model_id, exc.message)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in list(self._loading.values()):
+            try:
+                await task
+            except BaseException:
+                pass
+        for resident in list(self._resident.values()):
+            await self._unload(resident)
+
+    # ------------------------------------------------------------------ reporting
+
+    def loaded(self) -> dict[str, "Engine"]:
+        return {model_id: r.engine for model_id, r in self._resident.items()}
+
+    def loading(self) -> list[str]:
+        return list(self._loading)
+
+    def errors(self) -> dict[str, str]:
+        return dict(self._errors)

@@ -1,0 +1,48 @@
+"""GET /v1/models, /v1/models/{id}: what this daemon can serve and what is loaded;
+GET /health: 200 when a model is ready (or none is loading), 503 while loading."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from elmd.server.deps import get_manager
+from elmd.server.manager import ModelManager, ModelSpec
+from elmd.server.schemas import Health, ModelCard, ModelList
+
+router = APIRouter()
+
+
+def _card(manager: ModelManager, spec: ModelSpec) -> ModelCard:
+    engine = manager.loaded().get(spec.id)
+    return ModelCard(
+        id=spec.id,
+        created=spec.created,
+        owned_by="elmd",
+        loaded=engine is not None,
+        context_length=engine.context_length if engine else spec.context_length,
+        backend=engine.backend.info.name if engine else None,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(manager: ModelManager = Depends(get_manager)) -> ModelList:
+    return ModelList(data=[_card(manager, spec) for spec in manager.specs()])
+
+
+@router.get("/v1/models/{model_id}", response_model=ModelCard)
+async def get_model(model_id: str, manager: ModelManager = Depends(get_manager)) -> ModelCard:
+    return _card(manager, manager.spec(model_id))
+
+
+@router.get("/health", response_model=Health)
+async def health(manager: ModelManager = Depends(get_manager)):
+    loaded, loading, errors = sorted(manager.loaded()), manager.loading(), manager.errors()
+    if loaded:
+        return Health(status="ok", loaded=loaded, loading=loading)
+    if loading:
+        return JSONResponse(Health(status="loading", loaded=[], loading=loading).model_dump(), status_code=503)
+    if errors:
+        message = "; ".join(f"{model}: {error}" for model, error in errors.items())
+        return JSONResponse(Health(status="error", loaded=[], loading=[], error=message).model_dump(), status_code=503)
+    return Health(status="ok", loaded=[], loading=[])
