@@ -57,16 +57,18 @@ def test_fixture_has_llama2_layout(tok_dir):
     vocab = raw.get_vocab()
     assert [raw.id_to_token(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
     assert [raw.id_to_token(i) for i in (3, 3 + 0x0A, 258)] == ["<0x00>", "<0x0A>", "<0xFF>"]
-    assert 512 <= len(vocab) <= 1024
+    assert len(vocab) == 1024
     assert len(set(vocab.values())) == len(vocab) == max(vocab.values()) + 1
     cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
     assert cfg["add_bos_token"] is True and "chat_template" not in cfg
 
 
-def test_fixture_respects_a_smaller_vocab(tmp_path):
-    n = write_tokenizer(tmp_path, vocab_size=512)
-    assert n <= 512
-    assert Tokenizer.from_dir(tmp_path).vocab_size == n
+def test_fixture_vocab_size(tmp_path):
+    assert write_tokenizer(tmp_path / "a", vocab_size=512) == 512
+    assert Tokenizer.from_dir(tmp_path / "a").vocab_size == 512
+    # Past what the built-in corpus teaches, the vocabulary stops short.
+    n = write_tokenizer(tmp_path / "b", vocab_size=32000)
+    assert 1024 < n < 32000 and Tokenizer.from_dir(tmp_path / "b").vocab_size == n
 
 
 def test_zephyr_markers_are_text_not_special_tokens(tok):
@@ -120,8 +122,9 @@ def test_token_text(tok):
     assert tok.token_text(3 + 0x0A) == "\n"
     assert tok.token_text(3 + 0xE4) == "<0xE4>"
     assert tok.token_text(1) == "<s>"
-    with pytest.raises(ValueError):
-        tok.token_text(tok.vocab_size + 5)
+    # A model's embedding may be larger than the vocabulary: such ids have no text.
+    assert (tok.token_text(tok.vocab_size), tok.token_bytes(tok.vocab_size)) == ("", b"")
+    assert tok.decode([*tok.encode("ok"), tok.vocab_size]) == "ok"
 
 
 def test_token_bytes_rebuild_the_text(tok):

@@ -46,6 +46,32 @@ print("hello, world") and if x == 1: y = [1, 2, 3] or {"key": "value"}
 Science explains the world with questions, experiments and careful measurements.
 Water boils at one hundred degrees and freezes at zero degrees Celsius.
 The model reads the prompt, predicts the next token, and repeats until it stops.
+Rivers carry rain from the mountains to the valleys, where farmers grow wheat, rice and corn.
+In winter the nights are long and cold; in summer the days are bright, hot and full of light.
+My grandmother keeps a garden with tomatoes, onions, carrots, beans, apples and yellow flowers.
+Every morning the baker opens his shop at six o'clock and sells fresh bread, cakes and cookies.
+The museum shows paintings, statues, ancient coins, old maps and letters written by famous kings.
+Students should practice reading, writing, listening and speaking every day to improve quickly.
+Doctors recommend drinking water, sleeping eight hours, walking outside and eating vegetables.
+The train leaves the station at noon, crosses the bridge, and arrives in the city before evening.
+Birds build nests in spring; bees visit flowers; squirrels hide nuts for the coming winter months.
+Engineers design machines, bridges, roads, engines, computers, phones and electric vehicles.
+A good story has characters, a place, a problem, some surprising events and a satisfying ending.
+Mathematics studies numbers, shapes, patterns, equations, probability, functions and proofs.
+Our team played football on Saturday, won the match, and celebrated with pizza and lemonade.
+Remember to save your work often, check your spelling, and ask questions when you are unsure.
+The weather forecast says clouds tomorrow, light showers on Tuesday and sunshine on Wednesday.
+Music can be quiet or loud, slow or fast, simple or complex, joyful, peaceful or mysterious.
+Languages borrow words from each other: chocolate, tomato, coffee, piano, ballet and robot.
+History teaches us about empires, revolutions, inventions, discoveries, wars and peace treaties.
+Thursday, Friday, Sunday, Monday; January, February, March, April, May, June, July, August.
+September, October, November, December: twelve months, fifty-two weeks, three hundred days.
+Colors: red, orange, green, blue, purple, black, white, brown, pink, gray, silver and gold.
+Animals: elephant, giraffe, tiger, lion, zebra, monkey, horse, sheep, rabbit, turtle, whale.
+Kitchen: knife, spoon, fork, plate, bowl, glass, kettle, oven, fridge, sugar, salt, pepper.
+Please summarize the following paragraph in one sentence, using simple and clear language.
+Explain why the sky looks blue during the day and red or orange at sunrise and at sunset.
+Write a function that returns the largest value in a list, or None when the list is empty.
 <|system|>
 You are a friendly chatbot who always answers politely.</s>
 <|user|>
@@ -60,8 +86,9 @@ Thank you, that was funny. Tell me another one.</s>
 
 def write_tokenizer(directory: str | Path, vocab_size: int = 1024) -> int:
     """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into
-    `directory`. Returns the number of pieces (at most `vocab_size`; a model's
-    embedding may be larger)."""
+    `directory`. Returns the number of pieces: `vocab_size`, or fewer past what the
+    built-in corpus can teach (about 1,650). A model's embedding may be larger; ids past
+    the tokenizer's vocabulary decode to nothing."""
     reserved = len(SPECIAL_TOKENS) + len(BYTE_PIECES)
     if vocab_size <= reserved + 64:
         raise ValueError(f"vocab_size must be more than {reserved + 64}, got {vocab_size}")

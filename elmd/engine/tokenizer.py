@@ -112,13 +112,14 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """One token's own text, for logprobs: " Hello", "\\n"; a byte of a longer
-        character keeps its `<0xE2>` form, so that distinct tokens stay distinct."""
-        return self._backend.token_text(token_id)
+        character keeps its `<0xE2>` form, so that distinct tokens stay distinct. An id
+        past the vocabulary (a model's embedding may be larger) has no text, as in `decode`."""
+        return self._backend.token_text(token_id) if self._backend.has_id(token_id) else ""
 
     def token_bytes(self, token_id: int) -> bytes:
         """One token's exact bytes (OpenAI logprobs' `bytes`): b"\\xe4" for the byte
         piece `<0xE4>`, which `token_text` can only name."""
-        return self._backend.token_bytes(token_id)
+        return self._backend.token_bytes(token_id) if self._backend.has_id(token_id) else b""
 
     def _is_char_continuation(self, token_id: int) -> bool:
         """Whether the token is a byte-fallback piece in the middle of a UTF-8 character."""
@@ -172,6 +173,7 @@ class _Backend(Protocol):
     def id_to_token(self, token_id: int) -> str | None: ...
     def token_text(self, token_id: int) -> str: ...
     def token_bytes(self, token_id: int) -> bytes: ...
+    def has_id(self, token_id: int) -> bool: ...
     def byte_value(self, token_id: int) -> int | None: ...
     def adds_bos(self, bos_id: int | None) -> bool: ...
 
@@ -201,13 +203,14 @@ class _HFBackend:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def has_id(self, token_id: int) -> bool:
+        return token_id >= 0 and self._tok.id_to_token(token_id) is not None
+
     def byte_value(self, token_id: int) -> int | None:
         return _byte_value(self._tok.id_to_token(token_id)) if self._sentencepiece_pieces else None
 
     def token_text(self, token_id: int) -> str:
         piece = self._tok.id_to_token(token_id)
-        if piece is None:
-            raise ValueError(f"token id {token_id} is outside the vocabulary ({self.vocab_size})")
         if token_id in self.special_ids:
             return piece
         if self._sentencepiece_pieces:
@@ -216,7 +219,7 @@ class _HFBackend:
 
     def token_bytes(self, token_id: int) -> bytes:
         piece = self._tok.id_to_token(token_id)
-        if piece is not None and token_id not in self.special_ids:
+        if token_id not in self.special_ids:
             if self._sentencepiece_pieces:
                 return _piece_bytes(piece)
             if self._byte_level_pieces:
@@ -270,15 +273,16 @@ class _SentencePieceBackend:
     def byte_value(self, token_id: int) -> int | None:
         return _byte_value(self._sp.id_to_piece(token_id))
 
+    def has_id(self, token_id: int) -> bool:
+        return 0 <= token_id < self.vocab_size
+
     def token_text(self, token_id: int) -> str:
-        if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} is outside the vocabulary ({self.vocab_size})")
         piece = self._sp.id_to_piece(token_id)
         return piece if token_id in self.special_ids else _piece_text(piece)
 
     def token_bytes(self, token_id: int) -> bytes:
-        piece = self.token_text(token_id)  # validates the id
-        return piece.encode() if token_id in self.special_ids else _piece_bytes(self._sp.id_to_piece(token_id))
+        piece = self._sp.id_to_piece(token_id)
+        return piece.encode() if token_id in self.special_ids else _piece_bytes(piece)
 
     def adds_bos(self, bos_id: int | None) -> bool:
         return bos_id is not None  # LlamaTokenizer's default
