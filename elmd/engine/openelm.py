@@ -161,7 +161,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
+        if slots is not None:
             k, v = self.cache.update(slots, positions, k, v, span)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.q_heads != self.kv_heads)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.q_heads * self.head_dim))

@@ -1,0 +1,301 @@
+"""The PyTorch engine: loading, parameter counts, KV cache, sampling, batching, prefix cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from elmd.engine.checkpoint import CheckpointError, load_model
+from elmd.engine.engine import ContextLengthError
+from elmd.engine.load import load_engine
+from elmd.engine.openelm import OpenELM, OpenELMConfig
+from elmd.engine.protocol import SamplingParams
+from elmd.fixtures import SHAPES, reference_configs, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    e = load_engine(tiny, backend="torch", dtype="float32", slots=4)
+    yield e
+    e.close()
+
+
+def _files_digest(path):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+
+
+# -- loading -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hub_id", list(SHAPES.values()))
+def test_each_instruct_config_builds_exactly_the_listed_parameter_count(hub_id):
+    raw = reference_configs()[hub_id]
+    cfg = OpenELMConfig.from_dict(raw)
+    with torch.device("meta"):
+        model = OpenELM(cfg)
+    assert model.num_parameters() == raw["_derived"]["params"]
+    assert cfg.ffn_dims == raw["_derived"]["ffn_dims"]
+    assert cfg.kv_bytes_per_token(torch.bfloat16) == raw["_derived"]["kv_cache_bytes_per_token_bf16"]
+
+
+def test_fixture_is_deterministic(tmp_path):
+    a = write_checkpoint(tmp_path / "a", "tiny", seed=3)
+    b = write_checkpoint(tmp_path / "b", "tiny", seed=3)
+    c = write_checkpoint(tmp_path / "c", "tiny", seed=4)
+    assert _files_digest(a) == _files_digest(b)
+    assert _files_digest(a)["model.safetensors"] != _files_digest(c)["model.safetensors"]
+
+
+def test_sharded_checkpoint_loads_the_same_weights(tmp_path, tiny):
+    sharded = write_checkpoint(tmp_path / "sharded", "tiny", seed=1, shards=3)
+    assert len(list(sharded.glob("model-*-of-00003.safetensors"))) == 3
+    a, b = load_model(tiny).state_dict(), load_model(sharded).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loads_in_bfloat16(tiny):
+    model = load_model(tiny, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_float16_is_refused_for_3b_sized_models():
+    from elmd.engine.torch_backend import pick_dtype
+
+    with pytest.raises(ValueError, match="overflows"):
+        pick_dtype("float16", "cpu", 3072)
+    assert pick_dtype("auto", "cpu", 3072) == torch.bfloat16
+
+
+def test_unknown_model_type_is_refused(tmp_path):
+    bad = write_checkpoint(tmp_path / "bad", "tiny")
+    (bad / "config.json").write_text(json.dumps({**json.loads((bad / "config.json").read_text()), "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="config.json.*unsupported model_type 'llama'"):
+        load_model(bad)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = write_checkpoint(tmp_path / "m", "tiny")
+    state = load_file(path / "model.safetensors")
+    del state["transformer.layers.1.ffn.proj_2.weight"]
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensor transformer\.layers\.1\.ffn\.proj_2\.weight"):
+        load_model(path)
+
+
+def test_misshaped_tensor_is_named_with_its_file(tmp_path):
+    path = write_checkpoint(tmp_path / "m", "tiny")
+    state = load_file(path / "model.safetensors")
+    state["transformer.layers.0.attn.out_proj.weight"] = torch.zeros(3, 3)
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor transformer\.layers\.0\.attn\.out_proj\.weight has shape \(3, 3\)"):
+        load_model(path)
+
+
+def test_truncated_file_is_named(tmp_path):
+    path = write_checkpoint(tmp_path / "m", "tiny")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        load_model(path)
+
+
+def test_config_fields_are_honoured(tmp_path):
+    """Untied head, no GLU, no QK-norm and a custom eps all change the network as the config says."""
+    overrides = {
+        "share_input_output_layers": False,
+        "ffn_with_glu": False,
+        "normalize_qk_projections": False,
+        "rms_norm_eps": 1e-5,
+        "rope_freq_constant": 500000,
+    }
+    path = write_checkpoint(tmp_path / "v", "tiny", config_overrides=overrides)
+    model = load_model(path)
+    assert model.lm_head.weight.shape == (1024, 128)
+    assert not hasattr(model.transformer.layers[0].attn, "q_norm")
+    assert model.transformer.layers[0].ffn.proj_1.weight.shape[0] == model.cfg.ffn_dims[0]
+    assert model.transformer.norm.eps == 1e-5
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        assert torch.isfinite(model(ids, torch.arange(4)[None])).all()
+
+
+# -- generation --------------------------------------------------------------------
+
+
+def test_cached_decode_matches_a_full_forward(tiny):
+    model = load_model(tiny)
+    ids = [1, 20, 30, 40, 50, 60, 70]
+    with torch.inference_mode():
+        full = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+        model.setup_caches(2, 64)
+        slot = torch.tensor([1])
+        model(torch.tensor([ids[:4]]), torch.arange(4)[None], slot)
+        for i in range(4, len(ids)):
+            step = model(torch.tensor([[ids[i]]]), torch.tensor([[i]]), slot)[0, -1]
+            assert torch.allclose(step, full[i], atol=1e-5)
+
+
+def test_seed_gives_identical_output_and_different_seeds_differ(engine):
+    ids = engine.tokenizer.encode("Once upon a time")
+    a = engine.generate(ids, engine.params(max_tokens=24, temperature=1.0, seed=11))
+    b = engine.generate(ids, engine.params(max_tokens=24, temperature=1.0, seed=11))
+    c = engine.generate(ids, engine.params(max_tokens=24, temperature=1.0, seed=12))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_seeded_requests_are_the_same_alone_or_batched(engine):
+    prompts = [engine.tokenizer.encode(t) for t in ("Hello", "The quick brown fox", "Rain", "A long prompt " * 5)]
+    params = [engine.params(max_tokens=20, temperature=0.9, top_p=0.95, seed=s) for s in range(4)]
+    alone = [engine.generate(p, sp).token_ids for p, sp in zip(prompts, params)]
+    together: list = [None] * 4
+
+    def run(i):
+        together[i] = engine.generate(prompts[i], params[i]).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+
+
+def test_max_tokens_gives_length(engine):
+    out = engine.generate(engine.tokenizer.encode("Hi"), engine.params(max_tokens=5, temperature=0))
+    assert out.finish_reason == "length" and out.usage.completion_tokens == 5 and len(out.token_ids) == 5
+
+
+def test_stop_string_spanning_tokens_is_cut_and_never_emitted(engine):
+    ids = engine.tokenizer.encode("Once upon a time")
+    free = engine.generate(ids, engine.params(max_tokens=30, temperature=0, ignore_eos=True)).text
+    stop = free[3:9]  # a stop string that starts mid-token and spans several tokens
+    assert len(stop) == 6
+    chunks = list(engine.stream(ids, engine.params(max_tokens=30, temperature=0, stop=[stop])))
+    text = "".join(c.text for c in chunks)
+    assert text == free[: free.index(stop)]
+    assert chunks[-1].finish_reason == "stop"
+
+
+def test_eos_ends_generation_and_is_not_shown(tiny):
+    e = load_engine(tiny, backend="torch", dtype="float32")
+    try:
+        ids = e.tokenizer.encode("Once upon a time")
+        free = e.generate(ids, e.params(max_tokens=12, temperature=0, frequency_penalty=1.0))
+        k = next(i for i, t in enumerate(free.token_ids) if i >= 2 and t not in free.token_ids[:i])
+        e.tokenizer.eos_ids = frozenset({free.token_ids[k]})
+        out = e.generate(ids, e.params(max_tokens=12, temperature=0, frequency_penalty=1.0))
+        assert out.finish_reason == "stop" and out.usage.completion_tokens == k + 1
+        assert out.token_ids == free.token_ids[:k]  # the EOS token is counted, not shown
+        assert out.text == e.tokenizer.decode(free.token_ids[:k])
+    finally:
+        e.close()
+
+
+def test_logprobs_of_generated_tokens_match_scoring_the_sequence(engine):
+    ids = engine.tokenizer.encode("The weather today")
+    out = engine.generate(ids, engine.params(max_tokens=8, temperature=0, logprobs=3))
+    scored = engine.score(ids + out.token_ids, 3)[len(ids) - 1 :]
+    for gen, ref in zip(out.logprobs, scored):
+        assert gen.token_id == ref.token_id
+        assert gen.logprob == pytest.approx(ref.logprob, abs=1e-4)
+        assert [t for t, _ in gen.top] == [t for t, _ in ref.top]
+        assert gen.top[0][0] == gen.token_id  # greedy picks the most likely token
+
+
+def test_penalties_change_greedy_output(engine):
+    ids = engine.tokenizer.encode("Hello there")
+    plain = engine.generate(ids, engine.params(max_tokens=20, temperature=0)).token_ids
+    rep = engine.generate(ids, engine.params(max_tokens=20, temperature=0, repetition_penalty=1.5)).token_ids
+    freq = engine.generate(ids, engine.params(max_tokens=20, temperature=0, frequency_penalty=2.0)).token_ids
+    assert rep != plain and freq != plain
+    assert len(set(rep)) >= len(set(plain))
+
+
+def test_top_k_one_is_greedy_and_min_p_one_is_greedy(engine):
+    ids = engine.tokenizer.encode("Hello")
+    greedy = engine.generate(ids, engine.params(max_tokens=10, temperature=0)).token_ids
+    assert engine.generate(ids, engine.params(max_tokens=10, temperature=1.5, top_k=1, seed=1)).token_ids == greedy
+    assert engine.generate(ids, engine.params(max_tokens=10, temperature=1.5, min_p=1.0, seed=2)).token_ids == greedy
+
+
+def test_context_length_is_enforced(engine):
+    with pytest.raises(ContextLengthError, match="maximum context length is 2048"):
+        engine.generate([1] * 2000, engine.params(max_tokens=100))
+
+
+def test_prefix_cache_reuses_history_and_output_is_identical(tiny):
+    cached = load_engine(tiny, backend="torch", dtype="float32", prefix_cache_bytes=64 << 20)
+    uncached = load_engine(tiny, backend="torch", dtype="float32", prefix_cache_bytes=0)
+    try:
+        turn1 = [{"role": "user", "content": "Tell me a story about a dragon and a knight."}]
+        for e in (cached, uncached):
+            first = e.generate(e.tokenizer.encode_chat(turn1), e.params(max_tokens=16, temperature=0))
+        turn2 = turn1 + [
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": "And then?"},
+        ]
+        ids = cached.tokenizer.encode_chat(turn2)
+        a = cached.generate(ids, cached.params(max_tokens=16, temperature=0))
+        b = uncached.generate(ids, uncached.params(max_tokens=16, temperature=0))
+        assert a.usage.cached_tokens >= len(cached.tokenizer.encode_chat(turn1))
+        assert b.usage.cached_tokens == 0
+        assert a.token_ids == b.token_ids
+    finally:
+        cached.close()
+        uncached.close()
+
+
+def test_cancel_frees_the_slot_within_a_step(tiny):
+    e = load_engine(tiny, backend="torch", dtype="float32", slots=1)
+    try:
+        stream = e.stream(e.tokenizer.encode("Hi"), e.params(max_tokens=1000, temperature=0, ignore_eos=True))
+        next(stream)
+        stream.close()  # a client gone
+        # The only slot must come free: a second request completes.
+        out = e.generate(e.tokenizer.encode("Again"), e.params(max_tokens=3, temperature=0))
+        assert out.usage.completion_tokens == 3
+        assert e.backend.scheduler.free == [0]
+    finally:
+        e.close()
+
+
+def test_batched_decode_shares_steps(tiny):
+    """Concurrent sequences are decoded in the same forward pass."""
+    e = load_engine(tiny, backend="torch", dtype="float32", slots=4)
+    batch_sizes = []
+    original = e.backend.scheduler._decode
+
+    def spy(batch):
+        batch_sizes.append(len(batch))
+        return original(batch)
+
+    e.backend.scheduler._decode = spy
+    try:
+        threads = [
+            threading.Thread(target=e.generate, args=(e.tokenizer.encode("x" * i), e.params(max_tokens=30, temperature=0, ignore_eos=True)))
+            for i in range(1, 5)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert max(batch_sizes) >= 2
+    finally:
+        e.close()
+
+
+def test_config_json_keeps_unknown_keys(tiny):
+    raw = json.loads((tiny / "config.json").read_text())
+    cfg = OpenELMConfig.from_dict({**raw, "something_new": 1})
+    assert cfg.extra["something_new"] == 1
