@@ -131,26 +131,30 @@ class Store:
     def installing(self, name: str, overwrite: bool = False) -> Iterator[Path]:
         """Yield an empty hidden folder in the store to build model `name` in; on normal
         exit rename it into place (replacing an existing model only if `overwrite`), on
-        an exception delete it."""
+        an exception delete it. Installs of one name are serialized by a lock file, which
+        also makes it safe to sweep the leftovers of an install that was killed."""
+        from filelock import FileLock
+
         target = self.path(name)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"model {name!r} is already installed (remove it first)")
-        stem = name.replace(":", "_")
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{stem}-", dir=self._real_root()))
-        try:
-            yield tmp
-            if target.exists():
-                if not overwrite:
-                    raise FileExistsError(f"model {name!r} was installed meanwhile")
-                old = Path(tempfile.mkdtemp(prefix=f".old-{stem}-", dir=self.root.resolve()))
-                os.replace(target, old / "model")
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        root = self._real_root()
+        with FileLock(str(root / f".lock-{name}")):
+            if target.exists() and not overwrite:
+                raise FileExistsError(f"model {name!r} is already installed (remove it first)")
+            for stale in root.glob(f".tmp-{name}@*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}@", dir=root))
+            try:
+                yield tmp
+                if target.exists():
+                    old = Path(tempfile.mkdtemp(prefix=".rm-", dir=root))
+                    os.replace(target, old / "model")
+                    os.replace(tmp, target)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
 
     def list(self) -> list[StoredModel]:
         models = []

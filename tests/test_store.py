@@ -72,7 +72,7 @@ def test_install_is_atomic_and_cleans_up_after_a_failure(store):
             assert not store.exists("m")
             raise RuntimeError("boom")
     assert not store.exists("m")
-    assert os.listdir(store.root) == []
+    assert visible_or_temporary(store) == []
 
 
 def test_install_refuses_to_replace_unless_asked(store):
@@ -83,7 +83,20 @@ def test_install_refuses_to_replace_unless_asked(store):
     with store.installing("m", overwrite=True) as tmp:
         (tmp / "config.json").write_bytes(b"new")
     assert (store.path("m") / "config.json").read_bytes() == b"new"
-    assert os.listdir(store.root) == ["m"]
+    assert visible_or_temporary(store) == ["m"]
+
+
+def test_install_sweeps_the_leftovers_of_a_killed_install_of_the_same_name(store):
+    store.root.mkdir(parents=True)
+    (store.root / ".tmp-m@killed").mkdir()
+    (store.root / ".tmp-m2@busy").mkdir()
+    install(store, "m")
+    assert visible_or_temporary(store) == [".tmp-m2@busy", "m"]
+
+
+def visible_or_temporary(store: Store) -> list[str]:
+    """What the store folder holds besides its lock files."""
+    return sorted(n for n in os.listdir(store.root) if not n.startswith(".lock-"))
 
 
 def test_list_manifest_and_remove(store):
