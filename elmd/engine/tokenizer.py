@@ -130,7 +130,7 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Turns generated ids into text as they come, never splitting a character.
 
-    Each step decodes a short window (the last emitted tokens + the new ones) and emits
+    Each step decodes a short window (the tokens emitted last + the new ones) and emits
     what it adds beyond the emitted part, so SentencePiece's leading-space rule applies to
     the window's first token, not to each new one; text ending in an incomplete UTF-8
     sequence (U+FFFD) is held back until the rest arrives."""
@@ -142,25 +142,24 @@ class IncrementalDetokenizer:
         start = max(0, len(context) - self._CONTEXT_TOKENS)
         while start > 0 and tokenizer._is_char_continuation(context[start]):
             start -= 1  # begin the window on a character boundary
-        self._ids = list(context[start:])
-        self._prefix = 0
-        self._read = len(self._ids)
+        self._window = list(context[start:])
+        self._emitted = len(self._window)  # window[:_emitted] is text already given out
 
     def add(self, token_id: int) -> str:
-        self._ids.append(token_id)
-        emitted = self._decode(self._ids[self._prefix : self._read])
-        text = self._decode(self._ids[self._prefix :])
+        self._window.append(token_id)
+        emitted = self._decode(self._window[: self._emitted])
+        text = self._decode(self._window)
         if len(text) <= len(emitted) or text.endswith("\ufffd"):
             return ""
-        self._prefix, self._read = self._read, len(self._ids)
+        del self._window[: self._emitted]
+        self._emitted = len(self._window)
         return text[len(emitted) :]
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete character decodes as U+FFFD, as in `decode`)."""
-        emitted = self._decode(self._ids[self._prefix : self._read])
-        text = self._decode(self._ids[self._prefix :])
-        self._prefix = self._read = len(self._ids)
-        return text[len(emitted) :]
+        text = self._decode(self._window)[len(self._decode(self._window[: self._emitted])) :]
+        self._window, self._emitted = [], 0
+        return text
 
 
 class _Backend(Protocol):
