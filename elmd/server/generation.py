@@ -32,6 +32,7 @@ def choice_params(engine: Engine, body: _Generation, max_tokens: int, logprobs: 
                 seed=None if body.seed is None else body.seed + i,
                 stop=body.stops() or None,
                 logprobs=logprobs,
+                ignore_eos=body.ignore_eos,
             )
             for i in range(body.n)
         ]

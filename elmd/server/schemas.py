@@ -58,6 +58,7 @@ class _Generation(_Request):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool | None = None  # vLLM's: generate exactly max_tokens (benchmarks)
     keep_alive: str | int | float | None = None  # Ollama's: seconds or "5m"; negative: forever
     # harmless metadata, accepted and not used
     user: str | None = None

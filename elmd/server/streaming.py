@@ -20,6 +20,7 @@ log = logging.getLogger("elmd.server")
 
 T = TypeVar("T")
 _END = object()
+SEP = "\n"  # as OpenAI frames events (sse-starlette defaults to CRLF)
 
 
 def sse_response(events: AsyncIterator[BaseModel], lease: Lease, ping_seconds: float) -> EventSourceResponse:
@@ -28,7 +29,7 @@ def sse_response(events: AsyncIterator[BaseModel], lease: Lease, ping_seconds: f
     return EventSourceResponse(
         _frames(events, lease),
         ping=ping_seconds,
-        sep="\n",
+        sep=SEP,
         background=BackgroundTask(lease.release),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -41,7 +42,7 @@ async def _frames(events: AsyncIterator[BaseModel], lease: Lease) -> AsyncIterat
                 event = await asyncio.wait_for(events.__anext__(), timeout=lease.remaining())
             except StopAsyncIteration:
                 break
-            yield ServerSentEvent(data=event.model_dump_json())
+            yield ServerSentEvent(data=event.model_dump_json(), sep=SEP)
     except asyncio.TimeoutError:
         yield _error_event(timed_out(1))
     except APIError as exc:
@@ -53,11 +54,11 @@ async def _frames(events: AsyncIterator[BaseModel], lease: Lease) -> AsyncIterat
     finally:
         await events.aclose()
         lease.release()
-    yield ServerSentEvent(data="[DONE]")
+    yield ServerSentEvent(data="[DONE]", sep=SEP)
 
 
 def _error_event(exc: APIError) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(exc.body()))
+    return ServerSentEvent(data=json.dumps(exc.body()), sep=SEP)
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
