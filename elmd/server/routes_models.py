@@ -22,6 +22,7 @@ def _card(manager: ModelManager, spec: ModelSpec) -> ModelCard:
         loaded=engine is not None,
         context_length=engine.context_length if engine else spec.context_length,
         backend=engine.backend.info.name if engine else None,
+        memory_bytes=engine.backend.info.memory_bytes if engine else None,
     )
 
 
