@@ -186,15 +186,23 @@ class _HFBackend:
         self._tok = HFTokenizer.from_file(str(file))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.special_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
-        decoder_spec = self._tok.decoder.__getstate__() if self._tok.decoder else b""
-        self._sentencepiece_pieces = SPACE.encode() in decoder_spec or b"Metaspace" in decoder_spec
-        self._byte_level_pieces = b'"ByteLevel"' in decoder_spec
+        decoder = json.loads(self._tok.decoder.__getstate__()) if self._tok.decoder else {}
+        steps = decoder.get("decoders", [decoder])
+        self._sentencepiece_pieces = _is_sentencepiece_decoder(steps)
+        self._strips_first_space = self._sentencepiece_pieces and self._tok.decoder.decode([SPACE + "a"]) == "a"
+        self._byte_level_pieces = any(step.get("type") == "ByteLevel" for step in steps)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        if not self._sentencepiece_pieces:
+            return self._tok.decode(list(ids), skip_special_tokens=True)
+        # Our own SentencePiece decoding: tokenizers' ByteFallback turns a whole run of byte
+        # pieces into U+FFFD when any of it is invalid, which no streaming decoder can know
+        # in advance; per-character replacement keeps stream == decode for any ids.
+        pieces = (self._tok.id_to_token(i) for i in ids if i not in self.special_ids)
+        return _decode_pieces([p for p in pieces if p is not None], self._strips_first_space)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
@@ -258,9 +266,8 @@ class _SentencePieceBackend:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        data = b"".join(_piece_bytes(self._sp.id_to_piece(i)) for i in ids if i not in self.special_ids)
-        text = data.decode("utf-8", errors="replace")
-        return text[1:] if self._strips_first_space and text.startswith(" ") else text
+        pieces = [self._sp.id_to_piece(i) for i in ids if i not in self.special_ids and self.has_id(i)]
+        return _decode_pieces(pieces, self._strips_first_space)
 
     def token_to_id(self, token: str) -> int | None:
         i = self._sp.piece_to_id(token)
@@ -290,6 +297,26 @@ class _SentencePieceBackend:
 def _byte_value(piece: str | None) -> int | None:
     m = _BYTE_PIECE.fullmatch(piece or "")
     return int(m[1], 16) if m else None
+
+
+def _is_sentencepiece_decoder(steps: list[dict]) -> bool:
+    """Whether a tokenizer.json decoder only maps `▁` to spaces, fuses byte pieces and
+    strips the first space: LLaMA-2's (or a Metaspace one), which `_decode_pieces` equals."""
+    def known(step: dict) -> bool:
+        kind = step.get("type")
+        if kind == "Replace":
+            return step.get("pattern") == {"String": SPACE} and step.get("content") == " "
+        if kind == "Strip":
+            return step.get("content") == " " and step.get("stop") == 0
+        return kind in ("ByteFallback", "Fuse", "Metaspace")
+
+    kinds = {step.get("type") for step in steps}
+    return all(map(known, steps)) and bool(kinds & {"Replace", "Metaspace"})
+
+
+def _decode_pieces(pieces: Iterable[str], strip_first_space: bool) -> str:
+    text = b"".join(map(_piece_bytes, pieces)).decode("utf-8", errors="replace")
+    return text[1:] if strip_first_space and text.startswith(" ") else text
 
 
 def _piece_bytes(piece: str) -> bytes:
