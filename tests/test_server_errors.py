@@ -1,0 +1,107 @@
+"""Every failure in OpenAI's error shape with the right status and the offending parameter."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from conftest import TINY_MODEL
+from openai_schema import validate
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+def chat(server, body, raw=False) -> httpx.Response:
+    url = f"{server.v1}/chat/completions"
+    if raw:
+        return httpx.post(url, content=body, headers={"content-type": "application/json"})
+    return httpx.post(url, json=body)
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    validate(body, "ErrorResponse")
+    if param is not None:
+        assert body["error"]["param"] == param
+    if code is not None:
+        assert body["error"]["code"] == code
+    assert "Traceback" not in response.text
+    return body["error"]
+
+
+def test_malformed_json_is_400(server):
+    error = assert_error(chat(server, b'{"model": "x", "messages": [', raw=True), 400, code="invalid_json")
+    assert error["type"] == "invalid_request_error"
+    assert_error(chat(server, b"[1, 2]", raw=True), 400)
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 3}, "temperature"),
+        ({"max_tokens": "10"}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"stream": "yes"}, "stream"),
+        ({"stop": 5}, "stop"),
+        ({"top_logprobs": 50}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+        ({"messages": [{"content": "hi"}]}, "messages[0].role"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ],
+)
+def test_wrong_types_and_values_name_the_parameter(server, extra, param):
+    assert_error(chat(server, {"model": TINY_MODEL, "messages": USER, "max_tokens": 2, **extra}), 400, param=param)
+
+
+def test_missing_model_is_400(server):
+    assert_error(chat(server, {"messages": USER}), 400, param="model", code="missing_required_parameter")
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+         "messages[0].content[0].type"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+    ],
+)
+def test_unsupported_features_are_refused_by_name(server, extra, param):
+    error = assert_error(chat(server, {"model": TINY_MODEL, "messages": USER, **extra}), 400, param=param,
+                         code="unsupported_parameter")
+    assert param in error["message"]
+
+
+def test_unknown_model_is_404(server):
+    for model in ("no-such-model", "../../etc/passwd", "/tmp", "UPPER"):
+        assert_error(chat(server, {"model": model, "messages": USER}), 404, param="model", code="model_not_found")
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=USER)
+
+
+def test_context_length_exceeded(server):
+    long = [{"role": "user", "content": "word " * 3000}]
+    assert_error(chat(server, {"model": TINY_MODEL, "messages": long, "max_tokens": 1}), 400,
+                 param="messages", code="context_length_exceeded")
+    assert_error(chat(server, {"model": TINY_MODEL, "messages": USER, "max_tokens": 5000}), 400,
+                 code="context_length_exceeded")
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as excinfo:
+        client.chat.completions.create(model=TINY_MODEL, messages=USER, max_tokens=5000)
+    assert excinfo.value.code == "context_length_exceeded"
+
+
+def test_unknown_route_and_method(server):
+    assert_error(httpx.get(f"{server.v1}/nothing-here"), 404)
+    assert_error(httpx.get(f"{server.v1}/chat/completions"), 405)
