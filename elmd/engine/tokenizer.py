@@ -251,14 +251,14 @@ class _SentencePieceBackend:
         self.special_ids = frozenset(
             i for i in range(self.vocab_size) if self._sp.is_control(i) or self._sp.is_unknown(i)
         )
-        specials = sorted((self._sp.id_to_piece(i) for i in self.special_ids), key=len, reverse=True)
-        self._special_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
         self._special_by_text = {self._sp.id_to_piece(i): i for i in self.special_ids}
+        specials = sorted(self._special_by_text, key=len, reverse=True)
+        self._special_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
         self._strips_first_space = self._sp.encode("a", out_type=str)[0].startswith(SPACE)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
-        for part in self._special_split.split(text):
+        for part in self._special_split.split(text) if self._special_split else [text]:
             if part in self._special_by_text:
                 ids.append(self._special_by_text[part])
             elif part:
