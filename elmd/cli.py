@@ -15,6 +15,7 @@ COMMANDS = [
     "show",
     "rm",
     "import_model",
+    "key",
 ]
 
 

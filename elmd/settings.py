@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from elmd import paths
@@ -69,6 +69,14 @@ class Settings(BaseSettings):
 
     # streaming
     sse_ping_seconds: float = Field(10.0, gt=0)  # comment keep-alives while a prompt is processed
+
+    # security (see elmd/server/security.py)
+    api_key: SecretStr | None = None  # ELMD_API_KEY; required to bind beyond loopback
+    api_key_file: Path | None = None  # else this file, else config_dir()/api_key if present
+    allow_origins: list[str] = Field(default_factory=list)  # browser origins given CORS access
+    max_body_bytes: int = Field(4 << 20, ge=1024)  # larger request bodies get 413
+    log_prompts: bool = False  # write request and response bodies to the log (off: no prompt text)
+    log_file: Path | None = None  # also log here, created mode 0600
 
     @field_validator("keep_alive", mode="before")
     @classmethod

@@ -33,33 +33,54 @@ def register(subparsers) -> None:
     parser.add_argument("--max-concurrent-requests", type=int, help="requests generating at once (default: 16)")
     parser.add_argument("--max-queued-requests", type=int, help="requests waiting beyond those; more get 429")
     parser.add_argument("--request-timeout", type=float, help="seconds a request may take (default: 600)")
+    parser.add_argument("--allow-origin", action="append", dest="allow_origins", metavar="ORIGIN",
+                        help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API; repeatable")
+    parser.add_argument("--api-key-file", help="file holding the API key clients must send (default: ELMD_API_KEY, "
+                        "else the config directory's api_key file if present; see `elmd key`)")
+    parser.add_argument("--max-body-bytes", type=int, help="largest request body (default: 4 MiB)")
+    parser.add_argument("--log-file", help="also write the log to this file (created mode 0600)")
+    parser.add_argument("--log-prompts", action="store_true", default=None,
+                        help="write request and response bodies (prompts, completions) to the log")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from elmd.offline import go_offline
+
+    go_offline()  # before any library that might reach the network is imported
     import uvicorn
     from pydantic import ValidationError
 
+    from elmd import logs
+    from elmd.auth import KeyFileError
     from elmd.registry import Registry
+    from elmd.server import security
     from elmd.server.app import create_app
     from elmd.server.manager import ModelManager
     from elmd.settings import Settings
     from elmd.store import Store
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = {
         "model": args.model, "backend": args.backend, "dtype": args.dtype, "quant": args.quant,
         "host": args.host, "port": args.port, "keep_alive": args.keep_alive,
         "max_loaded_models": args.max_loaded_models, "memory_budget_bytes": args.memory_budget_bytes,
         "max_concurrent_requests": args.max_concurrent_requests, "max_queued_requests": args.max_queued_requests,
-        "request_timeout": args.request_timeout,
+        "request_timeout": args.request_timeout, "allow_origins": args.allow_origins,
+        "api_key_file": args.api_key_file, "max_body_bytes": args.max_body_bytes, "log_file": args.log_file,
+        "log_prompts": args.log_prompts,
     }  # fmt: skip
     try:
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
         print(f"elmd serve: invalid setting: {exc}", file=sys.stderr)
         return 2
+    try:
+        security.api_key(settings)
+    except (KeyFileError, security.ExposedWithoutKey) as exc:
+        print(f"elmd serve: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(args.log_level, settings.log_file)
     registry, store = Registry.load(), Store()
     try:
         pinned, preload = startup_model(settings, registry, store)
@@ -68,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     manager = ModelManager(settings, registry, store, pinned=pinned)
     app = create_app(settings, manager, preload=preload)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, log_config=None,
+                timeout_graceful_shutdown=10)
     return 0
 
 

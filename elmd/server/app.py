@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from elmd import __version__
-from elmd.server import errors, routes_chat, routes_completions, routes_models, routes_tokenize
+from elmd.server import errors, routes_chat, routes_completions, routes_models, routes_tokenize, security
 from elmd.server.manager import ModelManager
 from elmd.settings import Settings
 
@@ -29,6 +29,7 @@ def create_app(settings: Settings, manager: ModelManager, preload: str | None = 
     app.state.settings = settings
     app.state.manager = manager
     errors.install(app)
+    security.install(app, settings)
     for module in (routes_models, routes_chat, routes_completions, routes_tokenize):
         app.include_router(module.router)
     return app
