@@ -109,6 +109,7 @@ def _install_from_hub(name, weights: HubSource, tokenizer: HubSource, store: Sto
     cache = downloads_dir()
     cache.mkdir(parents=True, exist_ok=True)
     remote_files = model_files + tokenizer_files
+    check_free_space(cache, remote_files)
     with store.installing(name, overwrite=overwrite) as tmp:
         recorded = {}
         total = sum(f.size for f in remote_files)
@@ -155,6 +156,22 @@ def list_remote_files(repo: str, revision: str | None, patterns) -> list[RemoteF
         files.append(RemoteFile(repo, info.sha, sibling.rfilename, sibling.size,
                                 sibling.lfs.sha256 if sibling.lfs else None, sibling.blob_id))
     return files
+
+
+def check_free_space(cache: Path, remote_files: list[RemoteFile]) -> None:
+    """Refuse before downloading what cannot fit (installed files are hard links to the
+    downloads, so the model needs its size once)."""
+    def have(f: RemoteFile) -> int:
+        for candidate in (cache / f.cache_key, cache / f"{f.cache_key}.part"):
+            if candidate.exists():
+                return min(candidate.stat().st_size, f.size)
+        return 0
+
+    needed = sum(f.size - have(f) for f in remote_files)
+    free = shutil.disk_usage(cache).free
+    if needed > free:
+        raise PullError(f"not enough disk space in {cache}: the download needs {_human(needed)}, "
+                        f"{_human(free)} is free")
 
 
 def fetch_verified(remote: RemoteFile, cache: Path, progress: bool) -> Path:

@@ -46,6 +46,7 @@ class Request:
     method: str
     path: str
     range: str | None
+    authorization: str | None = None
     bytes_sent: int = 0
 
 
@@ -117,7 +118,8 @@ def _handler(hub: FakeHub):
             self._route(body=True)
 
         def _route(self, body: bool):
-            request = Request(self.command, unquote(urlsplit(self.path).path), self.headers.get("Range"))
+            request = Request(self.command, unquote(urlsplit(self.path).path), self.headers.get("Range"),
+                              self.headers.get("Authorization"))
             hub.log.append(request)
             self._request = request
             if m := _INFO.match(request.path):

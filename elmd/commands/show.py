@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"revision:  {manifest.get('revision')}")
     print(f"quant:     {manifest.get('quant', '?')}")
     print(f"created:   {manifest.get('created', '?')}")
+    files = sorted(manifest.get("files", {}).items())
     print("files:")
-    for name, info in sorted(manifest.get("files", {}).items()):
-        print(f"  {name}  {human_size(info.get('size', 0))}  sha256:{info.get('sha256')}")
+    width = max((len(name) for name, _ in files), default=0)
+    for name, info in files:
+        print(f"  {name.ljust(width)}  {human_size(info.get('size', 0)):>9}  sha256:{info.get('sha256')}")
     return 0
