@@ -41,6 +41,11 @@ def choice_params(engine: Engine, body: _Generation, max_tokens: int, logprobs: 
 
 
 def check_context(engine: Engine, prompt_ids: list[int], max_tokens: int, param: str) -> None:
+    """400 naming `max_tokens` when it alone does not fit the context, else `param` (the
+    prompt) when both together do not."""
+    if max_tokens >= engine.context_length:
+        raise APIError(400, f"'max_tokens' is {max_tokens}, but this model's context holds {engine.context_length} "
+                       "tokens in all (prompt and completion).", param="max_tokens", code="context_length_exceeded")
     try:
         engine.check_length(prompt_ids, max_tokens)
     except ContextLengthError as exc:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
+from elmd.server.limits import (MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES,
+                                MAX_TOP_LOGPROBS, SEED_RANGE)
 from elmd.settings import parse_duration
 
 # --------------------------------------------------------------------------- requests
@@ -47,9 +49,9 @@ class _Generation(_Request):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool = False
@@ -70,6 +72,16 @@ class _Generation(_Request):
     # not implemented: present and meaningful -> 400 naming the field
     logit_bias: dict[str, Any] | None = None
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_LENGTH} characters")
+        return stop
+
     def stops(self) -> list[str]:
         if self.stop is None:
             return []
@@ -89,11 +101,11 @@ class _Generation(_Request):
 
 
 class ChatCompletionRequest(_Generation):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # not implemented: present and meaningful -> 400 naming the field
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -140,9 +152,17 @@ class CompletionRequest(_Generation):
     prompt: str | list[str] | TokenIds | list[TokenIds]
     max_tokens: int | None = Field(None, ge=0)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_batch(cls, prompt):
+        batch = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
+        if batch and len(prompt) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
+        return prompt
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts, each a string or a list of token ids."""
