@@ -23,13 +23,14 @@ import os
 import platform
 import shutil
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from elmd import paths
 from elmd.registry import HubSource, ModelEntry, PackageSource
-from elmd.store import (Store, StoredModel, UnsafeModelFile, check_relative, resolve_inside, sha256_file,
-                        write_manifest)
+from elmd.store import (Store, StoredModel, UnsafeModelFile, check_relative, human_size, resolve_inside,
+                        sha256_file, write_manifest)
 
 WEIGHT_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -78,8 +79,8 @@ def pull(name: str, registry_entry: ModelEntry | dict, store: Store, revision: s
     if not isinstance(source.tokenizer, HubSource):
         raise PullError(f"{entry.id}: hub weights need a hub tokenizer source")
     weights = HubSource(hub=source.weights.hub, revision=revision or source.weights.revision)
-    return _install_from_hub(name, weights, source.tokenizer, store, entry.default_quant, backend,
-                             progress, overwrite)
+    tokenizer = weights if source.tokenizer.hub == weights.hub else source.tokenizer  # one repo, one revision
+    return _install_from_hub(name, weights, tokenizer, store, entry.default_quant, backend, progress, overwrite)
 
 
 def resolve_backend(backend: str) -> str:
@@ -97,7 +98,7 @@ def _install_from_hub(name, weights: HubSource, tokenizer: HubSource, store: Sto
     if constants.is_offline_mode():
         raise PullError("HF_HUB_OFFLINE is set: `elmd pull` is the one command that needs the network; "
                         "unset it to download, or `elmd import` a local model instead")
-    same_repo = (tokenizer.hub, tokenizer.revision) == (weights.hub, weights.revision)
+    same_repo = tokenizer == weights
     patterns = WEIGHT_FILES + TOKENIZER_FILES if same_repo else WEIGHT_FILES
     model_files = list_remote_files(weights.hub, weights.revision, patterns)
     if not any(f.path.endswith(".safetensors") for f in model_files):
@@ -114,7 +115,8 @@ def _install_from_hub(name, weights: HubSource, tokenizer: HubSource, store: Sto
         recorded = {}
         total = sum(f.size for f in remote_files)
         for remote in remote_files:
-            _say(f"{remote.repo}@{remote.commit[:12]}: {remote.path} ({_human(remote.size)} of {_human(total)})")
+            _say(f"{remote.repo}@{remote.commit[:12]}: {remote.path} "
+                 f"({human_size(remote.size)} of {human_size(total)})")
             complete = fetch_verified(remote, cache, progress)
             recorded[remote.path] = {"sha256": remote.sha256 or sha256_file(complete), "size": remote.size}
             _link_or_copy(complete, resolve_inside(tmp.resolve(), remote.path))
@@ -170,8 +172,8 @@ def check_free_space(cache: Path, remote_files: list[RemoteFile]) -> None:
     needed = sum(f.size - have(f) for f in remote_files)
     free = shutil.disk_usage(cache).free
     if needed > free:
-        raise PullError(f"not enough disk space in {cache}: the download needs {_human(needed)}, "
-                        f"{_human(free)} is free")
+        raise PullError(f"not enough disk space in {cache}: the download needs {human_size(needed)}, "
+                        f"{human_size(free)} is free")
 
 
 def fetch_verified(remote: RemoteFile, cache: Path, progress: bool) -> Path:
@@ -192,9 +194,10 @@ def fetch_verified(remote: RemoteFile, cache: Path, progress: bool) -> Path:
             partial.unlink()
             have = 0
         if have:
-            _say(f"  resuming at {_human(have)}")
+            _say(f"  resuming at {human_size(have)}")
         url = hf_hub_url(remote.repo, remote.path, revision=remote.commit)
-        with open(partial, "ab") as f, _progress_bars(progress, disable_progress_bars):
+        bars = nullcontext() if progress else disable_progress_bars("huggingface_hub.http_get")
+        with open(partial, "ab") as f, bars:
             http_get(url, f, resume_size=have, headers=build_hf_headers(), expected_size=remote.size,
                      displayed_filename=remote.path)
         try:
@@ -269,12 +272,6 @@ def _package_version(package: str) -> str | None:
         return None
 
 
-def _progress_bars(progress: bool, disable_progress_bars):
-    from contextlib import nullcontext
-
-    return nullcontext() if progress else disable_progress_bars("huggingface_hub.http_get")
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -289,14 +286,6 @@ def _git_blob_id(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _say(message: str) -> None:

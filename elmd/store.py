@@ -96,6 +96,16 @@ def write_manifest(model_dir: Path, *, source: dict, revision: str | None, quant
     return manifest
 
 
+def human_size(n: int) -> str:
+    """Bytes as people read them, in decimal units as disk tools report: '1.2 GB'."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
 def _dir_size(path: Path) -> int:
     return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 

@@ -19,6 +19,7 @@ from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 
 WEIGHTS_REPO = "test-org/Tiny-ELM"
 TOKENIZER_REPO = "test-tok/Tiny-ELM-Tokenizer"
+MLX_REPO = "test-mlx/Tiny-ELM"  # weights and tokenizer in one repo, as mlx-community ships them
 MODEL = "tiny-elm"
 # Bigger than huggingface_hub's write chunk, so an interrupted download leaves a partial file.
 WEIGHT_ELEMENTS = (DOWNLOAD_CHUNK_SIZE + DOWNLOAD_CHUNK_SIZE // 2) // 4
@@ -52,7 +53,9 @@ def tokenizer_repo() -> Repo:
 
 @pytest.fixture
 def hub():
-    with FakeHub({WEIGHTS_REPO: weights_repo(), TOKENIZER_REPO: tokenizer_repo()}) as hub:
+    tokenizer = tokenizer_repo()
+    combined = Repo({**weights_repo().files, **tokenizer.files, "config.json": b'{"model_type": "openelm"}'})
+    with FakeHub({WEIGHTS_REPO: weights_repo(), TOKENIZER_REPO: tokenizer, MLX_REPO: combined}) as hub:
         yield hub
 
 
@@ -68,6 +71,10 @@ models:
     source:
       weights: {{hub: {WEIGHTS_REPO}}}
       tokenizer: {{hub: {TOKENIZER_REPO}}}
+    sources:
+      mlx:
+        weights: {{hub: {MLX_REPO}}}
+        tokenizer: {{hub: {MLX_REPO}}}
 """)
     return tmp_path
 
@@ -202,12 +209,16 @@ def test_a_corrupted_file_is_rejected_and_nothing_installed(home, hub, repo, pat
     assert elmd(home, hub, "pull", MODEL, "--quiet").returncode == 0
 
 
-def test_revision_pinning(home, hub):
-    commit = hub.repos[WEIGHTS_REPO].commit
-    result = elmd(home, hub, "pull", MODEL, "--revision", commit, "--quiet")
+def test_revision_pinning_and_a_per_backend_source(home, hub):
+    commit = hub.repos[MLX_REPO].commit
+    result = elmd(home, hub, "pull", MODEL, "--backend", "mlx", "--revision", commit, "--quiet")
     assert result.returncode == 0, result.stderr
-    assert all(f"/resolve/{commit}/" in r.path for r in hub.downloads("model.safetensors"))
-    assert json.loads(elmd(home, hub, "show", MODEL, "--json").stdout)["manifest"]["revision"] == commit
+    downloads = [r for r in hub.log if "/resolve/" in r.path]
+    assert downloads and all(r.path.startswith(f"/{MLX_REPO}/resolve/{commit}/") for r in downloads)
+    assert {r.path.rsplit("/", 1)[1] for r in downloads} >= {"model.safetensors", "tokenizer.json"}
+    manifest = json.loads(elmd(home, hub, "show", MODEL, "--json").stdout)["manifest"]
+    assert manifest["revision"] == commit and manifest["source"]["backend"] == "mlx"
+    assert manifest["source"]["tokenizer"] == {"hub": MLX_REPO, "revision": commit, "commit": commit}
     elmd(home, hub, "rm", MODEL)
 
     missing = elmd(home, hub, "pull", MODEL, "--revision", "v9.9", "--quiet")

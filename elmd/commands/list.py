@@ -17,7 +17,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from elmd.store import Store
+    from elmd.store import Store, human_size
 
     models = Store().list()
     if args.json:
@@ -48,11 +48,3 @@ def describe_source(source) -> str:
             return f"{source.get('kind')}:{source[key]}"
     return str(source.get("kind", "?"))
 
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"

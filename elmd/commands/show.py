@@ -19,8 +19,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from elmd.commands.list import describe_source, human_size
-    from elmd.store import ModelNotFound, Store
+    from elmd.commands.list import describe_source
+    from elmd.store import ModelNotFound, Store, human_size
 
     try:
         model = Store().get(args.model)
