@@ -124,14 +124,17 @@ class Engine:
         self.check_length(prompt_ids, params.max_tokens)
         return self.backend.submit(list(prompt_ids), params, self.tokenizer.eos_ids)
 
-    def _text(self, prompt_ids: list[int], params: SamplingParams, channel: StepChannel) -> "_TextAssembler":
+    def _text(self, prompt_ids: list[int], params: SamplingParams, channel: StepChannel, reply: bool) -> "_TextAssembler":
         """The state machine shared by the sync and async streams."""
-        return _TextAssembler(self.tokenizer, params, len(prompt_ids), channel)
+        return _TextAssembler(self.tokenizer, params, prompt_ids, channel, reply)
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Chunk]:
-        """Generate, yielding text as it becomes final. Closing the iterator cancels."""
+    def stream(self, prompt_ids: list[int], params: SamplingParams, reply: bool = False) -> Iterator[Chunk]:
+        """Generate, yielding text as it becomes final. Closing the iterator cancels.
+
+        Text continues the prompt exactly (" Paris" after "The capital is"); a chat
+        `reply` starts at its first non-space character instead."""
         channel = self._start(prompt_ids, params)
-        text = self._text(prompt_ids, params, channel)
+        text = self._text(prompt_ids, params, channel, reply)
         try:
             for step in channel:
                 chunk = text.step(step)
@@ -143,10 +146,10 @@ class Engine:
         finally:
             channel.cancel()
 
-    async def astream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Chunk]:
+    async def astream(self, prompt_ids: list[int], params: SamplingParams, reply: bool = False) -> AsyncIterator[Chunk]:
         """The asyncio twin of `stream`; `aclose()` (a client gone) cancels within one step."""
         channel = self._start(prompt_ids, params)
-        text = self._text(prompt_ids, params, channel)
+        text = self._text(prompt_ids, params, channel, reply)
         try:
             async for step in channel:
                 chunk = text.step(step)
@@ -158,18 +161,18 @@ class Engine:
         finally:
             channel.cancel()
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
-        return _collect(list(self.stream(prompt_ids, params)))
+    def generate(self, prompt_ids: list[int], params: SamplingParams, reply: bool = False) -> Completion:
+        return _collect(list(self.stream(prompt_ids, params, reply)))
 
-    async def agenerate(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
-        return _collect([chunk async for chunk in self.astream(prompt_ids, params)])
+    async def agenerate(self, prompt_ids: list[int], params: SamplingParams, reply: bool = False) -> Completion:
+        return _collect([chunk async for chunk in self.astream(prompt_ids, params, reply)])
 
     def complete(self, prompt: str, **params) -> str:
         """The small public API: text in, text out."""
         return self.generate(self.tokenizer.encode(prompt), self.params(**params)).text
 
     def chat(self, messages: list[dict], **params) -> str:
-        return self.generate(self.tokenizer.encode_chat(messages), self.params(**params)).text
+        return self.generate(self.tokenizer.encode_chat(messages), self.params(**params), reply=True).text
 
     def score(self, token_ids: list[int], top_n: int = 0) -> list[TokenLogprob]:
         """Log-probabilities of the prompt's own tokens (for `echo` and log-likelihood evals)."""
@@ -184,11 +187,12 @@ class Engine:
 class _TextAssembler:
     """Turns backend steps into text chunks: detokenize, cut at stop strings, count."""
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_tokens: int, channel: StepChannel):
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_ids: list[int], channel: StepChannel, reply: bool):
         self.channel = channel
-        self.detok = tokenizer.detokenizer()
+        self.detok = tokenizer.detokenizer(context=prompt_ids)
         self.stops = StopMatcher(params.stop)
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens = len(prompt_ids)
+        self.leading_space = reply  # still to strip from a chat reply's start
         self.completion_tokens = 0
         self.done = False
         self.eos_ids = tokenizer.eos_ids
@@ -196,12 +200,18 @@ class _TextAssembler:
     def _usage(self) -> Usage:
         return Usage(self.prompt_tokens, self.completion_tokens, self.channel.cached_tokens)
 
+    def _strip(self, text: str) -> str:
+        if self.leading_space and text:
+            text = text.lstrip()
+            self.leading_space = not text
+        return text
+
     def step(self, step: Step) -> Chunk | None:
         self.completion_tokens += 1
         logprobs = [step.logprob] if step.logprob is not None else []
         if step.token_id in self.eos_ids:
             return None  # the EOS token itself is counted, never shown; Finished follows
-        emitted, hit = self.stops.feed(self.detok.add(step.token_id))
+        emitted, hit = self.stops.feed(self._strip(self.detok.add(step.token_id)))
         if hit:
             self.done = True
             return Chunk(emitted, [step.token_id], logprobs, "stop", self._usage())
@@ -210,7 +220,7 @@ class _TextAssembler:
     def finish(self, finished: Finished | None) -> Chunk:
         if finished is not None and finished.reason == "error":
             raise RuntimeError(finished.error or "generation failed")
-        tail, hit = self.stops.feed(self.detok.flush())
+        tail, hit = self.stops.feed(self._strip(self.detok.flush()))
         tail = tail if hit else tail + self.stops.flush()
         reason = "length" if finished is not None and finished.reason == "length" and not hit else "stop"
         return Chunk(tail, [], [], reason, self._usage())

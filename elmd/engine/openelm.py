@@ -124,6 +124,9 @@ class KVCache(nn.Module):
         rows = slots[:, None]
         self.k[rows, :, positions] = k.transpose(1, 2)
         self.v[rows, :, positions] = v.transpose(1, 2)
+        if slots.numel() == 1:  # one sequence: a view, no copy of its keys and values
+            s = int(slots[0])
+            return self.k[s : s + 1, :, :span], self.v[s : s + 1, :, :span]
         return self.k[slots, :, :span], self.v[slots, :, :span]
 
 
