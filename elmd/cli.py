@@ -10,6 +10,9 @@ import sys
 COMMANDS = [
     "serve",
     "agent",
+    "status",
+    "chat",
+    "run",
     "pull",
     "list",
     "show",

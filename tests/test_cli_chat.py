@@ -1,0 +1,163 @@
+"""`elmd status`, `elmd run` and `elmd chat` as a user runs them: real CLI processes (chat in
+a real pseudo-terminal, driven with pexpect) against a real daemon process serving a tiny
+random-weights model. Its answers are gibberish, so the assertions are about structure:
+something streamed, the conversation kept (prompt_tokens grow), clean exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pexpect
+import pytest
+
+from live_daemon import REPO, free_port, running_daemon
+
+pytestmark = pytest.mark.slow
+
+STATS = re.compile(r"prompt_tokens=(\d+) completion_tokens=(\d+)")
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_checkpoint, tmp_path_factory):
+    with running_daemon(tiny_checkpoint, tmp_path_factory.mktemp("cli-daemon")) as running:
+        yield running
+
+
+def elmd(daemon, *args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "elmd", *args],
+        env={**daemon.env, **env}, input=stdin, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def spawn_chat(daemon, *args: str) -> pexpect.spawn:
+    env = {**daemon.env, "TERM": "dumb"}
+    return pexpect.spawn(sys.executable, ["-m", "elmd", "chat", *args], env=env, cwd=str(REPO),
+                         encoding="utf-8", timeout=60, dimensions=(40, 200))  # fmt: skip
+
+
+def say(chat: pexpect.spawn, message: str) -> tuple[str, int, int]:
+    """Send one message; (the streamed answer, prompt_tokens, completion_tokens)."""
+    chat.expect_exact(">>> ")
+    chat.sendline(message)
+    chat.expect(r"\[prompt_tokens=(\d+) completion_tokens=(\d+)[^\]]*\]\r\n")
+    answer = chat.before.split(f"{message}\r\n", 1)[1]
+    return answer, int(chat.match.group(1)), int(chat.match.group(2))
+
+
+def test_status_reports_the_loaded_model_and_its_memory(daemon):
+    result = elmd(daemon, "status")
+    assert result.returncode == 0, result.stderr
+    assert f"running at {daemon.url} (ok)" in result.stdout
+    model_line = next(line for line in result.stdout.splitlines() if line.strip().startswith(daemon.model))
+    assert "torch" in model_line and "MiB" in model_line
+
+    report = json.loads(elmd(daemon, "status", "--json").stdout)
+    assert report["health"]["loaded"] == [daemon.model]
+    (card,) = report["models"]
+    assert card["loaded"] and card["memory_bytes"] > 0
+
+
+def test_status_without_a_daemon(daemon):
+    result = elmd(daemon, "status", ELMD_PORT=str(free_port()))
+    assert result.returncode == 1
+    assert "not running" in result.stdout and "elmd serve" in result.stdout
+
+
+def test_run_streams_one_answer_to_stdout(daemon):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "elmd", "run", daemon.model, "Tell me a story", "--max-tokens", "48", "--seed", "3",
+         "--verbose"],
+        env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    pieces = []
+    while piece := os.read(process.stdout.fileno(), 65536):
+        pieces.append(piece)
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 0, stderr
+    answer = b"".join(pieces).decode()
+    assert answer.strip()
+    completion_tokens = int(STATS.search(stderr).group(2))
+    assert 0 < completion_tokens <= 48
+    assert len(pieces) >= 3  # written as it was generated, not all at the end
+
+
+def test_run_reads_the_prompt_from_stdin(daemon):
+    result = elmd(daemon, "run", daemon.model, "--max-tokens", "8", stdin="Hello from a pipe\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_run_reports_an_unknown_model(daemon):
+    result = elmd(daemon, "run", "no-such-model", "hi")
+    assert result.returncode == 1
+    assert "no-such-model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_chat_keeps_the_conversation_and_leaves_on_exit(daemon):
+    chat = spawn_chat(daemon, daemon.model, "--max-tokens", "12", "--seed", "1", "--verbose")
+    first, first_prompt, first_completion = say(chat, "hello there")
+    assert first.strip() and first_completion > 0
+
+    # The same words again: only the history sent along can make the prompt longer.
+    second, second_prompt, _ = say(chat, "hello there")
+    assert second.strip()
+    assert second_prompt > first_prompt + first_completion // 2
+
+    chat.expect_exact(">>> ")
+    chat.sendline("/clear")
+    _, cleared_prompt, _ = say(chat, "hello there")
+    assert cleared_prompt == first_prompt
+
+    chat.expect_exact(">>> ")
+    chat.sendline("/exit")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_ctrl_c_stops_an_answer_and_returns_to_the_prompt(daemon):
+    chat = spawn_chat(daemon, daemon.model, "--max-tokens", "1500", "--seed", "1", "--verbose")
+    chat.expect_exact(">>> ")
+    chat.sendline("tell me everything")
+    chat.expect_exact("tell me everything\r\n")
+    chat.expect(r"\S\S\S")  # the answer has begun
+    chat.sendintr()
+    chat.expect_exact(" [stopped]")
+    chat.expect_exact(">>> ")  # back at the prompt, the conversation still open
+    chat.sendline("/help")
+    chat.expect_exact("/clear")
+    chat.expect_exact(">>> ")
+    chat.sendline("/bye")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_chat_picks_the_served_model_and_leaves_on_ctrl_d(daemon):
+    chat = spawn_chat(daemon)
+    chat.expect_exact(f"Chatting with {daemon.model} at {daemon.url}")
+    chat.expect_exact(">>> ")
+    chat.sendcontrol("d")
+    chat.expect(pexpect.EOF)
+    chat.close()
+    assert chat.exitstatus == 0
+
+
+def test_chat_without_a_daemon_says_how_to_start_one(daemon):
+    result = elmd(daemon, "chat", "--url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "elmd serve" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["agent", "status", "chat", "run"])
+def test_help_says_what_the_command_does(daemon, command):
+    result = elmd(daemon, command, "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: elmd ")
+    description = result.stdout.split("\n\n")[1]
+    assert len(description.split()) >= 8
