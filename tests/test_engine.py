@@ -197,7 +197,8 @@ def test_eos_ends_generation_and_is_not_shown(tiny):
         out = e.generate(ids, e.params(max_tokens=12, temperature=0, frequency_penalty=1.0))
         assert out.finish_reason == "stop" and out.usage.completion_tokens == k + 1
         assert out.token_ids == free.token_ids[:k]  # the EOS token is counted, not shown
-        assert out.text == e.tokenizer.decode(free.token_ids[:k])
+        prompt_text = e.tokenizer.decode(ids)
+        assert out.text == e.tokenizer.decode(ids + free.token_ids[:k])[len(prompt_text) :]
     finally:
         e.close()
 
