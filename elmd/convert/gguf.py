@@ -82,7 +82,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _save_safetensors(dict(_openelm_tensors(reader, shape)), out / "model.safetensors", dtype)
+    _save_safetensors(_openelm_tensors(reader, shape), out / "model.safetensors", dtype)
     special = write_tokenizer(fields, out, shape.context_length)
     config = openelm_config(shape, tied=tied, bos_id=special.bos_id, eos_id=special.eos_id, dtype=dtype)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -196,16 +196,14 @@ def _openelm_tensors(reader, shape: LlamaShape) -> Iterator[tuple[str, np.ndarra
         yield out + "ffn.proj_2.weight", load(blk + "ffn_down.weight")
 
 
-def _save_safetensors(tensors: dict[str, np.ndarray], path: Path, dtype: str) -> None:
+def _save_safetensors(tensors: Iterator[tuple[str, np.ndarray]], path: Path, dtype: str) -> None:
+    """Cast each tensor as it is dequantized, so only the target-dtype copies are held."""
     import torch
     from safetensors.torch import save_file
 
     target = getattr(torch, dtype)
-    save_file(
-        {name: torch.from_numpy(np.array(a, dtype=np.float32)).to(target) for name, a in tensors.items()},
-        str(path),
-        metadata={"format": "pt"},
-    )
+    cast = {name: torch.from_numpy(np.array(a, dtype=np.float32)).to(target) for name, a in tensors}
+    save_file(cast, str(path), metadata={"format": "pt"})
 
 
 def make_divisible(value: float, divisor: int) -> int:
