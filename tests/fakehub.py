@@ -3,7 +3,7 @@ huggingface.co does, for the endpoints `elmd pull` (through huggingface_hub) cal
 
 - GET /api/models/{repo}[/revision/{rev}][?blobs=true]: repo info with `sha` (the commit) and
   `siblings` (rfilename, size, blobId, and for LFS files lfs.sha256/size/pointerSize).
-- GET|HEAD /{repo}/resolve/{rev}/{path}: the file, with ETag, X-Repo-Commit, X-Linked-Etag and
+- GET /{repo}/resolve/{rev}/{path}: the file, with ETag, X-Repo-Commit, X-Linked-Etag and
   X-Linked-Size (LFS), Accept-Ranges and `Range: bytes=N-` answered with 206.
 - Unknown repos and revisions: 404 with the hub's X-Error-Code header.
 
@@ -111,46 +111,40 @@ def _handler(hub: FakeHub):
         def log_message(self, *args):  # quiet: the hub's own log is `hub.log`
             pass
 
-        def do_HEAD(self):
-            self._route(body=False)
-
         def do_GET(self):
-            self._route(body=True)
-
-        def _route(self, body: bool):
             request = Request(self.command, unquote(urlsplit(self.path).path), self.headers.get("Range"),
                               self.headers.get("Authorization"))
             hub.log.append(request)
             self._request = request
             if m := _INFO.match(request.path):
-                return self._info(m["repo"], m["rev"] or "main", body)
+                return self._info(m["repo"], m["rev"] or "main")
             if m := _RESOLVE.match(request.path):
-                return self._file(request, m["repo"], m["rev"], m["path"], body)
-            self._error(404, "EntryNotFound", "not found", body)
+                return self._file(request, m["repo"], m["rev"], m["path"])
+            self._error(404, "EntryNotFound", "not found")
 
-        def _repo(self, repo_id: str, rev: str, body: bool) -> Repo | None:
+        def _repo(self, repo_id: str, rev: str) -> Repo | None:
             repo = hub.repos.get(repo_id)
             if repo is None:
-                self._error(404, "RepoNotFound", f"Repository {repo_id} not found", body)
+                self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
             elif rev not in ("main", repo.commit):
-                self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", body)
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
                 repo = None
             return repo
 
-        def _info(self, repo_id: str, rev: str, body: bool):
-            repo = self._repo(repo_id, rev, body)
+        def _info(self, repo_id: str, rev: str):
+            repo = self._repo(repo_id, rev)
             if repo is None:
                 return
             info = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
                     "siblings": [hub.sibling(repo, name) for name in sorted(repo.files)]}
-            self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
+            self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
 
-        def _file(self, request: Request, repo_id: str, rev: str, path: str, body: bool):
-            repo = self._repo(repo_id, rev, body)
+        def _file(self, request: Request, repo_id: str, rev: str, path: str):
+            repo = self._repo(repo_id, rev)
             if repo is None:
                 return
             if path not in repo.files:
-                return self._error(404, "EntryNotFound", f"{path} does not exist", body)
+                return self._error(404, "EntryNotFound", f"{path} does not exist")
             data = repo.files[path]
             meta = hub.sibling(repo, path)
             etag = meta["lfs"]["sha256"] if "lfs" in meta else meta["blobId"]
@@ -165,12 +159,10 @@ def _handler(hub: FakeHub):
             status = 200
             if start is not None:
                 if start >= len(data):
-                    return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"}, body)
+                    return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
                 data = data[start:]
-            if not body:
-                return self._send(status, data, headers, body=False)
             self._stream(request, (repo_id, path), status, data, headers)
 
         def _stream(self, request: Request, key, status: int, data: bytes, headers: dict):
@@ -197,19 +189,18 @@ def _handler(hub: FakeHub):
             self.close_connection = True
             self.connection.close()
 
-        def _error(self, status: int, code: str, message: str, body: bool):
+        def _error(self, status: int, code: str, message: str):
             payload = json.dumps({"error": message}).encode()
             self._send(status, payload, {"Content-Type": "application/json", "X-Error-Code": code,
-                                         "X-Error-Message": message}, body)
+                                         "X-Error-Message": message})
 
-        def _send(self, status: int, payload: bytes, headers: dict, body: bool):
+        def _send(self, status: int, payload: bytes, headers: dict):
             self.send_response(status)
             for name, value in {**headers, "Content-Length": str(len(payload))}.items():
                 self.send_header(name, value)
             self.end_headers()
-            if body:
-                self.wfile.write(payload)
-                self._request.bytes_sent = len(payload)
+            self.wfile.write(payload)
+            self._request.bytes_sent = len(payload)
 
     return Handler
 
