@@ -1,0 +1,244 @@
+// Weight-streaming matmuls for small batches on x86 CPUs with AVX512-VNNI / AVX512-BF16.
+//
+// Batch-1 decode reads every weight once per token, so its speed is the speed at which
+// a kernel streams weights. ATen's weight-only kernels reach about half the machine's
+// read bandwidth at M=1; these reach most of it by keeping the inner loop to one load
+// and one or two dot-product instructions per 64 bytes of weights:
+//
+// * int8 / int4 weights are multiplied with int8 activations (quantized here, per
+//   block of 32, like llama.cpp's q8_0) by VPDPBUSD, 16 output rows per register
+//   (one row per 32-bit lane, 4 consecutive k per lane), with the activation bytes
+//   broadcast. Weights are unsigned: int8 is stored +128, int4 is q in [0, 15] with
+//   w = scale * (q - 8) + zero per group (ATen's int4pack convention); the offsets are
+//   taken out with the activations' block sums, so the error stays that of a
+//   zero-centred weight.
+// * bf16 weights (unpacked, row-major as in the checkpoint) use VDPBF16PS.
+//
+// Layouts are produced by elmd/engine/kernels/native.py (pack_int8, pack_int4).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int kRows = 16;   // output rows per register
+constexpr int kBlock = 32;  // activation quantization block
+constexpr int kTile = 4;    // activation rows sharing one weight load
+
+struct QuantizedActivations {
+  std::vector<int8_t> q;       // [M, K]
+  std::vector<float> scale;    // [M, K / 32]
+  std::vector<float> fsum;     // [M, K / group]: sum of x over each weight group
+  std::vector<float> qsum8;    // [M, K / group]: 8 * sum over the group's blocks of scale * sum(q)
+  std::vector<float> offset;   // [M]: sum over blocks of scale * 128 * sum(q)
+};
+
+QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t group) {
+  const int64_t M = x32.size(0), K = x32.size(1), nb = K / kBlock;
+  QuantizedActivations a;
+  a.q.resize(M * K);
+  a.scale.resize(M * nb);
+  a.fsum.resize(group > 0 ? M * (K / group) : 0);
+  a.qsum8.resize(a.fsum.size());
+  a.offset.resize(M);
+  const float* x = x32.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    double offset = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + m * K + b * kBlock;
+      float amax = 0.f;
+      for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::abs(xb[i]));
+      const float scale = amax / 127.f;
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* qb = a.q.data() + m * K + b * kBlock;
+      int32_t qsum = 0;
+      for (int i = 0; i < kBlock; ++i) {
+        qb[i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+        qsum += qb[i];
+      }
+      a.scale[m * nb + b] = scale;
+      offset += 128.0 * scale * qsum;
+      if (group > 0) a.qsum8[m * (K / group) + b * kBlock / group] += 8.f * scale * qsum;
+    }
+    a.offset[m] = static_cast<float>(offset);
+    if (group > 0) {
+      for (int64_t g = 0; g < K / group; ++g) {
+        float s = 0.f;
+        for (int64_t i = 0; i < group; ++i) s += x[m * K + g * group + i];
+        a.fsum[m * (K / group) + g] = s;
+      }
+    }
+  }
+  return a;
+}
+
+inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// out[m, n] = scale[n] * (sum_b xscale[m, b] * dot_b(w[n] + 128, xq[m]) - offset[m])
+template <int T>
+void int8_rows(const uint8_t* w, const float* wscale, const QuantizedActivations& a, int64_t m0,
+               int64_t K, int64_t N, int64_t rb, float* out) {
+  const int64_t nb = K / kBlock;
+  __m512 accf[T];
+  for (int t = 0; t < T; ++t) accf[t] = _mm512_setzero_ps();
+  const uint8_t* wr = w + rb * kRows * K;
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i acci[T];
+    for (int t = 0; t < T; ++t) acci[t] = _mm512_setzero_si512();
+    for (int c = 0; c < kBlock / 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(wr + (b * (kBlock / 4) + c) * 64);
+      for (int t = 0; t < T; ++t) {
+        const int32_t xv = load_i32(a.q.data() + (m0 + t) * K + b * kBlock + c * 4);
+        acci[t] = _mm512_dpbusd_epi32(acci[t], v, _mm512_set1_epi32(xv));
+      }
+    }
+    for (int t = 0; t < T; ++t)
+      accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[t]), _mm512_set1_ps(a.scale[(m0 + t) * nb + b]), accf[t]);
+  }
+  const __m512 s = _mm512_loadu_ps(wscale + rb * kRows);
+  for (int t = 0; t < T; ++t) {
+    const __m512 r = _mm512_mul_ps(_mm512_sub_ps(accf[t], _mm512_set1_ps(a.offset[m0 + t])), s);
+    _mm512_storeu_ps(out + (m0 + t) * N + rb * kRows, r);
+  }
+}
+
+// out[m, n] = sum_g scale[n, g] * sum_{b in g} xscale[m, b] * dot_b(q[n] - 8, xq[m]) + zero[n, g] * xsum[m, g]
+template <int T>
+void int4_rows(const uint8_t* w, const at::Half* wscale, const at::Half* wzero, const QuantizedActivations& a,
+               int64_t m0, int64_t K, int64_t N, int64_t group, int64_t rb, float* out) {
+  const int64_t nb = K / kBlock, ng = K / group;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 accf[T];
+  for (int t = 0; t < T; ++t) accf[t] = _mm512_setzero_ps();
+  const uint8_t* wr = w + rb * kRows * K / 2;
+  for (int64_t g = 0; g < ng; ++g) {
+    const int64_t gi = (rb * ng + g) * kRows;
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wscale + gi)));
+    const __m512 zero = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wzero + gi)));
+    __m512 accg[T];
+    for (int t = 0; t < T; ++t) accg[t] = _mm512_setzero_ps();
+    for (int64_t b = g * group / kBlock; b < (g + 1) * group / kBlock; ++b) {
+      __m512i acci[T];
+      for (int t = 0; t < T; ++t) acci[t] = _mm512_setzero_si512();
+      for (int c = 0; c < kBlock / 8; ++c) {
+        const __m512i v = _mm512_loadu_si512(wr + (b * (kBlock / 8) + c) * 64);
+        const __m512i lo = _mm512_and_si512(v, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int t = 0; t < T; ++t) {
+          const int8_t* xq = a.q.data() + (m0 + t) * K + b * kBlock + c * 8;
+          acci[t] = _mm512_dpbusd_epi32(acci[t], lo, _mm512_set1_epi32(load_i32(xq)));
+          acci[t] = _mm512_dpbusd_epi32(acci[t], hi, _mm512_set1_epi32(load_i32(xq + 4)));
+        }
+      }
+      for (int t = 0; t < T; ++t)
+        accg[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[t]), _mm512_set1_ps(a.scale[(m0 + t) * nb + b]), accg[t]);
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m512 centred = _mm512_sub_ps(accg[t], _mm512_set1_ps(a.qsum8[(m0 + t) * ng + g]));
+      accf[t] = _mm512_fmadd_ps(centred, s, accf[t]);
+      accf[t] = _mm512_fmadd_ps(zero, _mm512_set1_ps(a.fsum[(m0 + t) * ng + g]), accf[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm512_storeu_ps(out + (m0 + t) * N + rb * kRows, accf[t]);
+}
+
+template <typename RowsFn>
+void over_tiles(int64_t M, RowsFn&& rows) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) rows(std::integral_constant<int, 4>{}, m);
+  for (; m + 2 <= M; m += 2) rows(std::integral_constant<int, 2>{}, m);
+  for (; m < M; ++m) rows(std::integral_constant<int, 1>{}, m);
+}
+
+at::Tensor as_float_rows(const at::Tensor& x) {
+  return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+}
+
+at::Tensor finish(const at::Tensor& out, const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.to(x.scalar_type()).reshape(shape);
+}
+
+}  // namespace
+
+// x [..., K] float32 or bfloat16; w uint8 [N * K] packed by pack_int8; scale float32 [N].
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  const at::Tensor x32 = as_float_rows(x);
+  const int64_t M = x32.size(0), K = x32.size(1), N = scale.size(0);
+  TORCH_CHECK(K % kBlock == 0 && N % kRows == 0 && w.numel() == N * K, "int8_linear: bad shapes");
+  const QuantizedActivations a = quantize_activations(x32, 0);
+  at::Tensor out = at::empty({M, N}, x32.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t rb = begin; rb < end; ++rb)
+      over_tiles(M, [&](auto tile, int64_t m0) { int8_rows<decltype(tile)::value>(wp, sp, a, m0, K, N, rb, op); });
+  });
+  return finish(out, x, N);
+}
+
+// x [..., K]; w uint8 [N * K / 2] packed by pack_int4; scale, zero float16 [N / 16, K / group, 16].
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t group) {
+  const at::Tensor x32 = as_float_rows(x);
+  const int64_t M = x32.size(0), K = x32.size(1), N = scale.size(0) * kRows;
+  TORCH_CHECK(group % kBlock == 0 && K % group == 0 && w.numel() * 2 == N * K, "int4_linear: bad shapes");
+  const QuantizedActivations a = quantize_activations(x32, group);
+  at::Tensor out = at::empty({M, N}, x32.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const at::Half* sp = scale.data_ptr<at::Half>();
+  const at::Half* zp = zero.data_ptr<at::Half>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t rb = begin; rb < end; ++rb)
+      over_tiles(M, [&](auto tile, int64_t m0) {
+        int4_rows<decltype(tile)::value>(wp, sp, zp, a, m0, K, N, group, rb, op);
+      });
+  });
+  return finish(out, x, N);
+}
+
+// x [..., K]; w bfloat16 [N, K] row-major (the checkpoint's layout).
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
+  const at::Tensor xb = x.reshape({-1, x.size(-1)}).to(at::kBFloat16).contiguous();
+  const int64_t M = xb.size(0), K = xb.size(1), N = w.size(0);
+  TORCH_CHECK(K % 32 == 0 && N % 4 == 0 && w.size(1) == K && w.is_contiguous(), "bf16_linear: bad shapes");
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+  float* op = out.data_ptr<float>();
+  constexpr int R = 4;  // weight rows per pass: four independent accumulators per activation row
+  at::parallel_for(0, N / R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin * R; r0 < end * R; r0 += R) {
+      for (int64_t m = 0; m < M; ++m) {
+        __m512 acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + m * K + k);
+          for (int r = 0; r < R; ++r)
+            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(wp + (r0 + r) * K + k), xv);
+        }
+        for (int r = 0; r < R; ++r) op[m * N + r0 + r] = _mm512_reduce_add_ps(acc[r]);
+      }
+    }
+  });
+  return finish(out, x, N);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_linear", &int8_linear, "x @ dequant(w_int8).T with int8 activations (VNNI)");
+  m.def("int4_linear", &int4_linear, "x @ dequant(w_int4).T with int8 activations (VNNI)");
+  m.def("bf16_linear", &bf16_linear, "x @ w.T for bf16 weights (AVX512-BF16)");
+}

@@ -1,0 +1,143 @@
+"""Weight-only quantization: kernels against float references, save/load, memory.
+
+Tolerances are relative Frobenius errors on N(0, 0.02) weights and N(0, 1) activations:
+- kernel vs its own dequantized weight: 1.5% (only the activations' int8 rounding, per
+  block of 32, as llama.cpp's q8_0; ATen's kernels round only to bf16);
+- quantized vs the float32 weight: int8 3%, int4 g32 12%, g64 14%, g128 16%;
+- a whole random tiny model's logits: twice that (the errors of its layers add up).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elmd.engine import quantize
+from elmd.engine.checkpoint import load_model, read_config
+from elmd.engine.kernels import native
+from elmd.engine.openelm import OpenELM, OpenELMConfig
+from elmd.fixtures import config_for, write_checkpoint
+
+QUANT_TOLERANCE = {"int8": 0.03, "int4": 0.12, "int4-g64": 0.14, "int4-g128": 0.16}
+KERNELS = ["aten", "dequantize"] + (["native"] if native.load() is not None else [])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def linear() -> nn.Linear:
+    torch.manual_seed(0)
+    lin = nn.Linear(640, 272, bias=False)  # 17 row blocks of 16, 5 groups of 128
+    nn.init.normal_(lin.weight, std=0.02)
+    return lin.requires_grad_(False)
+
+
+@pytest.mark.parametrize("quant", list(QUANT_TOLERANCE))
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rows", [1, 3, 7, 16])
+def test_quantized_linear_matches_float(linear, quant, kernel, rows):
+    q = quantize.QuantizedLinear.from_float(linear, quantize.parse_quant(quant))
+    assert q.prepare(kernel) == kernel
+    x = torch.randn(rows, linear.in_features)
+    out = q(x)
+    assert out.shape == (rows, linear.out_features) and out.dtype == torch.float32
+    dequantized = F.linear(x, q.scheme.dequantize(q.stored(), q.out_features, q.in_features))
+    assert rel_err(out, dequantized) < 0.015
+    assert rel_err(out, linear(x)) < QUANT_TOLERANCE[quant]
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_activations_and_leading_dims_are_kept(linear, quant, kernel):
+    q = quantize.QuantizedLinear.from_float(linear, quantize.parse_quant(quant))
+    q.prepare(kernel)
+    x = torch.randn(2, 5, linear.in_features, dtype=torch.bfloat16)
+    out = q(x)
+    assert out.shape == (2, 5, linear.out_features) and out.dtype == torch.bfloat16
+    assert rel_err(out, linear(x.float())) < QUANT_TOLERANCE[quant] + 0.01
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4-g64"])
+def test_embedding_lookup_reads_the_quantized_rows(linear, quant):
+    head = quantize.QuantizedLinear.from_float(linear, quantize.parse_quant(quant))
+    embedding = quantize.QuantizedEmbedding(head, torch.bfloat16)
+    ids = torch.tensor([[0, 15, 16, 271], [5, 5, 130, 17]])
+    rows = embedding(ids)
+    full = head.scheme.dequantize(head.stored(), head.out_features, head.in_features)
+    assert rows.shape == (2, 4, linear.in_features) and rows.dtype == torch.bfloat16
+    assert torch.equal(rows, full[ids].to(torch.bfloat16))
+    assert [name for name, _ in embedding.named_buffers()] == []  # the head owns the tensors
+
+
+def test_quant_names():
+    assert quantize.parse_quant("none") is None
+    assert quantize.parse_quant("int4") == quantize.QuantSpec("int4", 32, True)
+    assert quantize.parse_quant("int4-g128", embedding=False) == quantize.QuantSpec("int4", 128, False)
+    for bad in ["int4-g48", "int3", "q4_0", ""]:
+        with pytest.raises(ValueError, match="unknown quantization"):
+            quantize.parse_quant(bad)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", shape="tiny")
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4-g128"])
+def test_quantized_model_saves_and_loads_without_quantizing_again(tiny, tmp_path, quant):
+    tokens = torch.tensor([[1, 17, 300, 5, 900, 2]])
+    positions = torch.arange(tokens.shape[1])[None]
+    reference = load_model(tiny)
+    with torch.inference_mode():
+        float_logits = reference(tokens, positions)
+    model = quantize.quantize_model(load_model(tiny), quant, embedding=False)
+    swapped = [m for m in model.modules() if isinstance(m, quantize.QuantizedLinear)]
+    assert swapped, "no layer was quantized"
+    with torch.inference_mode():
+        logits = model(tokens, positions)
+    assert rel_err(logits, float_logits) < 2 * QUANT_TOLERANCE[quant]
+
+    path = quantize.save_quantized(model, tmp_path / "model.safetensors")
+    assert quantize.quant_of(path) == quantize.parse_quant(quant, embedding=False)
+    with torch.device("meta"):
+        skeleton = OpenELM(read_config(tiny))
+    loaded = quantize.load_quantized(skeleton, path)
+    loaded.rope_cos, loaded.rope_sin = reference.rope_cos, reference.rope_sin
+    assert not any(t.is_meta for t in loaded.state_dict().values())
+    with torch.inference_mode():
+        assert torch.equal(loaded(tokens, positions), logits)
+
+
+def test_an_unquantized_file_is_refused(tiny):
+    with torch.device("meta"):
+        skeleton = OpenELM(read_config(tiny))
+    with pytest.raises(ValueError, match="not a quantized elmd checkpoint"):
+        quantize.load_quantized(skeleton, tiny / "model.safetensors")
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer, each tensor counted once (tied ones included)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_quantized_skeleton_holds_the_same_bytes_as_a_quantized_model(tiny, tmp_path):
+    model = quantize.quantize_model(load_model(tiny), "int4")
+    with torch.device("meta"):
+        skeleton = OpenELM(read_config(tiny))
+    skeleton = quantize.empty_quantized(skeleton, model.quant_spec)
+    assert model_bytes(skeleton) == model_bytes(model)
+
+
+@pytest.mark.parametrize("quant, most", [("int4", 0.35), ("int4-g128", 0.35), ("int8", 0.55)])
+def test_270m_shaped_model_fits_in_a_fraction_of_bf16(quant, most):
+    cfg = OpenELMConfig.from_dict(config_for("270M"))
+    with torch.device("meta"):
+        bf16 = OpenELM(cfg).to(torch.bfloat16)
+        quantized = OpenELM(cfg).to(torch.bfloat16)
+    quantized = quantize.empty_quantized(quantized, quantize.parse_quant(quant))
+    assert model_bytes(bf16) > 2 * 270e6
+    assert model_bytes(quantized) <= most * model_bytes(bf16)
