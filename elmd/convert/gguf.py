@@ -82,12 +82,13 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _save_safetensors(_openelm_tensors(reader, shape), out / "model.safetensors", dtype)
+    # Everything that can refuse the model runs before the slow part; config.json comes last.
     special = write_tokenizer(fields, out, shape.context_length)
     config = openelm_config(shape, tied=tied, bos_id=special.bos_id, eos_id=special.eos_id, dtype=dtype)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _save_safetensors(_openelm_tensors(reader, shape), out / "model.safetensors", dtype)
     generation = {"bos_token_id": special.bos_id, "eos_token_id": sorted(special.end_ids)}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
