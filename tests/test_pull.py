@@ -232,6 +232,17 @@ def test_offline_mode_is_respected(home, hub):
     assert hub.log == []
 
 
+def test_an_unreachable_hub_is_named_in_the_error(home, hub):
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    result = elmd(home, hub, "pull", MODEL, HF_ENDPOINT=closed)
+    assert result.returncode == 1 and f"cannot reach the hub at {closed}" in result.stderr
+    assert store_entries(home) == []
+
+
 def test_unknown_models_are_refused_without_touching_the_network(home, hub):
     result = elmd(home, hub, "pull", "no-such-model")
     assert result.returncode == 1 and "no model 'no-such-model'" in result.stderr

@@ -44,6 +44,12 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nelmd pull: interrupted; nothing was installed. Run it again to resume.", file=sys.stderr)
         return 130
+    except httpx2.TransportError as e:
+        from huggingface_hub import constants
+
+        print(f"elmd pull: error: cannot reach the hub at {constants.ENDPOINT} ({e}); run it again to resume",
+              file=sys.stderr)
+        return 1
     except (PullError, ValueError, OSError, httpx2.HTTPError) as e:
         print(f"elmd pull: error: {e}", file=sys.stderr)
         return 1
