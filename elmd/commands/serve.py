@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from elmd.registry import PackageSource
 
 OFFLINE_DEFAULT = "smollm2-135m-instruct"
+SHUTDOWN_GRACE_SECONDS = 10  # in-flight requests may finish this long after SIGTERM, then are cancelled
 
 
 def register(subparsers) -> None:
@@ -89,8 +91,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     manager = ModelManager(settings, registry, store, pinned=pinned)
     app = create_app(settings, manager, preload=preload)
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; SIGTERM
+    # is how launchd and systemd stop a service, so it ends in exit status 0, not death by signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, log_config=None,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
     return 0
 
 
