@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -78,6 +78,9 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat
     shape = _llama_shape(fields)
     names = {t.name for t in reader.tensors}
     _check_tensors(names, shape.layers)
+    # The embedding may have more rows than the vocabulary has tokens (padded); the model needs them all.
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    shape = replace(shape, vocab_size=int(embedding.shape[-1]))
     tied = "output.weight" not in names
 
     out = Path(out_dir)
@@ -127,6 +130,9 @@ def _llama_shape(fields: dict) -> LlamaShape:
     kv_heads = int(key("attention.head_count_kv", query_heads))
     if query_heads % kv_heads:
         raise UnsupportedModelError(f"{query_heads} query heads do not group over {kv_heads} kv heads")
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise UnsupportedModelError("GGUF has no tokenizer (tokenizer.ggml.tokens); elmd needs one to serve the model")
     return LlamaShape(
         layers=int(key("block_count")),
         model_dim=model_dim,
@@ -134,7 +140,7 @@ def _llama_shape(fields: dict) -> LlamaShape:
         query_heads=query_heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
-        vocab_size=len(fields["tokenizer.ggml.tokens"]),
+        vocab_size=len(tokens),  # until the embedding's rows are known
         context_length=int(key("context_length")),
         rope_base=_shortest(key("rope.freq_base", 10000.0)),
         rms_norm_eps=_shortest(key("attention.layer_norm_rms_epsilon")),
@@ -179,7 +185,11 @@ def _openelm_tensors(reader, shape: LlamaShape) -> Iterator[tuple[str, np.ndarra
 
     def load(name: str) -> np.ndarray:
         tensor = tensors[name]
-        return dequantize(tensor.data, tensor.tensor_type).reshape([int(n) for n in reversed(tensor.shape)])
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise UnsupportedModelError(f"tensor {name} is {tensor.tensor_type.name}, which gguf cannot dequantize") from None
+        return values.reshape([int(n) for n in reversed(tensor.shape)])
 
     yield "transformer.token_embeddings.weight", load("token_embd.weight")
     yield "transformer.norm.weight", load("output_norm.weight")
