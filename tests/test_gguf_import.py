@@ -272,6 +272,21 @@ def test_tokenizer_config_carries_the_gguf_chat_template(smollm2):
 # ---------------------------------------------------------------- `elmd import`
 
 
+def test_directory_check_names_a_tensor_the_config_does_not_fit(tmp_path):
+    from elmd.convert.checkpoint_dir import CheckpointDirError, checkpoint_files
+
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    model = import_gguf(tmp_path / "tiny.gguf", tmp_path / "model")
+    assert checkpoint_files(model) == [
+        "config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "tokenizer_config.json",
+    ]  # fmt: skip
+    config = json.loads((model / "config.json").read_text())
+    config["num_query_heads"] = [8, 8]
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointDirError, match=r"qkv_proj.weight has shape \(64, 32\), the config needs \(96, 32\)"):
+        checkpoint_files(model)
+
+
 def elmd(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ELMD_HOME": str(home), "PYTHONPATH": str(Path(__file__).parents[1])}
     return subprocess.run([sys.executable, "-m", "elmd", *args], env=env, capture_output=True, text=True, timeout=300)
