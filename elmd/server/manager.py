@@ -85,7 +85,7 @@ class Lease:
             self._manager._release(self._resident, self._keep_alive)
 
 
-def _default_loader(spec: ModelSpec) -> "Engine":
+def load_model(spec: ModelSpec) -> "Engine":
     from elmd.engine.load import load_engine
 
     return load_engine(
@@ -107,7 +107,7 @@ class ModelManager:
         store: Store,
         *,
         pinned: ModelSpec | None = None,
-        loader: Callable[[ModelSpec], "Engine"] = _default_loader,
+        loader: Callable[[ModelSpec], "Engine"] = load_model,
     ):
         self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
         self._loader = loader

@@ -87,7 +87,7 @@ async def chat_completions(body: ChatCompletionRequest, manager: ModelManager = 
                     system_fingerprint=f"elmd-{engine.backend.info.name}")
         if body.stream:
             streams = [engine.astream(prompt_ids, p) for p in params]
-            events = _stream(engine, streams, meta, body, len(prompt_ids), top)
+            events = _stream(engine, streams, meta, body, len(prompt_ids), top, lease.deadline)
             return sse_response(events, lease, manager.settings.sse_ping_seconds)
     except BaseException:
         lease.release()
@@ -115,14 +115,14 @@ async def chat_completions(body: ChatCompletionRequest, manager: ModelManager = 
 
 
 async def _stream(engine: Engine, streams: list[AsyncIterator[Chunk]], meta: dict, body: ChatCompletionRequest,
-                  prompt_tokens: int, top: int) -> AsyncIterator[ChatCompletionChunk]:
+                  prompt_tokens: int, top: int, deadline: float) -> AsyncIterator[ChatCompletionChunk]:
     def chunk(choices: list[ChatChunkChoice], usage=None) -> ChatCompletionChunk:
         return ChatCompletionChunk(**meta, choices=choices, usage=usage)
 
     for i in range(len(streams)):
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
     completion_tokens, cached = 0, 0
-    async for i, piece in merge(streams):
+    async for i, piece in merge(streams, deadline):
         if piece.text or piece.logprobs:
             logprobs = ChoiceLogprobs(content=token_logprobs(engine, piece.logprobs, top)) if body.logprobs else None
             yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(content=piece.text), logprobs=logprobs)])

@@ -131,7 +131,7 @@ async def completions(body: CompletionRequest, manager: ModelManager = Depends(g
                     system_fingerprint=f"elmd-{engine.backend.info.name}")
         jobs = [(k * body.n + i, prompt, p) for k, prompt in enumerate(prompts) for i, p in enumerate(params)]
         if body.stream:
-            return sse_response(_stream(engine, body, meta, jobs), lease, manager.settings.sse_ping_seconds)
+            return sse_response(_stream(engine, body, meta, jobs, lease.deadline), lease, manager.settings.sse_ping_seconds)
     except BaseException:
         lease.release()
         raise
@@ -169,7 +169,7 @@ def _usage(prompts: list[_Prompt], finals: list[Chunk | None]) -> Usage:
     return generation.usage(sum(len(p.ids) for p in prompts), completion_tokens, cached)
 
 
-async def _stream(engine: Engine, body: CompletionRequest, meta: dict, jobs: list) -> AsyncIterator[Completion]:
+async def _stream(engine: Engine, body: CompletionRequest, meta: dict, jobs: list, deadline: float) -> AsyncIterator[Completion]:
     def event(index: int, text: str, ids: list[int], scores: list, offsets: list[int], finish: str | None) -> Completion:
         return Completion(**meta, choices=[_choice(engine, index, text, ids, scores, offsets, body, finish)])
 
@@ -178,7 +178,7 @@ async def _stream(engine: Engine, body: CompletionRequest, meta: dict, jobs: lis
             yield event(index, *_echoed(prompt, body), None)
     finals: list[Chunk | None] = [None] * len(jobs)
     streams = [_generate(engine, prompt, p, body.echo) for _, prompt, p in jobs]
-    async for j, (piece, chunk) in merge(streams):
+    async for j, (piece, chunk) in merge(streams, deadline):
         index = jobs[j][0]
         if piece.text or piece.token_ids:
             yield event(index, piece.text, piece.token_ids, piece.logprobs, piece.offsets, None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import AsyncIterator, TypeVar
 
 from pydantic import BaseModel
@@ -36,12 +37,10 @@ def sse_response(events: AsyncIterator[BaseModel], lease: Lease, ping_seconds: f
 
 
 async def _frames(events: AsyncIterator[BaseModel], lease: Lease) -> AsyncIterator[ServerSentEvent]:
+    # No per-event wait_for: a client that goes away cancels this generator's task, and
+    # the cancellation must unwind the event generator in place (the deadline lives in `merge`).
     try:
-        while True:
-            try:
-                event = await asyncio.wait_for(events.__anext__(), timeout=lease.remaining())
-            except StopAsyncIteration:
-                break
+        async for event in events:
             yield ServerSentEvent(data=event.model_dump_json(), sep=SEP)
     except asyncio.TimeoutError:
         yield _error_event(timed_out(1))
@@ -61,9 +60,10 @@ def _error_event(exc: APIError) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(exc.body()), sep=SEP)
 
 
-async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """Items from several async iterators as they arrive, tagged with the iterator's index.
-    Closing the merged stream closes every source (cancelling their generations)."""
+async def merge(streams: list[AsyncIterator[T]], deadline: float) -> AsyncIterator[tuple[int, T]]:
+    """Items from several async iterators as they arrive, tagged with the iterator's index;
+    asyncio.TimeoutError once `deadline` (time.monotonic()) passes. Closing the merged
+    stream cancels every source (and so its generation)."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[T]) -> None:
@@ -73,12 +73,15 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
             queue.put_nowait((index, _END, None))
         except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
             queue.put_nowait((index, _END, exc))
+        finally:
+            await stream.aclose()
 
     tasks = [asyncio.get_running_loop().create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         running = len(tasks)
         while running:
-            index, item, error = await queue.get()
+            remaining = max(0.0, deadline - time.monotonic())
+            index, item, error = await asyncio.wait_for(queue.get(), timeout=remaining)
             if error is not None:
                 raise error
             if item is _END:
@@ -88,6 +91,3 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for stream in streams:
-            await stream.aclose()
