@@ -35,6 +35,7 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "launchd" / "dev.elmd.daemon
 LOG_FILE = "daemon.log"
 SYSTEMD_UNIT = "elmd.service"
 RESTART_SECONDS = 10  # launchd's ThrottleInterval and systemd's RestartSec
+PATH_SETTING_SUFFIXES = ("_file", "_dir", "_path", "_home")
 SYSTEM_PATH = ["/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"]
 
 
@@ -65,7 +66,8 @@ class AgentState:
 
 
 def service_spec(serve_args: list[str]) -> ServiceSpec:
-    """The daemon's command, environment and paths, all absolute."""
+    """The daemon's command, environment and paths, all absolute. `serve_args` are
+    `elmd serve` options with their paths already absolute (see `absolute_paths`)."""
     python = os.path.abspath(sys.executable)
     environment = {
         "PATH": os.pathsep.join(dict.fromkeys([os.path.dirname(python), *SYSTEM_PATH])),
@@ -77,20 +79,26 @@ def service_spec(serve_args: list[str]) -> ServiceSpec:
         environment["PYTHONPATH"] = str(source_root)
     for name, value in sorted(os.environ.items()):
         if name.startswith("ELMD_") and name != PLATFORM_ENV:
-            environment[name] = _absolute_if_path(value) if name == "ELMD_HOME" else value
+            environment[name] = absolute_paths(name, value)
     return ServiceSpec(
-        program=[python, "-m", "elmd", "serve", *(_absolute_if_path(arg) for arg in serve_args)],
+        program=[python, "-m", "elmd", "serve", *serve_args],
         environment=environment,
         working_directory=paths.data_dir().absolute(),
         log_path=paths.log_dir().absolute() / LOG_FILE,
     )
 
 
-def _absolute_if_path(value: str) -> str:
-    """A relative path that exists here would mean something else from the service's
-    working directory."""
-    if value and not os.path.isabs(value) and os.path.exists(value):
-        return os.path.abspath(value)
+def absolute_paths(name: str, value):
+    """A setting's value as the service must see it. A relative path would mean something
+    else from the service's working directory, so paths become absolute: always for a
+    setting named like a path (..._file, ..._dir, ..._path, ..._home), and for any other
+    value that names a file or folder that exists here."""
+    if isinstance(value, list):
+        return [absolute_paths(name, item) for item in value]
+    if not isinstance(value, str) or not value or os.path.isabs(value):
+        return value
+    if name.lower().endswith(PATH_SETTING_SUFFIXES) or os.path.exists(value):
+        return os.path.abspath(os.path.expanduser(value))
     return value
 
 

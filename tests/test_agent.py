@@ -129,6 +129,28 @@ def test_launchd_plist_has_every_key_with_absolute_paths(mac):
     ]
 
 
+def test_every_kind_of_serve_option_reaches_the_agent(mac):
+    """Repeated, flag-only and path options come out as `elmd serve` reads them, with
+    paths absolute even when the file does not exist yet."""
+    mac.elmd(
+        "agent", "install", "--allow-origin", "http://a.test", "--allow-origin", "http://b.test",
+        "--log-prompts", "--log-file", "logs/elmd.log", "--keep-alive", "-1", "--max-body-bytes", "1024",
+        ELMD_API_KEY_FILE="keys/api_key",
+    )  # fmt: skip
+    with open(mac.plist_path, "rb") as file:
+        agent = plistlib.load(file)
+
+    from elmd.cli import build_parser
+
+    served = build_parser().parse_args(agent["ProgramArguments"][3:])
+    assert served.allow_origins == ["http://a.test", "http://b.test"]
+    assert served.log_prompts is True
+    assert served.log_file == str(mac.root / "logs" / "elmd.log")
+    assert served.keep_alive == "-1" and served.max_body_bytes == 1024
+    assert served.model is None and served.port is None  # not given, so the daemon's settings decide
+    assert agent["EnvironmentVariables"]["ELMD_API_KEY_FILE"] == str(mac.root / "keys" / "api_key")
+
+
 def test_launchd_reinstall_replaces_the_running_agent(mac):
     mac.elmd("agent", "install", "--port", "8411")
     mac.forget_calls()

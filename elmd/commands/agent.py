@@ -60,23 +60,31 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 
 def serve_argv(serve_parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
-    """The `elmd serve` options the user gave `install`, as command-line words again.
-    Checked by parsing them back: the agent must run with exactly these settings."""
+    """The `elmd serve` options the user gave `install`, as command-line words again, with
+    paths made absolute. Checked by parsing them back: the agent must run with exactly
+    these settings."""
     options = [a for a in serve_parser._actions if a.option_strings and a.dest != "help"]
+    chosen = {
+        a.dest: agent.absolute_paths(a.dest, getattr(args, a.dest))
+        for a in options
+        if getattr(args, a.dest, a.default) != a.default
+    }
     words: list[str] = []
     for action in options:
-        value = getattr(args, action.dest, action.default)
-        if value == action.default:
+        if action.dest not in chosen:
             continue
-        flag = max(action.option_strings, key=len)
+        value, flag = chosen[action.dest], max(action.option_strings, key=len)
         if action.nargs == 0:
             words.append(flag)
-        elif isinstance(value, (list, tuple)):
+        elif isinstance(value, list) and action.nargs is None:  # an option given repeatedly
+            for item in value:
+                words += [flag, str(item)]
+        elif isinstance(value, list):
             words += [flag, *map(str, value)]
         else:
             words += [flag, str(value)]
     parsed = serve_parser.parse_args(words)
-    mismatched = [a.dest for a in options if getattr(parsed, a.dest) != getattr(args, a.dest, a.default)]
+    mismatched = [a.dest for a in options if getattr(parsed, a.dest) != chosen.get(a.dest, a.default)]
     if mismatched:
         raise agent.AgentError(f"cannot pass these serve options to the agent: {', '.join(mismatched)}")
     return words
