@@ -1,16 +1,16 @@
 """How the CLI reaches a running daemon: its address (`--url`, else the settings the daemon
-reads too: ELMD_HOST / ELMD_PORT / config.yaml), the API key (ELMD_API_KEY), and an
-official OpenAI client pointed at it."""
+reads too: ELMD_HOST / ELMD_PORT / config.yaml), the API key (ELMD_API_KEY, else the key
+file `elmd key` made), and an official OpenAI client pointed at it."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import httpx
 
+from elmd import auth
 from elmd.settings import Settings
 
 if TYPE_CHECKING:  # the SDK is imported where it is used: `elmd status` and `--help` never need it
@@ -21,7 +21,11 @@ NO_KEY = "elmd"  # the SDK insists on a key; a daemon without one ignores it
 ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 
 
-class DaemonUnreachable(RuntimeError):
+class ClientError(RuntimeError):
+    """The CLI cannot talk to the daemon; the message says why and what to do."""
+
+
+class DaemonUnreachable(ClientError):
     def __init__(self, url: str):
         super().__init__(
             f"no elmd daemon answers at {url}; start one with `elmd serve` or `elmd agent install` "
@@ -41,7 +45,11 @@ def base_url(url: str | None = None) -> str:
 
 
 def api_key() -> str | None:
-    return os.environ.get("ELMD_API_KEY") or None
+    """The key the daemon enforces by default, or None when it has none."""
+    try:
+        return auth.client_key()
+    except auth.KeyFileError as error:
+        raise ClientError(str(error)) from None
 
 
 def openai_client(url: str) -> "openai.OpenAI":

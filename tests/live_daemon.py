@@ -64,7 +64,7 @@ def stop(process: subprocess.Popen) -> int:
 
 @contextmanager
 def running_daemon(checkpoint: Path, root: Path) -> Iterator[Daemon]:
-    """Serve `checkpoint` (its folder name is the model id) with ELMD_HOME under root."""
+    """Serve `checkpoint` (its folder name is the model id) with ELMD_HOME = root/elmd."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELMD_")}
     env.update(ELMD_HOME=str(root / "elmd"), ELMD_PORT=str(port), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import httpx
 import pexpect
 import pytest
 
@@ -152,6 +153,21 @@ def test_chat_without_a_daemon_says_how_to_start_one(daemon):
     result = elmd(daemon, "chat", "--url", f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 1
     assert "elmd serve" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_cli_sends_the_key_the_daemon_requires(tiny_checkpoint, tmp_path):
+    key_file = tmp_path / "elmd" / "config" / "api_key"  # the default key file, as `elmd key` makes it
+    key_file.parent.mkdir(parents=True)
+    key_file.write_text("sk-test-key\n")
+    key_file.chmod(0o600)
+    with running_daemon(tiny_checkpoint, tmp_path) as keyed:
+        assert httpx.get(f"{keyed.url}/v1/models").status_code == 401
+        status = elmd(keyed, "status")
+        assert status.returncode == 0 and keyed.model in status.stdout, status.stderr
+        assert elmd(keyed, "run", keyed.model, "hi", "--max-tokens", "4").returncode == 0
+
+        wrong = elmd(keyed, "run", keyed.model, "hi", ELMD_API_KEY="sk-wrong")
+        assert wrong.returncode == 1 and "Incorrect API key" in wrong.stderr
 
 
 @pytest.mark.parametrize("command", ["agent", "status", "chat", "run"])

@@ -64,10 +64,10 @@ def chat(args: argparse.Namespace) -> int:
     import openai  # here, not at the top: every `elmd` command would pay for importing the SDK
 
     url = client.base_url(args.url)
-    sdk = client.openai_client(url)
     try:
+        sdk = client.openai_client(url)
         model = args.model or _first_model(sdk, url)
-    except client.DaemonUnreachable as error:
+    except client.ClientError as error:
         print(f"elmd chat: {error}", file=sys.stderr)
         return 1
     except (openai.APIError, LookupError) as error:
@@ -106,7 +106,7 @@ def chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line})
         try:
             reply = client.stream_chat(sdk, model, messages, write, **params(args))
-        except client.DaemonUnreachable as error:
+        except client.ClientError as error:
             print(f"\nelmd chat: {error}", file=sys.stderr)
             return 1
         except openai.APIError as error:

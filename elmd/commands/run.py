@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     url = client.base_url(args.url)
     try:
         reply = client.stream_chat(client.openai_client(url), args.model, messages, chat.write, **chat.params(args))
-    except client.DaemonUnreachable as error:
+    except client.ClientError as error:
         print(f"elmd run: {error}", file=sys.stderr)
         return 1
     except openai.APIError as error:

@@ -33,6 +33,9 @@ def status(args: argparse.Namespace) -> int:
         else:
             print(f"elmd: not running ({error})")
         return 1
+    except client.ClientError as error:
+        print(f"elmd status: {error}", file=sys.stderr)
+        return 1
     cards = models.get("data", []) if models_code == 200 else []
     ready = health_code == 200
     if args.json:
