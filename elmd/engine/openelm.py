@@ -96,7 +96,7 @@ class OpenELMConfig:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back before the scale, as OpenELM does."""
+    """RMSNorm, accumulated in fp32 (one fused op: the model has 4L+1 of them)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -104,9 +104,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class KVCache(nn.Module):
@@ -121,28 +119,29 @@ class KVCache(nn.Module):
     def update(self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int):
         """Write k, v ([B, H, T, D]) at `positions` ([B, T]) of rows `slots` ([B]); return the
         first `span` positions of those rows."""
+        if slots.numel() == 1:  # one sequence at consecutive positions: plain slices, no gathers
+            s, start = int(slots[0]), int(positions[0, 0])
+            self.k[s, :, start : start + k.shape[2]] = k[0]
+            self.v[s, :, start : start + v.shape[2]] = v[0]
+            return self.k[s : s + 1, :, :span], self.v[s : s + 1, :, :span]
         rows = slots[:, None]
         self.k[rows, :, positions] = k.transpose(1, 2)
         self.v[rows, :, positions] = v.transpose(1, 2)
-        if slots.numel() == 1:  # one sequence: a view, no copy of its keys and values
-            s = int(slots[0])
-            return self.k[s : s + 1, :, :span], self.v[s : s + 1, :, :span]
         return self.k[slots, :, :span], self.v[slots, :, :span]
 
 
 def rope_tables(head_dim: int, length: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and a signed sin ([-sin, sin] halves) per position, so that rotate-half RoPE is
+    `x * cos + x.roll(D/2) * sin`."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
     angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    sin = angles.sin()
+    return torch.cat([angles.cos(), angles.cos()], dim=-1).float(), torch.cat([-sin, sin], dim=-1).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half (NeoX) RoPE over the whole head; cos/sin are [B, 1, T, D] in fp32."""
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rotated * sin).type_as(x)
+    """Rotate-half (NeoX) RoPE over the whole head, in fp32; cos/sin are [B, 1, T, D]."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 class Attention(nn.Module):
@@ -253,12 +252,12 @@ class OpenELM(nn.Module):
         x = self.transformer.token_embeddings(tokens)
         cos = self.rope_cos[positions][:, None]
         sin = self.rope_sin[positions][:, None]
+        B, T = tokens.shape
         if slots is None:
-            T = tokens.shape[1]
             mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
         else:
             span = span or int(positions.max()) + 1
-            mask = torch.arange(span, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
+            mask = None if B == T == 1 else torch.arange(span, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
         for block in self.transformer.layers:
             x = block(x, cos, sin, slots, positions, mask, span)
         return self.head(self.transformer.norm(x))
