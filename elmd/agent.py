@@ -31,7 +31,8 @@ import elmd
 from elmd import paths
 
 PLATFORM_ENV = "ELMD_AGENT_PLATFORM"
-TEMPLATE = Path(__file__).resolve().parent.parent / "launchd" / "dev.elmd.daemon.plist"
+# The launchd template ships inside the package (launchd/ in the source tree links to it).
+TEMPLATE = Path(__file__).resolve().parent / "data" / "dev.elmd.daemon.plist"
 LOG_FILE = "daemon.log"
 SYSTEMD_UNIT = "elmd.service"
 RESTART_SECONDS = 10  # launchd's ThrottleInterval and systemd's RestartSec
