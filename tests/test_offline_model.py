@@ -19,6 +19,8 @@ import torch
 from elmd.engine.load import load_engine
 from offline_checkpoint import converted
 
+pytestmark = pytest.mark.slow
+
 PARAGRAPH = Path(__file__).parent / "data" / "english_paragraph.txt"
 REAL_PERPLEXITY_BOUND = 40.0
 RANDOM_PERPLEXITY_FLOOR = 10_000.0
