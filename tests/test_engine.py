@@ -300,3 +300,12 @@ def test_config_json_keeps_unknown_keys(tiny):
     raw = json.loads((tiny / "config.json").read_text())
     cfg = OpenELMConfig.from_dict({**raw, "something_new": 1})
     assert cfg.extra["something_new"] == 1
+
+
+def test_weights_reached_through_a_symlink_out_of_the_model_are_refused(tmp_path):
+    outside = write_checkpoint(tmp_path / "outside", "tiny")
+    model = write_checkpoint(tmp_path / "model", "tiny")
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors").symlink_to(outside / "model.safetensors")
+    with pytest.raises(CheckpointError, match="points outside the model directory"):
+        load_model(model)

@@ -44,18 +44,21 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     index = model_dir / INDEX
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
-        files = {}
-        for name, file in weight_map.items():
-            path = (model_dir / file).resolve()
-            if model_dir.resolve() not in path.parents:
-                raise CheckpointError(f"{index}: tensor {name} points outside the model directory ({file})")
-            files[name] = path
-        return files
+        return {name: _inside(model_dir, file, f"{index}: tensor {name}") for name, file in weight_map.items()}
     single = model_dir / SINGLE
     if not single.exists():
         raise CheckpointError(f"{model_dir}: no {SINGLE} or {INDEX}")
+    single = _inside(model_dir, SINGLE, str(single))
     with _open(single) as f:
         return {name: single for name in f.keys()}
+
+
+def _inside(model_dir: Path, file: str, what: str) -> Path:
+    """A weight file's real path, refused if it (or a symlink) leads out of the model directory."""
+    path = (model_dir / file).resolve()
+    if model_dir.resolve() not in path.parents:
+        raise CheckpointError(f"{what} points outside the model directory ({file})")
+    return path
 
 
 def _open(path: Path):
