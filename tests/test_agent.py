@@ -276,6 +276,22 @@ def test_logs_shows_the_tail_of_the_daemon_log(linux):
     assert linux.elmd("agent", "logs", "-n", "2").stdout == "line 8\nline 9\n"
 
 
+def test_logs_follow_prints_new_lines_until_ctrl_c(linux):
+    log_path = linux.log_dir / "daemon.log"
+    linux.log_dir.mkdir(parents=True)
+    log_path.write_text("started\n")
+    follower = subprocess.Popen([sys.executable, "-m", "elmd", "agent", "logs", "-f"], env=linux.env,
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert follower.stdout.readline() == "started\n"
+        with open(log_path, "a") as log:
+            log.write("a request\n")
+        assert follower.stdout.readline() == "a request\n"
+    finally:
+        follower.send_signal(signal.SIGINT)
+    assert follower.wait(timeout=30) == 0
+
+
 @pytest.mark.slow
 def test_the_agent_definition_serves_without_a_shell(mac, tiny_checkpoint):
     """Start the daemon the way launchd would from the installed plist: only its
