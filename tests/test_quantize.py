@@ -75,8 +75,8 @@ def test_embedding_lookup_reads_the_quantized_rows(linear, quant):
 
 def test_quant_names():
     assert quantize.parse_quant("none") is None
-    assert quantize.parse_quant("int4") == quantize.QuantSpec("int4", 32, True)
-    assert quantize.parse_quant("int4-g128", embedding=False) == quantize.QuantSpec("int4", 128, False)
+    assert quantize.parse_quant("int4") == quantize.QuantSpec("int4", 32, False)
+    assert quantize.parse_quant("int4-g128", embedding=True) == quantize.QuantSpec("int4", 128, True)
     for bad in ["int4-g48", "int3", "q4_0", ""]:
         with pytest.raises(ValueError, match="unknown quantization"):
             quantize.parse_quant(bad)
@@ -125,7 +125,7 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def test_quantized_skeleton_holds_the_same_bytes_as_a_quantized_model(tiny, tmp_path):
-    model = quantize.quantize_model(load_model(tiny), "int4")
+    model = quantize.quantize_model(load_model(tiny), "int4", embedding=True)
     with torch.device("meta"):
         skeleton = OpenELM(read_config(tiny))
     skeleton = quantize.empty_quantized(skeleton, model.quant_spec)
@@ -138,6 +138,6 @@ def test_270m_shaped_model_fits_in_a_fraction_of_bf16(quant, most):
     with torch.device("meta"):
         bf16 = OpenELM(cfg).to(torch.bfloat16)
         quantized = OpenELM(cfg).to(torch.bfloat16)
-    quantized = quantize.empty_quantized(quantized, quantize.parse_quant(quant))
+    quantized = quantize.empty_quantized(quantized, quantize.parse_quant(quant, embedding=True))
     assert model_bytes(bf16) > 2 * 270e6
     assert model_bytes(quantized) <= most * model_bytes(bf16)

@@ -38,7 +38,7 @@ class QuantSpec:
 
     scheme: str
     group_size: int = 0
-    embedding: bool = True
+    embedding: bool = False
 
     @property
     def name(self) -> str:
@@ -52,7 +52,7 @@ class QuantSpec:
         return cls(**json.loads(text))
 
 
-def parse_quant(quant: str | QuantSpec, embedding: bool = True) -> QuantSpec | None:
+def parse_quant(quant: str | QuantSpec, embedding: bool = False) -> QuantSpec | None:
     """"int8", "int4" (group 32), "int4-g64", "int4-g128" -> QuantSpec; "none" -> None."""
     if isinstance(quant, QuantSpec):
         return quant
@@ -264,11 +264,12 @@ def _swap(model: nn.Module, spec: QuantSpec, make) -> nn.Module:
     return model
 
 
-def quantize_model(model: nn.Module, quant: str | QuantSpec, embedding: bool = True) -> nn.Module:
+def quantize_model(model: nn.Module, quant: str | QuantSpec, embedding: bool = False) -> nn.Module:
     """Quantize `model`'s weights in place ("none" leaves it as it is); returns the model.
 
-    With `embedding`, the tied token embedding is quantized too and serves as the output
-    head through `model.lm_head`, which the model's head uses when present.
+    With `embedding`, the tied token embedding is quantized too: `model.lm_head` becomes a
+    QuantizedLinear and `transformer.token_embeddings` reads its rows. The model's output
+    head must then go through `model.lm_head` (when it has one), not the embedding weight.
     """
     spec = parse_quant(quant, embedding)
     if spec is None:

@@ -1,0 +1,270 @@
+"""elmd's benchmark suite: what a local user feels, per model, backend and quantization.
+
+For each model and quantization, in a fresh process each (so load time and peak memory
+are honest): load time, peak and settled resident memory, prompt tok/s on a 512-token
+prompt, decode tok/s at batch 1 (64-token prompt, 128 new tokens); then through the
+HTTP API of a real `elmd serve`: daemon start to /health ready and time to first token.
+The machine's read bandwidth is measured in the same run, and each decode figure is
+printed beside the bandwidth limit (bandwidth / bytes of weights read per token).
+
+    python benchmarks/bench.py                        # 270M and 1.1B fixtures, offline model
+    python benchmarks/bench.py --models 270M --quants none int4 --no-http
+
+Writes results.json and results.png (with matplotlib) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+
+from kernels import read_bandwidth_gbs  # noqa: E402
+
+FIXTURE_SHAPES = ("270M", "450M", "1.1B", "3B")
+OFFLINE_MODEL = "smollm2-135m-instruct"
+
+
+# ---- one model, one quantization, in its own process ---------------------------------
+
+def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
+    """Random ordinary tokens (no BOS/EOS), different per seed so no prefix cache helps."""
+    rng = random.Random(seed)
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def run_child(args) -> dict:
+    import psutil
+    import torch
+
+    from elmd.engine.load import load_engine
+
+    torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    engine = load_engine(args.model_dir, backend="torch", quant=args.quant, dtype=args.dtype)
+    load_s = time.perf_counter() - t
+    rss_loaded = psutil.Process().memory_info().rss
+    info = engine.backend.info
+    vocab = engine.tokenizer.vocab_size
+
+    def stream(ids, max_tokens):
+        params = engine.params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        stamps = []
+        for chunk in engine.stream(ids, params):
+            stamps += [time.perf_counter()] * len(chunk.token_ids)
+        return stamps
+
+    stream(prompt_ids(16, vocab, 0), 8)  # warm-up: first-call allocation and compilation
+    prompt_rates, decode_rates = [], []
+    for i in range(args.repeats):
+        t = time.perf_counter()
+        stamps = stream(prompt_ids(args.prompt_tokens, vocab, 100 + i), 1)
+        prompt_rates.append(args.prompt_tokens / (stamps[0] - t))
+        stamps = stream(prompt_ids(64, vocab, 200 + i), args.decode_tokens)
+        decode_rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    engine.close()
+    return {
+        "load_s": load_s,
+        "weights_bytes": info.memory_bytes,
+        "device": info.device,
+        "dtype": info.dtype,
+        "rss_loaded_bytes": rss_loaded,
+        "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "prompt_tok_s": statistics.median(prompt_rates),
+        "decode_tok_s": statistics.median(decode_rates),
+    }
+
+
+def measure_in_process(model_dir: Path, quant: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(model_dir), "--quants", quant, "--dtype", args.dtype,
+           "--threads", str(args.threads), "--repeats", str(args.repeats),
+           "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- through the HTTP API of a real daemon -------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure_http(model_dir: Path, quant: str, args, home: Path) -> dict:
+    """Daemon start to /health ready, then median time to the first streamed token."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ELMD_HOME": str(home)}
+    cmd = [sys.executable, "-m", "elmd", "serve", "--model", str(model_dir), "--backend", "torch",
+           "--quant", quant, "--port", str(port), "--log-level", "warning"]
+    t = time.perf_counter()
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        ready_s = None
+        while time.perf_counter() - t < 300 and server.poll() is None:
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    ready_s = time.perf_counter() - t
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.02)
+        if ready_s is None:
+            return {"error": "daemon not ready: " + (server.stderr.read()[-300:] if server.poll() is not None else "timeout")}
+        model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+        ttfts = []
+        for i in range(args.repeats + 1):
+            body = {"model": model, "prompt": f"Request {i}: " + "the quick brown fox jumps over the lazy dog " * 6,
+                    "max_tokens": 8, "temperature": 0, "stream": True}
+            t0 = time.perf_counter()
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data:") and '"text"' in line:
+                        ttfts.append(time.perf_counter() - t0)
+                        break
+        return {"ready_s": ready_s, "ttft_s": statistics.median(ttfts[1:])}  # the first warms up
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+# ---- models, the table, the chart ----------------------------------------------------
+
+def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
+    """Fixtures by shape (written once into the work dir, bf16 like the hub), the offline
+    model (pulled into the work dir's own store), or any local model directory."""
+    out = {}
+    for name in names:
+        if name in FIXTURE_SHAPES:
+            path = work / "fixtures" / name
+            if not (path / "config.json").exists():
+                from elmd.fixtures import write_checkpoint
+
+                write_checkpoint(path, shape=name, dtype="bfloat16")
+            out[f"{name} fixture"] = path
+        elif name == "offline":
+            home = work / "home"
+            env = {**os.environ, "PYTHONPATH": str(REPO), "ELMD_HOME": str(home)}
+            subprocess.run([sys.executable, "-m", "elmd", "pull", OFFLINE_MODEL, "--quiet"], env=env, check=True)
+            out[OFFLINE_MODEL] = home / "data" / "models" / OFFLINE_MODEL
+            if not out[OFFLINE_MODEL].exists():
+                os.environ["ELMD_HOME"] = str(home)
+                from elmd.store import Store
+
+                out[OFFLINE_MODEL] = Store().path(OFFLINE_MODEL)
+        else:
+            out[Path(name).name] = Path(name)
+    return out
+
+
+def print_table(rows: list[dict], bandwidth: float) -> None:
+    print(f"\nread bandwidth: {bandwidth:.1f} GB/s (median of the runs around the measurements)")
+    head = (f"{'model':24} {'quant':6} {'weights':>8} {'load s':>6} {'RSS MB':>7} {'peak MB':>7} "
+            f"{'prompt t/s':>10} {'decode t/s':>10} {'ceiling':>8} {'%':>4} {'ready s':>7} {'TTFT ms':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:24} {r['quant']:6} error: {r['error']}")
+            continue
+        http = f"{r['ready_s']:>7.2f} {r['ttft_s'] * 1e3:>7.0f}" if "ttft_s" in r else f"{'-':>7} {'-':>7}"
+        print(f"{r['model']:24} {r['quant']:6} {r['weights_bytes'] / 1e6:>6.0f}MB {r['load_s']:>6.2f} "
+              f"{r['rss_loaded_bytes'] / 1e6:>7.0f} {r['rss_peak_bytes'] / 1e6:>7.0f} {r['prompt_tok_s']:>10.0f} "
+              f"{r['decode_tok_s']:>10.1f} {r['ceiling_tok_s']:>8.0f} {100 * r['decode_tok_s'] / r['ceiling_tok_s']:>4.0f} "
+              f"{http}")
+
+
+def chart(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in rows if "error" not in r]
+    labels = [f"{r['model']}\n{r['quant']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
+    xs = range(len(rows))
+    ax.bar(xs, [r["ceiling_tok_s"] for r in rows], color="#dddddd", label="bandwidth limit")
+    ax.bar(xs, [r["decode_tok_s"] for r in rows], width=0.5, color="#3a6ea5", label="decode, batch 1")
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("tokens / s")
+    ax.set_title("elmd decode speed vs the machine's read-bandwidth limit")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["270M", "1.1B", "offline"],
+                   help="fixture shapes (270M, 450M, 1.1B, 3B), 'offline' (the packaged model), or model directories")
+    p.add_argument("--quants", nargs="+", default=["none", "int8", "int4"])
+    p.add_argument("--dtype", default="auto", help="activation dtype of the torch backend")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--no-http", action="store_true", help="skip the daemon start and time-to-first-token runs")
+    p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "elmd-bench")
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.child:
+        args.model_dir, args.quant = args.child, args.quants[0]
+        print(json.dumps(run_child(args)))
+        return 0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = model_dirs(args.models, args.work_dir)
+    bandwidths = [read_bandwidth_gbs()]
+    rows = []
+    for label, path in models.items():
+        for quant in args.quants:
+            row = {"model": label, "quant": quant, "path": str(path), **measure_in_process(path, quant, args)}
+            bandwidths.append(read_bandwidth_gbs())
+            if "error" not in row and not args.no_http:
+                row.update(measure_http(path, quant, args, args.work_dir / "home"))
+            rows.append(row)
+            print(f"{label} {quant}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
+                  flush=True)
+    bandwidth = statistics.median(bandwidths)
+    for r in rows:
+        if "weights_bytes" in r:
+            r["ceiling_tok_s"] = bandwidth * 1e9 / r["weights_bytes"]
+    print_table(rows, bandwidth)
+    result = {"read_bandwidth_gbs": bandwidth, "bandwidth_runs_gbs": bandwidths, "threads": args.threads,
+              "machine": os.uname().machine, "cpus": os.cpu_count(), "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    png = chart(rows, args.out / "results.png")
+    print(f"\nwrote {args.out / 'results.json'}" + (f" and {png}" if png else " (no matplotlib: no chart)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
