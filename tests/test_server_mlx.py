@@ -1,0 +1,68 @@
+"""The same API requests served by the MLX backend (`--backend mlx`; MLX's Linux CPU
+build off the Mac). MLX on CPU is slow, so a few tokens each."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+from conftest import TINY_MODEL, build_app, serve_app
+from openai_schema import validate
+
+pytest.importorskip("mlx.core")
+pytestmark = pytest.mark.mlx
+
+USER = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def mlx_server(tiny_checkpoint):
+    app, manager = build_app(tiny_checkpoint, backend="mlx", keep_alive=-1)
+    with serve_app(app, manager) as running:
+        start = time.monotonic()
+        while httpx.get(f"{running.base_url}/health").status_code != 200:
+            assert time.monotonic() - start < 120, "the MLX model did not load"
+            time.sleep(0.1)
+        yield running
+
+
+def test_models_report_the_mlx_backend(mlx_server):
+    card = httpx.get(f"{mlx_server.v1}/models/{TINY_MODEL}").json()
+    assert card["loaded"] and card["backend"] == "mlx"
+
+
+def test_chat_stream_equals_non_stream(mlx_server):
+    client = openai.OpenAI(base_url=mlx_server.v1, api_key="unused", max_retries=0)
+    body = dict(model=TINY_MODEL, messages=USER, max_tokens=4, seed=3, temperature=0.8)
+    whole = client.chat.completions.create(**body)
+    raw = httpx.post(f"{mlx_server.v1}/chat/completions", json=body, timeout=120).json()
+    validate(raw, "CreateChatCompletionResponse")
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True)
+                       if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert whole.system_fingerprint == "elmd-mlx"
+
+
+def test_completions_echo_logprobs(mlx_server):
+    engine = mlx_server.manager.loaded()[TINY_MODEL]
+    body = {"model": TINY_MODEL, "prompt": "Hello world", "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    response = httpx.post(f"{mlx_server.v1}/completions", json=body, timeout=120).json()
+    validate(response, "CreateCompletionResponse")
+    logprobs = response["choices"][0]["logprobs"]
+    ids = engine.tokenizer.encode("Hello world")
+    expected = [s.logprob for s in engine.score(ids, 1)]
+    assert logprobs["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    assert len(logprobs["tokens"]) == len(ids) + 1
+
+
+def test_errors_are_the_same(mlx_server):
+    response = httpx.post(f"{mlx_server.v1}/chat/completions",
+                          json={"model": TINY_MODEL, "messages": USER, "max_tokens": 5000}, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    with httpx.stream("POST", f"{mlx_server.v1}/chat/completions", timeout=120,
+                      json={"model": TINY_MODEL, "messages": USER, "max_tokens": 2, "stream": True}) as stream:
+        events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
