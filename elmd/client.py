@@ -78,6 +78,14 @@ def get_json(url: str, path: str) -> tuple[int, dict]:
         return response.status_code, {}
 
 
+def loading_notice(url: str, model: str) -> str | None:
+    """A line to show while the daemon loads `model`: the answer waits for the load."""
+    code, card = get_json(url, f"/v1/models/{model}")
+    if code == 200 and card.get("loaded") is False:
+        return f"loading {model}; the answer starts once it is in memory..."
+    return None
+
+
 @dataclass
 class Reply:
     """One streamed answer; `interrupted` when Ctrl-C stopped it part-way."""

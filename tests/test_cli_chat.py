@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import httpx
 import pexpect
@@ -85,6 +86,20 @@ def test_run_streams_one_answer_to_stdout(daemon):
     completion_tokens = int(STATS.search(stderr).group(2))
     assert 0 < completion_tokens <= 48
     assert len(pieces) >= 3  # written as it was generated, not all at the end
+
+
+def test_run_says_when_it_waits_for_the_model_to_load(daemon):
+    unload = {"model": daemon.model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "keep_alive": 0}
+    assert httpx.post(f"{daemon.url}/v1/chat/completions", json=unload, timeout=60).status_code == 200
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{daemon.url}/v1/models/{daemon.model}").json()["loaded"]:
+        assert time.monotonic() < deadline, "keep_alive 0 did not unload the model"
+        time.sleep(0.1)
+
+    result = elmd(daemon, "run", daemon.model, "hello", "--max-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert f"loading {daemon.model}" in result.stderr and result.stdout.strip()
+    assert "loading" not in elmd(daemon, "run", daemon.model, "hello", "--max-tokens", "4").stderr
 
 
 def test_run_reads_the_prompt_from_stdin(daemon):

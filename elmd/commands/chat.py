@@ -105,6 +105,8 @@ def chat(args: argparse.Namespace) -> int:
 
         messages.append({"role": "user", "content": line})
         try:
+            if notice := client.loading_notice(url, model):
+                print(f"({notice})")
             reply = client.stream_chat(sdk, model, messages, write, **params(args))
         except client.ClientError as error:
             print(f"\nelmd chat: {error}", file=sys.stderr)

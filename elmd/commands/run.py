@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     url = client.base_url(args.url)
     try:
+        if notice := client.loading_notice(url, args.model):
+            print(notice, file=sys.stderr)
         reply = client.stream_chat(client.openai_client(url), args.model, messages, chat.write, **chat.params(args))
     except client.ClientError as error:
         print(f"elmd run: {error}", file=sys.stderr)
