@@ -47,6 +47,7 @@ def test_malformed_json_is_400(server):
         ({"stream": "yes"}, "stream"),
         ({"stop": 5}, "stop"),
         ({"top_logprobs": 50}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
         ({"messages": [{"content": "hi"}]}, "messages[0].role"),
         ({"messages": []}, "messages"),

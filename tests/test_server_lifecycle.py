@@ -165,6 +165,19 @@ def test_full_queue_answers_429_with_retry_after(start_server, tiny_checkpoint):
     assert wait_for(lambda: chat(server, TINY_MODEL).status_code == 200)
 
 
+def test_a_client_that_gives_up_frees_its_slot(start_server, tiny_checkpoint):
+    """A non-streamed request whose client disconnects stops generating: with one slot, the
+    next request is served long before the abandoned one would have finished (~7 s)."""
+    server = start_server(tiny_checkpoint, max_concurrent_requests=1, max_queued_requests=0)
+    assert wait_for(lambda: httpx.get(f"{server.base_url}/health").status_code == 200)
+    body = {"model": TINY_MODEL, "messages": USER, "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.v1}/chat/completions", json=body, timeout=0.5)
+    started = time.monotonic()
+    assert wait_for(lambda: chat(server, TINY_MODEL).status_code == 200, timeout=3)
+    assert time.monotonic() - started < 3
+
+
 def test_queued_requests_wait_for_a_slot(start_server, tiny_checkpoint):
     server = start_server(tiny_checkpoint, max_concurrent_requests=1, max_queued_requests=4)
     assert wait_for(lambda: httpx.get(f"{server.base_url}/health").status_code == 200)

@@ -1,18 +1,30 @@
 """What chat and completions share: a request's sampling parameters for each of its `n`
-choices, the context-length check, and usage totals."""
+choices, the context-length check, usage totals, and waiting for a non-streamed result
+while watching the deadline and the client."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Awaitable, TypeVar
+
+from starlette.requests import Request
+
 from elmd.engine.engine import ContextLengthError, Engine
 from elmd.engine.protocol import SamplingParams
-from elmd.server.errors import APIError, invalid, unsupported
+from elmd.server.errors import APIError, invalid, timed_out, unsupported
+from elmd.server.manager import Lease
 from elmd.server.schemas import PromptTokensDetails, Usage, _Generation
+
+T = TypeVar("T")
 
 
 def reject_unsupported(body: _Generation) -> None:
+    """400 for a feature elmd does not implement or a contradictory combination, by name."""
     names = body.unsupported_params()
     if names:
         raise unsupported(names[0])
+    for param, message in body.invalid_params():
+        raise invalid(message, param=param)
 
 
 def choice_params(engine: Engine, body: _Generation, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
@@ -66,3 +78,29 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
+
+
+async def until_done(request: Request, work: Awaitable[T], lease: Lease, retry_after: int) -> T:
+    """The result of `work`, unless the client goes away first (the work is cancelled, so
+    its generations stop and free their memory) or the request's deadline passes (503)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, timeout=lease.remaining(), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task in done:
+        return task.result()
+    if gone in done:
+        raise APIError(499, "The client closed the request.", code="client_closed_request")
+    raise timed_out(retry_after)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body is already read, so the next ASGI
+    message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

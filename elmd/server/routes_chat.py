@@ -7,14 +7,14 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from elmd.engine.engine import Chunk, Engine
 from elmd.engine.protocol import TokenLogprob
 from elmd.server import generation
 from elmd.server.deps import get_manager
-from elmd.server.errors import invalid, timed_out, unsupported
-from elmd.server.manager import Lease, ModelManager
+from elmd.server.errors import invalid, unsupported
+from elmd.server.manager import ModelManager
 from elmd.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                                  ChatCompletionRequest, ChatDelta, ChatMessage, ChoiceLogprobs, TokenLogprobInfo,
                                  TopLogprob)
@@ -72,7 +72,7 @@ def token_logprobs(engine: Engine, logprobs: list[TokenLogprob], top: int) -> li
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, manager: ModelManager = Depends(get_manager)):
+async def chat_completions(body: ChatCompletionRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
     messages = template_messages(body.messages)
     lease = await manager.lease(body.model, body.keep_alive_seconds())
@@ -93,11 +93,8 @@ async def chat_completions(body: ChatCompletionRequest, manager: ModelManager = 
         lease.release()
         raise
     try:
-        results = await asyncio.wait_for(
-            asyncio.gather(*(engine.agenerate(prompt_ids, p) for p in params)), timeout=lease.remaining()
-        )
-    except asyncio.TimeoutError:
-        raise timed_out(manager.settings.retry_after) from None
+        work = asyncio.gather(*(engine.agenerate(prompt_ids, p) for p in params))
+        results = await generation.until_done(request, work, lease, manager.settings.retry_after)
     finally:
         lease.release()
     choices = [

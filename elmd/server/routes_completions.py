@@ -10,13 +10,13 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from elmd.engine.engine import Chunk, Engine
 from elmd.engine.protocol import SamplingParams, TokenLogprob
 from elmd.server import generation
 from elmd.server.deps import get_manager
-from elmd.server.errors import invalid, timed_out
+from elmd.server.errors import invalid
 from elmd.server.manager import ModelManager
 from elmd.server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
 from elmd.server.streaming import merge, sse_response
@@ -116,7 +116,7 @@ def _echoed(prompt: _Prompt, body: CompletionRequest) -> tuple[str, list[int], l
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, manager: ModelManager = Depends(get_manager)):
+async def completions(body: CompletionRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
     raw_prompts = body.prompts()
     if not raw_prompts:
@@ -136,11 +136,8 @@ async def completions(body: CompletionRequest, manager: ModelManager = Depends(g
         lease.release()
         raise
     try:
-        results = await asyncio.wait_for(
-            asyncio.gather(*(_collect(engine, prompt, p, body.echo) for _, prompt, p in jobs)), timeout=lease.remaining()
-        )
-    except asyncio.TimeoutError:
-        raise timed_out(manager.settings.retry_after) from None
+        work = asyncio.gather(*(_collect(engine, prompt, p, body.echo) for _, prompt, p in jobs))
+        results = await generation.until_done(request, work, lease, manager.settings.retry_after)
     finally:
         lease.release()
     choices = []

@@ -99,6 +99,9 @@ class _Generation(_Request):
     def unsupported_params(self) -> list[str]:
         return ["logit_bias"] if self.logit_bias else []
 
+    def invalid_params(self) -> list[tuple[str, str]]:
+        return []
+
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -119,6 +122,12 @@ class ChatCompletionRequest(_Generation):
     web_search_options: Any = None
     reasoning_effort: Any = None
     verbosity: Any = None
+
+    def invalid_params(self) -> list[tuple[str, str]]:
+        """(param, message) for combinations that single fields cannot reject."""
+        if self.top_logprobs and not self.logprobs:
+            return [("top_logprobs", "'top_logprobs' requires 'logprobs': true.")]
+        return []
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
