@@ -232,7 +232,7 @@ class Launchd:
         loaded = printed.returncode == 0
         pid = _field(printed.stdout, "pid = ") if loaded else None
         last_exit = _field(printed.stdout, "last exit code = ") if loaded else None
-        detail = "" if last_exit is None else f"last exit code {last_exit}"
+        detail = ("loaded" if loaded else "not loaded") + ("" if last_exit is None else f", last exit code {last_exit}")
         return AgentState(self.name, self.definition, self.definition.exists(), pid is not None, pid, detail)
 
     def _loaded(self) -> bool:

@@ -101,6 +101,7 @@ def _install(args: argparse.Namespace, serve_parser: argparse.ArgumentParser) ->
     print(f"installed {manager.definition} ({manager.name})")
     print(f"runs: {shlex.join(spec.program)}")
     print(f"log: {spec.log_path}")
+    print("check it with `elmd status`; `elmd agent logs` shows what it says")
     return 0
 
 
