@@ -26,10 +26,6 @@ class Daemon:
     process: subprocess.Popen
     env: dict[str, str]  # an environment in which `elmd` finds this daemon
 
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
 
 def free_port() -> int:
     with socket.socket() as probe:

@@ -64,6 +64,12 @@ def test_status_reports_the_loaded_model_and_its_memory(daemon):
     assert card["loaded"] and card["memory_bytes"] > 0
 
 
+def test_status_finds_a_daemon_configured_for_every_address(daemon):
+    """ELMD_HOST=0.0.0.0 is where a daemon listens, not an address to connect to."""
+    result = elmd(daemon, "status", ELMD_HOST="0.0.0.0")
+    assert result.returncode == 0 and f"running at {daemon.url}" in result.stdout
+
+
 def test_status_without_a_daemon(daemon):
     result = elmd(daemon, "status", ELMD_PORT=str(free_port()))
     assert result.returncode == 1
