@@ -23,7 +23,7 @@ def register(subparsers) -> None:
         description="Chat with a model served by the running daemon. The answer streams in as it is "
         "generated and the conversation is kept across turns. /exit or Ctrl-D leaves.",
     )
-    parser.add_argument("model", nargs="?", help="a model the daemon serves (default: the first it lists)")
+    parser.add_argument("model", nargs="?", help="a model the daemon serves (default: a loaded one)")
     add_generation_options(parser)
     parser.set_defaults(func=chat)
 
@@ -130,7 +130,8 @@ def _first_model(sdk, url: str) -> str:
         raise client.DaemonUnreachable(url) from None
     if not models:
         raise LookupError("the daemon serves no models; install one with `elmd pull`")
-    return models[0].id
+    loaded = [m.id for m in models if getattr(m, "loaded", False)]  # elmd's addition to the model card
+    return (loaded or [m.id for m in models])[0]
 
 
 def _enable_line_editing() -> None:
