@@ -45,7 +45,9 @@ class Sampler:
         logits = self.penalized(logits)
         if p.greedy:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        # A legal but extreme temperature or repetition penalty (1e-320, 1e-300) overflows
+        # float32 logits to inf, and inf - inf is NaN in softmax: cap at the largest finite value.
+        logits = (logits / p.temperature).nan_to_num(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
         if p.top_k > 0 and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
