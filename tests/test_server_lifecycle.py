@@ -69,6 +69,8 @@ def test_loads_on_first_use_and_reports_residency(start_server, tiny_checkpoint)
     assert chat(server, "tiny-a").status_code == 200
     assert loaded(server) == {"tiny-a": True}
     assert httpx.get(f"{server.base_url}/health").json()["loaded"] == ["tiny-a"]
+    card = httpx.get(f"{server.v1}/models/tiny-a").json()
+    assert card["memory_bytes"] >= (tiny_checkpoint / "model.safetensors").stat().st_size // 2
 
 
 def test_request_keep_alive_zero_unloads_when_done(start_server, tiny_checkpoint):

@@ -326,6 +326,11 @@ class ModelManager:
     def loaded(self) -> dict[str, "Engine"]:
         return {model_id: r.engine for model_id, r in self._resident.items()}
 
+    def memory_bytes(self, model_id: str) -> int | None:
+        """What a resident model takes (weights and KV cache); None when not loaded."""
+        resident = self._resident.get(model_id)
+        return resident.memory_bytes if resident else None
+
     def loading(self) -> list[str]:
         return list(self._loading)
 

@@ -327,6 +327,7 @@ class ModelCard(_Response):
     loaded: bool
     context_length: int | None = None
     backend: str | None = None
+    memory_bytes: int | None = None
     memory_bytes: int | None = None  # weights and buffers of a loaded model (`elmd status`)
 
 
