@@ -35,16 +35,29 @@ def cpu_flags() -> frozenset[str]:
 
 @functools.cache
 def load():
-    """The compiled module, or None (wrong CPU, no compiler or ninja, build failure)."""
+    """The kernels as torch ops (torch.ops.elmd), or None (wrong CPU, no compiler or ninja,
+    build failure). Registered with shape functions, so torch.compile can trace through them."""
     if platform.machine() not in ("x86_64", "AMD64") or not NEEDED_CPU_FLAGS <= cpu_flags():
         return None
     try:
         from torch.utils.cpp_extension import load as build
 
-        return build(name="elmd_qgemv", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS, verbose=False)
+        build(name="elmd_qgemv", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS, is_python_module=False,
+              verbose=False)
     except Exception as e:  # no compiler, no ninja, or a compiler that lacks these intrinsics
         log.warning("native kernels unavailable, using ATen's: %s", str(e).splitlines()[0] if str(e) else e)
         return None
+    _register_shapes()
+    return torch.ops.elmd
+
+
+def _register_shapes() -> None:
+    def rows_out(x, n):
+        return x.new_empty((*x.shape[:-1], n))
+
+    torch.library.register_fake("elmd::int8_linear")(lambda x, w, scale: rows_out(x, scale.shape[0]))
+    torch.library.register_fake("elmd::int4_linear")(lambda x, w, scale, zero, group: rows_out(x, scale.shape[0] * ROWS))
+    torch.library.register_fake("elmd::bf16_linear")(lambda x, w: rows_out(x, w.shape[0]))
 
 
 def supports(out_features: int, in_features: int, group_size: int = 32) -> bool:

@@ -39,19 +39,20 @@ struct QuantizedActivations {
   std::vector<float> offset;   // [M]: sum over blocks of scale * 128 * sum(q)
 };
 
-QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t group) {
-  const int64_t M = x32.size(0), K = x32.size(1), nb = K / kBlock;
+template <typename In>
+QuantizedActivations quantize_activations(const In* x, int64_t M, int64_t K, int64_t group) {
+  const int64_t nb = K / kBlock;
   QuantizedActivations a;
   a.q.resize(M * K);
   a.scale.resize(M * nb);
   a.fsum.resize(group > 0 ? M * (K / group) : 0);
   a.qsum8.resize(a.fsum.size());
   a.offset.resize(M);
-  const float* x = x32.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
     double offset = 0;
     for (int64_t b = 0; b < nb; ++b) {
-      const float* xb = x + m * K + b * kBlock;
+      float xb[kBlock];
+      for (int i = 0; i < kBlock; ++i) xb[i] = static_cast<float>(x[m * K + b * kBlock + i]);
       float amax = 0.f;
       for (int i = 0; i < kBlock; ++i) amax = std::max(amax, std::abs(xb[i]));
       const float scale = amax / 127.f;
@@ -70,12 +71,17 @@ QuantizedActivations quantize_activations(const at::Tensor& x32, int64_t group) 
     if (group > 0) {
       for (int64_t g = 0; g < K / group; ++g) {
         float s = 0.f;
-        for (int64_t i = 0; i < group; ++i) s += x[m * K + g * group + i];
+        for (int64_t i = 0; i < group; ++i) s += static_cast<float>(x[m * K + g * group + i]);
         a.fsum[m * (K / group) + g] = s;
       }
     }
   }
   return a;
+}
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
 }
 
 inline int32_t load_i32(const int8_t* p) {
@@ -85,9 +91,9 @@ inline int32_t load_i32(const int8_t* p) {
 }
 
 // out[m, n] = scale[n] * (sum_b xscale[m, b] * dot_b(w[n] + 128, xq[m]) - offset[m])
-template <int T>
+template <int T, typename Out>
 void int8_rows(const uint8_t* w, const float* wscale, const QuantizedActivations& a, int64_t m0,
-               int64_t K, int64_t N, int64_t rb, float* out) {
+               int64_t K, int64_t N, int64_t rb, Out* out) {
   const int64_t nb = K / kBlock;
   __m512 accf[T];
   for (int t = 0; t < T; ++t) accf[t] = _mm512_setzero_ps();
@@ -108,14 +114,14 @@ void int8_rows(const uint8_t* w, const float* wscale, const QuantizedActivations
   const __m512 s = _mm512_loadu_ps(wscale + rb * kRows);
   for (int t = 0; t < T; ++t) {
     const __m512 r = _mm512_mul_ps(_mm512_sub_ps(accf[t], _mm512_set1_ps(a.offset[m0 + t])), s);
-    _mm512_storeu_ps(out + (m0 + t) * N + rb * kRows, r);
+    store16(out + (m0 + t) * N + rb * kRows, r);
   }
 }
 
 // out[m, n] = sum_g scale[n, g] * sum_{b in g} xscale[m, b] * dot_b(q[n] - 8, xq[m]) + zero[n, g] * xsum[m, g]
-template <int T>
+template <int T, typename Out>
 void int4_rows(const uint8_t* w, const at::Half* wscale, const at::Half* wzero, const QuantizedActivations& a,
-               int64_t m0, int64_t K, int64_t N, int64_t group, int64_t rb, float* out) {
+               int64_t m0, int64_t K, int64_t N, int64_t group, int64_t rb, Out* out) {
   const int64_t nb = K / kBlock, ng = K / group;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 accf[T];
@@ -149,7 +155,7 @@ void int4_rows(const uint8_t* w, const at::Half* wscale, const at::Half* wzero, 
       accf[t] = _mm512_fmadd_ps(zero, _mm512_set1_ps(a.fsum[(m0 + t) * ng + g]), accf[t]);
     }
   }
-  for (int t = 0; t < T; ++t) _mm512_storeu_ps(out + (m0 + t) * N + rb * kRows, accf[t]);
+  for (int t = 0; t < T; ++t) store16(out + (m0 + t) * N + rb * kRows, accf[t]);
 }
 
 template <typename RowsFn>
@@ -160,65 +166,75 @@ void over_tiles(int64_t M, RowsFn&& rows) {
   for (; m < M; ++m) rows(std::integral_constant<int, 1>{}, m);
 }
 
-at::Tensor as_float_rows(const at::Tensor& x) {
-  return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+// Calls f(In*, Out*) with the activations' element type (float32 or bfloat16; the output has the same).
+template <typename F>
+void with_types(const at::Tensor& x, const at::Tensor& out, F&& f) {
+  if (x.scalar_type() == at::kBFloat16)
+    f(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
+  else
+    f(x.data_ptr<float>(), out.data_ptr<float>());
 }
 
-at::Tensor finish(const at::Tensor& out, const at::Tensor& x, int64_t N) {
+std::pair<at::Tensor, at::Tensor> rows_and_output(const at::Tensor& x, int64_t N) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "activations must be float32 or bfloat16");
+  const at::Tensor rows = x.reshape({-1, x.size(-1)}).contiguous();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  return out.to(x.scalar_type()).reshape(shape);
+  return {rows, at::empty(shape, x.options())};
 }
 
 }  // namespace
 
 // x [..., K] float32 or bfloat16; w uint8 [N * K] packed by pack_int8; scale float32 [N].
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  const at::Tensor x32 = as_float_rows(x);
-  const int64_t M = x32.size(0), K = x32.size(1), N = scale.size(0);
+  const int64_t K = x.size(-1), N = scale.size(0);
   TORCH_CHECK(K % kBlock == 0 && N % kRows == 0 && w.numel() == N * K, "int8_linear: bad shapes");
-  const QuantizedActivations a = quantize_activations(x32, 0);
-  at::Tensor out = at::empty({M, N}, x32.options());
+  auto [rows, out] = rows_and_output(x, N);
+  const int64_t M = rows.size(0);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t rb = begin; rb < end; ++rb)
-      over_tiles(M, [&](auto tile, int64_t m0) { int8_rows<decltype(tile)::value>(wp, sp, a, m0, K, N, rb, op); });
+  with_types(rows, out, [&](auto* xp, auto* op) {
+    const QuantizedActivations a = quantize_activations(xp, M, K, 0);
+    at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t rb = begin; rb < end; ++rb)
+        over_tiles(M, [&](auto tile, int64_t m0) { int8_rows<decltype(tile)::value>(wp, sp, a, m0, K, N, rb, op); });
+    });
   });
-  return finish(out, x, N);
+  return out;
 }
 
 // x [..., K]; w uint8 [N * K / 2] packed by pack_int4; scale, zero float16 [N / 16, K / group, 16].
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
                        int64_t group) {
-  const at::Tensor x32 = as_float_rows(x);
-  const int64_t M = x32.size(0), K = x32.size(1), N = scale.size(0) * kRows;
+  const int64_t K = x.size(-1), N = scale.size(0) * kRows;
   TORCH_CHECK(group % kBlock == 0 && K % group == 0 && w.numel() * 2 == N * K, "int4_linear: bad shapes");
-  const QuantizedActivations a = quantize_activations(x32, group);
-  at::Tensor out = at::empty({M, N}, x32.options());
+  auto [rows, out] = rows_and_output(x, N);
+  const int64_t M = rows.size(0);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* zp = zero.data_ptr<at::Half>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t rb = begin; rb < end; ++rb)
-      over_tiles(M, [&](auto tile, int64_t m0) {
-        int4_rows<decltype(tile)::value>(wp, sp, zp, a, m0, K, N, group, rb, op);
-      });
+  with_types(rows, out, [&](auto* xp, auto* op) {
+    const QuantizedActivations a = quantize_activations(xp, M, K, group);
+    at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t rb = begin; rb < end; ++rb)
+        over_tiles(M, [&](auto tile, int64_t m0) {
+          int4_rows<decltype(tile)::value>(wp, sp, zp, a, m0, K, N, group, rb, op);
+        });
+    });
   });
-  return finish(out, x, N);
+  return out;
 }
 
-// x [..., K]; w bfloat16 [N, K] row-major (the checkpoint's layout).
+// x [..., K] bfloat16; w bfloat16 [N, K] row-major (the checkpoint's layout).
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
-  const at::Tensor xb = x.reshape({-1, x.size(-1)}).to(at::kBFloat16).contiguous();
-  const int64_t M = xb.size(0), K = xb.size(1), N = w.size(0);
+  const int64_t K = x.size(-1), N = w.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_linear: bfloat16 only");
   TORCH_CHECK(K % 32 == 0 && N % 4 == 0 && w.size(1) == K && w.is_contiguous(), "bf16_linear: bad shapes");
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
+  auto [rows, out] = rows_and_output(x, N);
+  const int64_t M = rows.size(0);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
-  float* op = out.data_ptr<float>();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>());
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
   constexpr int R = 4;  // weight rows per pass: four independent accumulators per activation row
   at::parallel_for(0, N / R, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r0 = begin * R; r0 < end * R; r0 += R) {
@@ -230,15 +246,21 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
           for (int r = 0; r < R; ++r)
             acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(wp + (r0 + r) * K + k), xv);
         }
-        for (int r = 0; r < R; ++r) op[m * N + r0 + r] = _mm512_reduce_add_ps(acc[r]);
+        for (int r = 0; r < R; ++r) op[m * N + r0 + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[r]));
       }
     }
   });
-  return finish(out, x, N);
+  return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int8_linear", &int8_linear, "x @ dequant(w_int8).T with int8 activations (VNNI)");
-  m.def("int4_linear", &int4_linear, "x @ dequant(w_int4).T with int8 activations (VNNI)");
-  m.def("bf16_linear", &bf16_linear, "x @ w.T for bf16 weights (AVX512-BF16)");
+TORCH_LIBRARY(elmd, m) {
+  m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def("int4_linear(Tensor x, Tensor w, Tensor scale, Tensor zero, int group) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(elmd, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int4_linear", &int4_linear);
+  m.impl("bf16_linear", &bf16_linear);
 }
