@@ -69,6 +69,7 @@ class ModelEntry(BaseModel):
     architecture: Literal["openelm", "llama"]
     context_length: int = Field(gt=0)
     default_quant: Literal["none", "int8", "int4"] = "none"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # activations, unless the operator chooses
     chat_template: str | None = None
     sampling: dict = Field(default_factory=dict)
     source: ModelSource

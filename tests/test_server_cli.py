@@ -98,7 +98,7 @@ def test_fresh_install_serves_the_offline_default(tmp_path):
                                                max_tokens=4, temperature=0)
         assert "Paris" in completion.choices[0].text
         chunks = list(client.chat.completions.create(
-            model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Say hello."}],
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=12, temperature=0, stream=True))
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+        assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert (tmp_path / "home" / "data" / "models" / "smollm2-135m-instruct" / "config.json").is_file()

@@ -159,7 +159,7 @@ class ModelManager:
             id=stored.name,
             path=stored.path,
             backend=self.settings.backend,
-            dtype=self.settings.dtype,
+            dtype=entry.dtype if entry and self.settings.dtype == "auto" else self.settings.dtype,
             quant=quant,
             chat_template=entry.chat_template if entry else None,
             defaults=dict(entry.sampling) if entry else {},
