@@ -72,8 +72,9 @@ def serve_app(app, manager) -> Iterator[RunningServer]:
 
 
 def build_app(checkpoint: Path | None = None, model_id: str = TINY_MODEL, preload: bool = True, loader=None,
-              **settings_overrides):
-    """The daemon's real app over `checkpoint` (served as `model_id`) and the store."""
+              store_root: Path | None = None, **settings_overrides):
+    """The daemon's real app over `checkpoint` (served as `model_id`) and the store
+    (`store_root`, default: the one under ELMD_HOME)."""
     from elmd.registry import Registry
     from elmd.server.app import create_app
     from elmd.server.manager import ModelManager, ModelSpec
@@ -86,7 +87,7 @@ def build_app(checkpoint: Path | None = None, model_id: str = TINY_MODEL, preloa
         pinned = ModelSpec(id=model_id, path=checkpoint, backend=settings.backend, dtype=settings.dtype,
                            quant=settings.quant or "none", context_length=None, created=1)
     extra = {"loader": loader} if loader is not None else {}
-    manager = ModelManager(settings, Registry.load(), Store(), pinned=pinned, **extra)
+    manager = ModelManager(settings, Registry.load(), Store(store_root), pinned=pinned, **extra)
     return create_app(settings, manager, preload=model_id if (pinned and preload) else None), manager
 
 
@@ -108,11 +109,12 @@ def start_server():
 
 
 @pytest.fixture(scope="session")
-def server(tiny_checkpoint) -> Iterator[RunningServer]:
-    """The daemon serving the tiny checkpoint as `tiny-openelm` (loaded before the first test)."""
+def server(tiny_checkpoint, tmp_path_factory) -> Iterator[RunningServer]:
+    """The daemon serving the tiny checkpoint as `tiny-openelm` (loaded before the first
+    test), beside an empty store of its own."""
     import httpx
 
-    app, manager = build_app(tiny_checkpoint, keep_alive=-1)
+    app, manager = build_app(tiny_checkpoint, store_root=tmp_path_factory.mktemp("server-store"), keep_alive=-1)
     with serve_app(app, manager) as running:
         deadline = time.monotonic() + 60
         while httpx.get(f"{running.base_url}/health").status_code != 200:

@@ -97,11 +97,13 @@ def test_lm_eval_loglikelihood_request(server, engine):
 
 
 def test_echo_with_generation(server):
-    body = post(server, prompt="Hello", max_tokens=4, echo=True, logprobs=0, seed=2, ignore_eos=True).json()
-    choice = body["choices"][0]
-    assert choice["text"].startswith("Hello")
-    assert len(choice["logprobs"]["tokens"]) == body["usage"]["prompt_tokens"] + 4
-    assert choice["logprobs"]["top_logprobs"][-1] == {}
+    body = post(server, prompt="Hello", max_tokens=4, echo=True, logprobs=0, seed=2, n=2, ignore_eos=True).json()
+    for choice in body["choices"]:
+        assert choice["text"].startswith("Hello")
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["text_offset"])
+        assert len(logprobs["tokens"]) == body["usage"]["prompt_tokens"] + 4  # the prompt counts once for n choices
+        assert logprobs["top_logprobs"][-1] == {}
 
 
 def test_stream_equals_non_stream(server, client):

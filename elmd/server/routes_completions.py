@@ -44,7 +44,7 @@ class _Piece:
     offsets: list[int]
 
 
-def _prompt_ids(engine: Engine, prompt: str | list[int], index: int) -> list[int]:
+def _prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         return engine.tokenizer.encode(prompt)
     vocab = engine.backend.info.vocab_size
@@ -75,9 +75,8 @@ def _completion_logprobs(engine: Engine, ids: list[int], scores: list[TokenLogpr
     )
 
 
-async def _prepare(engine: Engine, body: CompletionRequest, prompt: str | list[int], index: int,
-                   max_tokens: int) -> _Prompt:
-    ids = _prompt_ids(engine, prompt, index)
+async def _prepare(engine: Engine, body: CompletionRequest, prompt: str | list[int], max_tokens: int) -> _Prompt:
+    ids = _prompt_ids(engine, prompt)
     generation.check_context(engine, ids, max_tokens, "prompt")
     decoded, offsets = _offsets(engine, ids)
     text = prompt if isinstance(prompt, str) else decoded
@@ -111,8 +110,8 @@ def _choice(engine: Engine, index: int, text: str, ids: list[int], scores: list,
 def _echoed(prompt: _Prompt, body: CompletionRequest) -> tuple[str, list[int], list, list[int]]:
     if not body.echo:
         return "", [], [], []
-    scores = prompt.scores if prompt.scores is not None else [None] * len(prompt.ids)
-    return prompt.text, list(prompt.ids), scores, list(prompt.offsets)
+    scores = list(prompt.scores) if prompt.scores is not None else [None] * len(prompt.ids)
+    return prompt.text, list(prompt.ids), scores, list(prompt.offsets)  # copies: each choice extends its own
 
 
 @router.post("/v1/completions")
@@ -125,7 +124,7 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
     try:
         engine = lease.engine
         max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        prompts = [await _prepare(engine, body, p, k, max_tokens) for k, p in enumerate(raw_prompts)]
+        prompts = [await _prepare(engine, body, p, max_tokens) for p in raw_prompts]
         params = generation.choice_params(engine, body, max_tokens, body.logprobs)
         meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
                     system_fingerprint=f"elmd-{engine.backend.info.name}")
