@@ -117,7 +117,7 @@ class ModelManager:
         self._errors: dict[str, str] = {}
         self._slots: asyncio.Semaphore | None = None
         self._waiting = 0
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ resolution
 
@@ -210,7 +210,7 @@ class ModelManager:
         if given:
             resident.keep_alive = seconds
         if resident.active == 0 and resident.keep_alive == 0:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._unload_if_idle(resident)))
+            self._spawn(self._unload_if_idle(resident))
 
     # ------------------------------------------------------------------ loading
 
@@ -297,11 +297,16 @@ class ModelManager:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _spawn(self, coroutine) -> None:
+        """Run a background task, holding a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def start(self, preload: str | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._reap()))
+        self._spawn(self._reap())
         if preload:
-            self._tasks.append(loop.create_task(self._preload(preload)))
+            self._spawn(self._preload(preload))
 
     async def _preload(self, model_id: str) -> None:
         try:
@@ -311,7 +316,7 @@ class ModelManager:
             self._errors.setdefault(model_id, exc.message)
 
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
         for task in list(self._loading.values()):
             try:
