@@ -61,6 +61,19 @@ def test_no_cross_origin_access_by_default(server):
     assert_error(sandboxed, 403, "origin_not_allowed")
 
 
+def test_cross_site_requests_without_an_origin_are_refused(start_server, tiny_checkpoint):
+    """An <img src> or a link from another site sends a GET with no Origin; /tokenizer_info
+    would load a model for it."""
+    running = start_server(tiny_checkpoint, preload=False)
+    for site in ("cross-site", "same-site"):
+        response = httpx.get(f"{running.base_url}/tokenizer_info", headers={"Sec-Fetch-Site": site})
+        assert_error(response, 403, "origin_not_allowed")
+    assert httpx.get(f"{running.base_url}/health").json() == {"status": "ok", "loaded": [], "loading": [], "error": None}
+    typed_in_the_address_bar = httpx.get(f"{running.base_url}/tokenizer_info", headers={"Sec-Fetch-Site": "none"},
+                                         timeout=60)
+    assert typed_in_the_address_bar.status_code == 200
+
+
 def test_allow_origin_admits_exactly_the_named_origins(start_server, tiny_checkpoint):
     running = start_server(tiny_checkpoint, allow_origins=["http://localhost:3000"], keep_alive=-1)
     allowed = {"Origin": "http://localhost:3000"}

@@ -162,8 +162,8 @@ NAMESPACE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("unshare"),
-                    reason="network namespaces need Linux, root and unshare (CI runs as root)")
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")),
+                    reason="network namespaces need Linux, root, unshare and ip (CI runs as root)")
 def test_the_daemon_answers_inside_a_network_namespace_with_only_loopback(tiny_checkpoint, tmp_path):
     result = subprocess.run(
         ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",

@@ -6,7 +6,9 @@ From the outside in:
   page cannot reach the API through a DNS name rebound to 127.0.0.1 (CVE-2024-28224).
 - OriginCheck: a browser request from another origin is refused (403) unless that origin
   was allowed with --allow-origin; this stops a web page from even sending requests
-  that need no preflight (`fetch(url, {mode: "no-cors", body: blob})`).
+  that need no preflight (`fetch(url, {mode: "no-cors", body: blob})`). Browsers omit
+  Origin on cross-site GETs (`<img src>`, links), so those are recognised by their
+  `Sec-Fetch-Site` header instead (a GET can load a model: /tokenizer_info).
 - CORS (only with --allow-origin): the named origins get Access-Control-Allow-Origin.
 - ApiKeyCheck (when a key is configured): `Authorization: Bearer KEY` on every route
   but /health, compared in constant time; 401 in OpenAI's error shape.
@@ -138,6 +140,10 @@ class OriginCheck:
                 return await _refuse(scope, receive, send, APIError(
                     403, f"Origin {origin!r} is not allowed; start elmd with --allow-origin {origin} to allow it.",
                     type="permission_error", code="origin_not_allowed"))
+            if origin is None and _header(scope, b"sec-fetch-site") in ("cross-site", "same-site"):
+                return await _refuse(scope, receive, send, APIError(
+                    403, "Requests from other web sites are not allowed.", type="permission_error",
+                    code="origin_not_allowed"))
         await self.app(scope, receive, send)
 
     def _allowed(self, origin: str, host: str | None) -> bool:
