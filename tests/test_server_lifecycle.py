@@ -225,3 +225,27 @@ def test_sse_comment_pings_keep_the_stream_alive(start_server, tiny_checkpoint):
     text = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=60).text
     assert "\n: ping" in text or text.startswith(": ping")
     assert text.rstrip().endswith("data: [DONE]")
+
+
+def test_an_unexpected_error_is_a_bare_500_and_the_daemon_keeps_serving(start_server, tiny_checkpoint, tmp_path):
+    """A user's models.yaml gives a model a chat template that fails while rendering: the
+    request gets OpenAI's error object with no internals, and the next request is served."""
+    install("tiny-a", tiny_checkpoint)
+    install("tiny-broken-template", tiny_checkpoint)
+    from elmd import paths
+
+    paths.config_dir().mkdir(parents=True, exist_ok=True)
+    (paths.config_dir() / "models.yaml").write_text(
+        "models:\n"
+        "  - id: tiny-broken-template\n"
+        "    architecture: openelm\n"
+        "    context_length: 2048\n"
+        "    chat_template: \"{{ raise_exception('template trouble') }}\"\n"
+        "    source: {weights: {hub: x/y}, tokenizer: {hub: x/y}}\n"
+    )
+    server = start_server()
+    response = chat(server, "tiny-broken-template")
+    assert response.status_code == 500
+    assert response.json()["error"] == {"message": "The server had an error while processing your request.",
+                                         "type": "server_error", "param": None, "code": "internal_error"}
+    assert chat(server, "tiny-a").status_code == 200
