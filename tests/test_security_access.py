@@ -90,6 +90,13 @@ def test_allow_origin_admits_exactly_the_named_origins(start_server, tiny_checkp
     assert "access-control-allow-origin" not in other.headers
 
 
+def test_no_page_runs_third_party_scripts_on_the_daemon_s_origin(server):
+    for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        response = httpx.get(server.base_url + page)
+        assert response.status_code == 404 and "cdn" not in response.text.lower()
+    assert httpx.get(f"{server.base_url}/openapi.json").json()["info"]["title"] == "elmd"
+
+
 def test_non_browser_clients_send_no_origin_and_are_served(server):
     assert httpx.get(f"{server.v1}/models").status_code == 200
 

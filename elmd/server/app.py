@@ -25,7 +25,9 @@ def create_app(settings: Settings, manager: ModelManager, preload: str | None = 
         finally:
             await manager.close()
 
-    app = FastAPI(title="elmd", version=__version__, lifespan=lifespan)
+    # No /docs or /redoc: those pages run JavaScript from a CDN on the daemon's own origin,
+    # where it could call the API. /openapi.json stays (schema only, behind the key).
+    app = FastAPI(title="elmd", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.manager = manager
     errors.install(app)
