@@ -107,11 +107,18 @@ def test_bad_durations_are_refused(value):
 
 @pytest.mark.slow
 def test_the_wheel_ships_models_yaml(tmp_path):
+    """Built from a copy, so setuptools' build/ folder never lands in the checkout."""
+    import shutil
     import subprocess
     import sys
 
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "models.yaml"):
+        shutil.copy2(REPO / name, source / name, follow_symlinks=False)
+    shutil.copytree(REPO / "elmd", source / "elmd", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(REPO)], check=True, timeout=300)
-    (wheel,) = tmp_path.glob("elmd-*.whl")
+                    str(tmp_path / "dist"), str(source)], check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("elmd-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert archive.read("elmd/models.yaml") == (REPO / "elmd" / "models.yaml").read_bytes()
