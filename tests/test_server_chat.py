@@ -166,6 +166,10 @@ def test_chat_logprobs(client):
         assert token.logprob <= 0 and token.bytes == list(token.token.encode()) or token.token.startswith("<0x")
         ranked = [t.logprob for t in token.top_logprobs]
         assert ranked == sorted(ranked, reverse=True)
+    streamed = [t for c in client.chat.completions.create(**chat_body(seed=2, logprobs=True, top_logprobs=3,
+                                                                     ignore_eos=True), stream=True)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
     greedy = client.chat.completions.create(**chat_body(temperature=0, logprobs=True, top_logprobs=1))
     for token in greedy.choices[0].logprobs.content:
         assert token.token == token.top_logprobs[0].token and token.logprob == pytest.approx(token.top_logprobs[0].logprob)
