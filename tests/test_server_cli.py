@@ -87,6 +87,22 @@ def test_serve_refuses_models_it_cannot_serve(tmp_path):
     assert not_a_model.returncode == 1 and "no config.json" in not_a_model.stderr
 
 
+def test_a_hub_checkout_gets_its_models_yaml_defaults(tmp_path, tiny_checkpoint):
+    import shutil
+
+    from elmd.commands.serve import startup_model
+    from elmd.registry import Registry
+    from elmd.settings import Settings
+    from elmd.store import Store
+
+    checkout = shutil.copytree(tiny_checkpoint, tmp_path / "OpenELM-1_1B-Instruct")
+    spec, preload = startup_model(Settings(model=str(checkout)), Registry.load(), Store(tmp_path / "store"))
+    assert preload == spec.id == "OpenELM-1_1B-Instruct" and spec.path == checkout
+    assert spec.defaults == {"repetition_penalty": 1.2} and spec.context_length == 2048
+    plain, _ = startup_model(Settings(model=str(tiny_checkpoint)), Registry.load(), Store(tmp_path / "store"))
+    assert plain.defaults == {}
+
+
 @pytest.mark.slow
 def test_fresh_install_serves_the_offline_default(tmp_path):
     """No --model, empty store, no network: the SmolLM2 GGUF shipped in a Python package is

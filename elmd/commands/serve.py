@@ -106,19 +106,30 @@ class StartupError(RuntimeError):
 def startup_model(settings, registry, store):
     """(pinned ModelSpec or None, model id to load at start or None).
 
-    A directory given by the operator is served under its folder name; a name must be
-    installed, or be installable without the network (the offline default ships in a
-    Python package)."""
+    A directory given by the operator is served under its folder name, with the
+    models.yaml defaults of the model it is named after (a hub checkout such as
+    `OpenELM-1_1B-Instruct` gets `openelm-1.1b-instruct`'s); a name must be installed, or
+    be installable without the network (the offline default ships in a Python package)."""
     from elmd.server.manager import ModelSpec
     from elmd.store import InvalidModelName
 
     name = settings.model
     if name and _is_directory_argument(name, store):
-        path = Path(name).expanduser()
+        path = Path(name).expanduser().resolve()
         if not (path / "config.json").is_file():
             raise StartupError(f"{path} is not a model directory (no config.json)")
-        spec = ModelSpec(id=path.resolve().name, path=path.resolve(), backend=settings.backend, dtype=settings.dtype,
-                         quant=settings.quant or "none", created=int(path.stat().st_mtime))
+        entry = registry.get(path.name.lower().replace("_", "."))
+        spec = ModelSpec(
+            id=path.name,
+            path=path,
+            backend=settings.backend,
+            dtype=entry.dtype if entry and settings.dtype == "auto" else settings.dtype,
+            quant=settings.quant or "none",
+            chat_template=entry.chat_template if entry else None,
+            defaults=dict(entry.sampling) if entry else {},
+            context_length=entry.context_length if entry else None,
+            created=int(path.stat().st_mtime),
+        )
         return spec, spec.id
     wanted = name or OFFLINE_DEFAULT
     try:
