@@ -4,6 +4,7 @@ the daemon then enforces; ELMD_API_KEY works too; a key file others can read is 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from live_daemon import REPO, free_port, stop, wait_until_ready
@@ -43,6 +45,14 @@ def serving(checkpoint: Path, env: dict[str, str], *args: str):
         yield url
     finally:
         assert stop(process) == 0
+
+
+def test_serve_listens_on_loopback_only_by_default(tmp_path, tiny_checkpoint):
+    with serving(tiny_checkpoint, environment(tmp_path)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        listening = [c.laddr for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert listening and all(ipaddress.ip_address(address.ip).is_loopback for address in listening), listening
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10"])
