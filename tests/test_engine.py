@@ -73,7 +73,8 @@ def test_float16_is_refused_for_3b_sized_models():
 
     with pytest.raises(ValueError, match="overflows"):
         pick_dtype("float16", "cpu", 3072)
-    assert pick_dtype("auto", "cpu", 3072) == torch.bfloat16
+    assert pick_dtype("auto", "cuda", 3072) == torch.bfloat16
+    assert pick_dtype("auto", "cpu", 1280) == torch.float32
 
 
 def test_unknown_model_type_is_refused(tmp_path):
@@ -309,3 +310,20 @@ def test_weights_reached_through_a_symlink_out_of_the_model_are_refused(tmp_path
     (model / "model.safetensors").symlink_to(outside / "model.safetensors")
     with pytest.raises(CheckpointError, match="points outside the model directory"):
         load_model(model)
+
+
+def test_kv_cache_grows_with_the_sequence_and_shrinks_when_idle(tiny):
+    e = load_engine(tiny, backend="torch", dtype="float32", slots=2)
+    try:
+        model = e.backend.model
+        assert model.cache_length == 256
+        ids = e.tokenizer.encode("word " * 300)
+        assert len(ids) > 256
+        long = e.generate(ids, e.params(max_tokens=8, temperature=0))
+        assert model.cache_length == 256  # back to the start size once idle
+        full = load_model(tiny)
+        with torch.inference_mode():
+            ref = full(torch.tensor([ids]), torch.arange(len(ids))[None])[0, -1]
+        assert long.token_ids[0] == int(ref.argmax())
+    finally:
+        e.close()

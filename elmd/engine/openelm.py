@@ -219,13 +219,28 @@ class OpenELM(nn.Module):
         self.cache_slots = 0
 
     def setup_caches(self, slots: int, length: int | None = None) -> None:
-        """Allocate the static KV cache once: `slots` sequences of `length` tokens."""
+        """Allocate the KV cache: `slots` sequences of `length` tokens (default: the context)."""
         length = length or self.cfg.context_length
         p = self.transformer.token_embeddings.weight
         for block in self.transformer.layers:
             a = block.attn
             a.cache = KVCache(slots, a.kv_heads, length, a.head_dim, p.dtype, p.device)
         self.cache_slots = slots
+
+    def resize_caches(self, length: int) -> None:
+        """Give every slot room for `length` tokens, keeping what fits of the cached ones."""
+        for block in self.transformer.layers:
+            old = block.attn.cache
+            slots, heads, old_length, dim = old.k.shape
+            new = KVCache(slots, heads, length, dim, old.k.dtype, old.k.device)
+            keep = min(length, old_length)
+            new.k[:, :, :keep] = old.k[:, :, :keep]
+            new.v[:, :, :keep] = old.v[:, :, :keep]
+            block.attn.cache = new
+
+    @property
+    def cache_length(self) -> int:
+        return self.transformer.layers[0].attn.cache.k.shape[2]
 
     def drop_caches(self) -> None:
         for block in self.transformer.layers:

@@ -34,11 +34,16 @@ class Sequence:
 
 
 class Scheduler:
+    # The KV cache starts this long and doubles as sequences grow, up to the context; it
+    # shrinks back when the daemon goes idle, so memory follows use, not the worst case.
+    INITIAL_CACHE_TOKENS = 256
+
     def __init__(self, model: OpenELM, slots: int, prefill_chunk: int = 256, prefix_cache_bytes: int = 0):
         self.model = model
         self.device = model.rope_cos.device
-        model.setup_caches(slots)
-        self.cache_len = model.transformer.layers[0].attn.cache.k.shape[2]
+        self.max_len = model.cfg.context_length
+        self.initial_len = min(self.INITIAL_CACHE_TOKENS, self.max_len)
+        model.setup_caches(slots, self.initial_len)
         self.free = list(range(slots))[::-1]
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
@@ -93,11 +98,20 @@ class Scheduler:
         self._admit()
         with torch.inference_mode(), self.compute_lock:
             prefilling = next((s for s in self.running if s.filled < s.prompt_len), None)
+            needed = max(len(s.tokens) for s in self.running) if self.running else 0
+            self._ensure_cache(needed)
             if prefilling is not None:
                 self._prefill_chunk(prefilling)
             decoding = [s for s in self.running if s.generated > 0 and s.filled == len(s.tokens) - 1]
             if decoding:
                 self._decode(decoding)
+
+    def _ensure_cache(self, tokens: int) -> None:
+        length = self.model.cache_length
+        if tokens > length:
+            while length < tokens:
+                length *= 2
+            self.model.resize_caches(min(length, self.max_len))
 
     def _admit(self) -> None:
         with self._wake:
@@ -106,7 +120,7 @@ class Scheduler:
                 if seq.channel.cancelled:
                     seq.channel.close(Finished("cancelled"))
                     continue
-                if seq.params.max_tokens <= 0 or seq.prompt_len >= self.cache_len:
+                if seq.params.max_tokens <= 0 or seq.prompt_len >= self.max_len:
                     seq.channel.close(Finished("length"))
                     continue
                 seq.slot = self.free.pop()
@@ -117,6 +131,7 @@ class Scheduler:
         n, kv = self.prefix_cache.lookup(seq.tokens)
         if kv is None:
             return
+        self._ensure_cache(len(seq.tokens))
         for block, (k, v) in zip(self.model.transformer.layers, kv):
             block.attn.cache.k[seq.slot, :, :n] = k[:, :n]
             block.attn.cache.v[seq.slot, :, :n] = v[:, :n]
@@ -154,7 +169,7 @@ class Scheduler:
         seq.channel.put(Step(token, logprob))
         if token in seq.stop_ids and not seq.params.ignore_eos:
             self._finish(seq, Finished("eos"))
-        elif seq.generated >= seq.params.max_tokens or len(seq.tokens) >= self.cache_len:
+        elif seq.generated >= seq.params.max_tokens or len(seq.tokens) >= self.max_len:
             self._finish(seq, Finished("length"))
 
     def _finish(self, seq: Sequence, finished: Finished, keep: bool = True) -> None:
@@ -163,6 +178,8 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             self.free.append(seq.slot)
+        if not self.running and not self.waiting and self.model.cache_length > self.initial_len:
+            self.model.resize_caches(self.initial_len)
         seq.channel.close(finished)
 
     def _slot_kv(self, slot: int, n: int):
