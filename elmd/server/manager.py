@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -85,7 +86,8 @@ class Lease:
             self._manager._release(self._resident, self._keep_alive)
 
 
-def load_model(spec: ModelSpec) -> "Engine":
+def load_model(spec: ModelSpec, **engine_options) -> "Engine":
+    """The real loader; `engine_options` tune the PyTorch backend (batch slots, prefix cache)."""
     from elmd.engine.load import load_engine
 
     return load_engine(
@@ -96,6 +98,7 @@ def load_model(spec: ModelSpec) -> "Engine":
         quant=spec.quant,
         chat_template=spec.chat_template,
         defaults=spec.defaults,
+        **engine_options,
     )
 
 
@@ -107,10 +110,12 @@ class ModelManager:
         store: Store,
         *,
         pinned: ModelSpec | None = None,
-        loader: Callable[[ModelSpec], "Engine"] = load_model,
+        loader: Callable[[ModelSpec], "Engine"] | None = None,
     ):
         self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
-        self._loader = loader
+        self._loader = loader or functools.partial(
+            load_model, slots=settings.max_concurrent_requests, prefix_cache_bytes=settings.prefix_cache_bytes
+        )
         self._resident: dict[str, _Resident] = {}
         self._loading: dict[str, asyncio.Task] = {}
         self._loading_bytes: dict[str, int] = {}

@@ -86,14 +86,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
                     system_fingerprint=f"elmd-{engine.backend.info.name}")
         if body.stream:
-            streams = [engine.astream(prompt_ids, p) for p in params]
+            streams = [engine.astream(prompt_ids, p, reply=True) for p in params]
             events = _stream(engine, streams, meta, body, len(prompt_ids), top, lease.deadline)
             return sse_response(events, lease, manager.settings.sse_ping_seconds)
     except BaseException:
         lease.release()
         raise
     try:
-        work = asyncio.gather(*(engine.agenerate(prompt_ids, p) for p in params))
+        work = asyncio.gather(*(engine.agenerate(prompt_ids, p, reply=True) for p in params))
         results = await generation.until_done(request, work, lease, manager.settings.retry_after)
     finally:
         lease.release()
