@@ -77,6 +77,10 @@ class Scheduler:
 
     # -- the worker ------------------------------------------------------------------
     def _loop(self) -> None:
+        with torch.inference_mode():  # every cache write, resize and prefix copy happens here
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._wake:
                 while not self._stopping and not self.waiting and not self.running:
@@ -96,7 +100,7 @@ class Scheduler:
         for seq in [s for s in self.running if s.channel.cancelled]:
             self._finish(seq, Finished("cancelled"))
         self._admit()
-        with torch.inference_mode(), self.compute_lock:
+        with self.compute_lock:
             prefilling = next((s for s in self.running if s.filled < s.prompt_len), None)
             needed = max(len(s.tokens) for s in self.running) if self.running else 0
             self._ensure_cache(needed)
