@@ -6,7 +6,7 @@ beside the machine's read bandwidth measured in the same run, and as the tok/s i
 matmuls alone would allow. Larger M (continuous batching, prefill) is reported as
 tokens/s through the same weights.
 
-    python benchmarks/kernels.py --shape 270M --m 1 4 16 64 512 --threads 2
+    python benchmarks/kernels.py --shape 270M --m 1 4 16 64 512 --threads 2 --only bf16 int4
 """
 
 from __future__ import annotations
@@ -244,14 +244,18 @@ def all_kernels(names: list[str] | None) -> list[Kernel]:
     return [k for k in ks if not names or any(n in k.name for n in names)]
 
 
-def time_kernel(k: Kernel, xs, repeats: int) -> float:
-    k.run(xs)  # warm up
-    times = []
+def time_interleaved(kernels: list[Kernel], inputs: dict[str, list], repeats: int) -> dict[str, float]:
+    """Median seconds per pass of each kernel, the kernels taking turns pass by pass so that
+    a shared machine's changing load falls on all of them alike."""
+    for k in kernels:
+        k.run(inputs[k.name])  # warm up
+    times = {k.name: [] for k in kernels}
     for _ in range(repeats):
-        t = time.perf_counter()
-        k.run(xs)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k in kernels:
+            t = time.perf_counter()
+            k.run(inputs[k.name])
+            times[k.name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv=None) -> int:
@@ -259,8 +263,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="270M", choices=list(HUB_IDS))
     p.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64, 512], help="rows per matmul (tokens)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved passes over all kernels")
+    p.add_argument("--repeats", type=int, default=15, help="timed passes per kernel (a third of it for M > 16)")
     p.add_argument("--no-head", action="store_true", help="leave out the tied output head")
     p.add_argument("--only", nargs="*", help="substrings of kernel names to run")
     p.add_argument("--json", type=Path)
@@ -280,14 +283,12 @@ def main(argv=None) -> int:
     results = []
     bandwidths = []
     for m in args.m:
-        per = {k.name: [] for k in kernels}
-        for _ in range(args.rounds):
-            bandwidths.append(read_bandwidth_gbs())
-            for k in kernels:
-                xs = [torch.randn(m, kk, dtype=k.act_dtype) for _, kk in shapes]
-                per[k.name].append(time_kernel(k, xs, max(2, args.repeats if m <= 16 else args.repeats // 3)))
+        inputs = {k.name: [torch.randn(m, kk, dtype=k.act_dtype) for _, kk in shapes] for k in kernels}
+        bandwidths.append(read_bandwidth_gbs())
+        seconds = time_interleaved(kernels, inputs, args.repeats if m <= 16 else max(3, args.repeats // 3))
+        bandwidths.append(read_bandwidth_gbs())
         for k in kernels:
-            t = statistics.median(per[k.name])
+            t = seconds[k.name]
             results.append({"kernel": k.name, "m": m, "seconds": t, "bytes": k.nbytes(),
                             "gbs": k.nbytes() / t / 1e9, "tok_s": m / t})
     bw = statistics.median(bandwidths)

@@ -141,3 +141,21 @@ def test_270m_shaped_model_fits_in_a_fraction_of_bf16(quant, most):
     quantized = quantize.empty_quantized(quantized, quantize.parse_quant(quant, embedding=True))
     assert model_bytes(bf16) > 2 * 270e6
     assert model_bytes(quantized) <= most * model_bytes(bf16)
+
+
+@pytest.mark.skipif(native.load() is None, reason="needs the native kernels (x86 AVX512-BF16 and a compiler)")
+def test_unquantized_bf16_model_decodes_through_the_native_kernel_with_the_same_results(tiny):
+    tokens = torch.tensor([[1, 17, 300, 5, 900, 2]])
+    positions = torch.arange(tokens.shape[1])[None]
+    model = load_model(tiny, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        reference = model(tokens, positions)
+    names = set(model.state_dict())
+    model = quantize.quantize_model(model, "none")
+    assert any(isinstance(m, quantize.BF16Linear) for m in model.modules())
+    assert set(model.state_dict()) == names
+    with torch.inference_mode():
+        logits = model(tokens, positions)
+        one_token = model(tokens[:, :1], positions[:, :1])
+    assert rel_err(logits, reference) < 0.02
+    assert rel_err(one_token, reference[:, :1]) < 0.02

@@ -31,6 +31,18 @@ constexpr int kRows = 16;   // output rows per register
 constexpr int kBlock = 32;  // activation quantization block
 constexpr int kTile = 4;    // activation rows sharing one weight load
 
+// Independent VPDPBUSD accumulation chains per activation row: with fewer rows than
+// kTile, one chain would wait on the instruction's latency instead of on memory.
+template <int T>
+constexpr int chains() { return kTile / T; }
+
+template <int C>
+inline __m512i sum_chains(const __m512i* acc) {
+  __m512i s = acc[0];
+  for (int c = 1; c < C; ++c) s = _mm512_add_epi32(s, acc[c]);
+  return s;
+}
+
 struct QuantizedActivations {
   std::vector<int8_t> q;       // [M, K]
   std::vector<float> scale;    // [M, K / 32]
@@ -98,18 +110,21 @@ void int8_rows(const uint8_t* w, const float* wscale, const QuantizedActivations
   __m512 accf[T];
   for (int t = 0; t < T; ++t) accf[t] = _mm512_setzero_ps();
   const uint8_t* wr = w + rb * kRows * K;
+  constexpr int C = chains<T>();
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i acci[T];
-    for (int t = 0; t < T; ++t) acci[t] = _mm512_setzero_si512();
+    __m512i acci[T][C];
+    for (int t = 0; t < T; ++t)
+      for (int c = 0; c < C; ++c) acci[t][c] = _mm512_setzero_si512();
     for (int c = 0; c < kBlock / 4; ++c) {
       const __m512i v = _mm512_loadu_si512(wr + (b * (kBlock / 4) + c) * 64);
       for (int t = 0; t < T; ++t) {
         const int32_t xv = load_i32(a.q.data() + (m0 + t) * K + b * kBlock + c * 4);
-        acci[t] = _mm512_dpbusd_epi32(acci[t], v, _mm512_set1_epi32(xv));
+        acci[t][c % C] = _mm512_dpbusd_epi32(acci[t][c % C], v, _mm512_set1_epi32(xv));
       }
     }
     for (int t = 0; t < T; ++t)
-      accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[t]), _mm512_set1_ps(a.scale[(m0 + t) * nb + b]), accf[t]);
+      accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_chains<C>(acci[t])),
+                                _mm512_set1_ps(a.scale[(m0 + t) * nb + b]), accf[t]);
   }
   const __m512 s = _mm512_loadu_ps(wscale + rb * kRows);
   for (int t = 0; t < T; ++t) {
@@ -133,21 +148,26 @@ void int4_rows(const uint8_t* w, const at::Half* wscale, const at::Half* wzero, 
     const __m512 zero = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wzero + gi)));
     __m512 accg[T];
     for (int t = 0; t < T; ++t) accg[t] = _mm512_setzero_ps();
+    constexpr int C = chains<T>();
     for (int64_t b = g * group / kBlock; b < (g + 1) * group / kBlock; ++b) {
-      __m512i acci[T];
-      for (int t = 0; t < T; ++t) acci[t] = _mm512_setzero_si512();
+      __m512i acci[T][C];
+      for (int t = 0; t < T; ++t)
+        for (int c = 0; c < C; ++c) acci[t][c] = _mm512_setzero_si512();
       for (int c = 0; c < kBlock / 8; ++c) {
         const __m512i v = _mm512_loadu_si512(wr + (b * (kBlock / 8) + c) * 64);
         const __m512i lo = _mm512_and_si512(v, low);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         for (int t = 0; t < T; ++t) {
           const int8_t* xq = a.q.data() + (m0 + t) * K + b * kBlock + c * 8;
-          acci[t] = _mm512_dpbusd_epi32(acci[t], lo, _mm512_set1_epi32(load_i32(xq)));
-          acci[t] = _mm512_dpbusd_epi32(acci[t], hi, _mm512_set1_epi32(load_i32(xq + 4)));
+          __m512i& even = acci[t][(2 * c) % C];
+          even = _mm512_dpbusd_epi32(even, lo, _mm512_set1_epi32(load_i32(xq)));
+          __m512i& odd = acci[t][(2 * c + 1) % C];
+          odd = _mm512_dpbusd_epi32(odd, hi, _mm512_set1_epi32(load_i32(xq + 4)));
         }
       }
       for (int t = 0; t < T; ++t)
-        accg[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acci[t]), _mm512_set1_ps(a.scale[(m0 + t) * nb + b]), accg[t]);
+        accg[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_chains<C>(acci[t])),
+                                  _mm512_set1_ps(a.scale[(m0 + t) * nb + b]), accg[t]);
     }
     for (int t = 0; t < T; ++t) {
       const __m512 centred = _mm512_sub_ps(accg[t], _mm512_set1_ps(a.qsum8[(m0 + t) * ng + g]));
