@@ -24,9 +24,9 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-from mlx.utils import tree_map_with_path
 from mlx_lm.utils import load_model
 
 from elmd.engine.protocol import BackendInfo, Finished, SamplingParams, Step, StepChannel, TokenLogprob
@@ -113,7 +113,7 @@ class _Request:
     prompt_ids: list[int]
     max_tokens: int
     stop_ids: frozenset[int]
-    raw_logits: deque = field(default_factory=deque)  # penalized requests: the model's logits, oldest first
+    raw_logits: deque = field(default_factory=deque)  # penalized requests with logprobs: the unpenalized logits, oldest first
 
 
 def _top_logprob(logprobs: mx.array, token: int, top_n: int) -> TokenLogprob:
@@ -165,6 +165,7 @@ def make_penalties(request: _Request, vocab_size: int) -> Callable[[mx.array, mx
     keep_raw = p.logprobs is not None
 
     def penalize(context: mx.array, logits: mx.array) -> mx.array:
+        logits = logits.astype(mx.float32)
         if keep_raw:
             request.raw_logits.append(logits[0])
         if p.repetition_penalty != 1.0:
