@@ -61,6 +61,7 @@ def run_child(args) -> dict:
     load_s = time.perf_counter() - t
     rss_loaded = psutil.Process().memory_info().rss
     info = engine.backend.info
+    weights = {t.data_ptr(): t.numel() * t.element_size() for t in engine.backend.model.state_dict().values()}
     vocab = engine.tokenizer.vocab_size
 
     def stream(ids, max_tokens):
@@ -81,7 +82,7 @@ def run_child(args) -> dict:
     engine.close()
     return {
         "load_s": load_s,
-        "weights_bytes": info.memory_bytes,
+        "weights_bytes": sum(weights.values()),  # read once per decoded token; caches excluded
         "device": info.device,
         "dtype": info.dtype,
         "rss_loaded_bytes": rss_loaded,
