@@ -212,22 +212,25 @@ class NativeQuantized(Kernel):
             m(x)
 
 
-class NativeBF16(Dense):
-    """The AVX512-BF16 matrix-vector kernel on the checkpoint's bf16 weights."""
+class NativeBF16(Kernel):
+    """elmd.engine.quantize.BF16Linear: bf16 weights, bf16 or float32 activations."""
 
-    def __init__(self):
-        super().__init__(torch.bfloat16)
-        self.name = "elmd native bf16_linear"
+    def __init__(self, act_dtype):
+        self.act_dtype = act_dtype
+        self.name = f"elmd BF16Linear, {str(act_dtype).removeprefix('torch.')} act"
 
     def prepare(self, weights):
-        from elmd.engine.kernels import native
+        from elmd.engine.quantize import BF16Linear
 
-        super().prepare(weights)
-        self.lib = native.load()
+        self.mods = [BF16Linear.from_linear(torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta"),
+                                            weight=w.to(torch.bfloat16)) for w in weights]
+
+    def nbytes(self):
+        return sum(_bytes(m.parameters()) for m in self.mods)
 
     def run(self, xs):
-        for x, w in zip(xs, self.w):
-            self.lib.bf16_linear(x, w)
+        for x, m in zip(xs, self.mods):
+            m(x)
 
 
 def native_kernels() -> list[Kernel]:
@@ -235,7 +238,7 @@ def native_kernels() -> list[Kernel]:
 
     if native.load() is None:
         return []
-    return [NativeBF16(), NativeQuantized("int8"), NativeQuantized("int4"), NativeQuantized("int4-g128")]
+    return [NativeBF16(torch.bfloat16), NativeBF16(torch.float32), NativeQuantized("int8"), NativeQuantized("int4"), NativeQuantized("int4-g128")]
 
 
 def all_kernels(names: list[str] | None) -> list[Kernel]:

@@ -4,7 +4,8 @@ Tolerances are relative Frobenius errors on N(0, 0.02) weights and N(0, 1) activ
 - kernel vs its own dequantized weight: 1.5% (only the activations' int8 rounding, per
   block of 32, as llama.cpp's q8_0; ATen's kernels round only to bf16);
 - quantized vs the float32 weight: int8 3%, int4 g32 12%, g64 14%, g128 16%;
-- a whole random tiny model's logits: twice that (the errors of its layers add up).
+- a whole random tiny model's logits: twice that (the errors of its layers add up);
+  1% with bf16 weights.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from elmd.engine.openelm import OpenELM, OpenELMConfig
 from elmd.fixtures import config_for, write_checkpoint
 
 QUANT_TOLERANCE = {"int8": 0.03, "int4": 0.12, "int4-g64": 0.14, "int4-g128": 0.16}
+MODEL_TOLERANCE = {"bf16": 0.01, **{q: 2 * t for q, t in QUANT_TOLERANCE.items()}}
 KERNELS = ["aten", "dequantize"] + (["native"] if native.load() is not None else [])
 
 
@@ -75,6 +77,7 @@ def test_embedding_lookup_reads_the_quantized_rows(linear, quant):
 
 def test_quant_names():
     assert quantize.parse_quant("none") is None
+    assert quantize.parse_quant("bf16") == quantize.QuantSpec("bf16", 0, False)
     assert quantize.parse_quant("int4") == quantize.QuantSpec("int4", 32, False)
     assert quantize.parse_quant("int4-g128", embedding=True) == quantize.QuantSpec("int4", 128, True)
     for bad in ["int4-g48", "int3", "q4_0", ""]:
@@ -87,7 +90,7 @@ def tiny(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", shape="tiny")
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4", "int4-g128"])
+@pytest.mark.parametrize("quant", ["bf16", "int8", "int4", "int4-g128"])
 def test_quantized_model_saves_and_loads_without_quantizing_again(tiny, tmp_path, quant):
     tokens = torch.tensor([[1, 17, 300, 5, 900, 2]])
     positions = torch.arange(tokens.shape[1])[None]
@@ -95,11 +98,11 @@ def test_quantized_model_saves_and_loads_without_quantizing_again(tiny, tmp_path
     with torch.inference_mode():
         float_logits = reference(tokens, positions)
     model = quantize.quantize_model(load_model(tiny), quant, embedding=False)
-    swapped = [m for m in model.modules() if isinstance(m, quantize.QuantizedLinear)]
+    swapped = [m for m in model.modules() if isinstance(m, (quantize.QuantizedLinear, quantize.BF16Linear))]
     assert swapped, "no layer was quantized"
     with torch.inference_mode():
         logits = model(tokens, positions)
-    assert rel_err(logits, float_logits) < 2 * QUANT_TOLERANCE[quant]
+    assert rel_err(logits, float_logits) < MODEL_TOLERANCE[quant]
 
     path = quantize.save_quantized(model, tmp_path / "model.safetensors")
     assert quantize.quant_of(path) == quantize.parse_quant(quant, embedding=False)
@@ -159,3 +162,15 @@ def test_unquantized_bf16_model_decodes_through_the_native_kernel_with_the_same_
         one_token = model(tokens[:, :1], positions[:, :1])
     assert rel_err(logits, reference) < 0.02
     assert rel_err(one_token, reference[:, :1]) < 0.02
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16_weights_with_float32_or_bf16_activations(linear, rows, dtype):
+    fast = quantize.BF16Linear.from_linear(linear)
+    assert fast.weight.dtype == torch.bfloat16 and list(fast.state_dict()) == ["weight"]
+    x = torch.randn(rows, linear.in_features, dtype=dtype)
+    out = fast(x)
+    assert out.dtype == dtype and out.shape == (rows, linear.out_features)
+    exact = F.linear(x.float(), fast.weight.float())  # float32 math on the bf16-rounded weight
+    assert rel_err(out, exact) < (1e-5 if dtype == torch.float32 else 0.01)

@@ -28,7 +28,7 @@ from torch import nn
 from elmd.engine.kernels import native
 
 GROUP_SIZES = (32, 64, 128)
-QUANT_CHOICES = ("none", "int8", "int4", *(f"int4-g{g}" for g in GROUP_SIZES))
+QUANT_CHOICES = ("none", "bf16", "int8", "int4", *(f"int4-g{g}" for g in GROUP_SIZES))
 METADATA_KEY = "elmd.quant"
 
 
@@ -42,7 +42,7 @@ class QuantSpec:
 
     @property
     def name(self) -> str:
-        return self.scheme if self.scheme == "int8" else f"int4-g{self.group_size}"
+        return f"int4-g{self.group_size}" if self.scheme == "int4" else self.scheme
 
     def to_json(self) -> str:
         return json.dumps({"scheme": self.scheme, "group_size": self.group_size, "embedding": self.embedding})
@@ -53,11 +53,17 @@ class QuantSpec:
 
 
 def parse_quant(quant: str | QuantSpec, embedding: bool = False) -> QuantSpec | None:
-    """"int8", "int4" (group 32), "int4-g64", "int4-g128" -> QuantSpec; "none" -> None."""
+    """"bf16", "int8", "int4" (group 32), "int4-g64", "int4-g128" -> QuantSpec; "none" -> None.
+
+    "bf16" stores only the linear layers' weights in bf16 while the model (embedding, norms,
+    activations, KV cache) stays in its own dtype: half of float32's bytes to stream per token
+    without rounding the activations."""
     if isinstance(quant, QuantSpec):
         return quant
     if quant == "none":
         return None
+    if quant == "bf16":
+        return QuantSpec("bf16", 0, False)
     if quant == "int8":
         return QuantSpec("int8", 0, embedding)
     if quant == "int4":
@@ -162,8 +168,18 @@ class Int4Scheme:
         return lambda x: lib.int4_linear(x, t["weight"], t["scale"], t["zero"], group)
 
 
+class BF16Scheme:
+    """bf16 weights for the linear layers; runs as BF16Linear, not QuantizedLinear."""
+
+    def __init__(self, spec: QuantSpec):
+        self.spec = spec
+
+    def fits(self, out_features: int, in_features: int) -> bool:
+        return native.supports(out_features, in_features)
+
+
 def scheme_for(spec: QuantSpec):
-    return {"int8": Int8Scheme, "int4": Int4Scheme}[spec.scheme](spec)
+    return {"bf16": BF16Scheme, "int8": Int8Scheme, "int4": Int4Scheme}[spec.scheme](spec)
 
 
 class QuantizedLinear(nn.Module):
@@ -242,17 +258,25 @@ class QuantizedEmbedding(nn.Module):
 
 
 class BF16Linear(nn.Linear):
-    """nn.Linear with bf16 weights on an AVX512-BF16 CPU: small batches (decode) go through
-    the native matrix-vector kernel, which streams weights at about 1.4x F.linear's rate at
-    batch 1; larger ones (prefill) stay with F.linear, whose oneDNN path wins there. Same
-    parameter, same state dict."""
+    """nn.Linear with bf16 weights. On an AVX512-BF16 CPU, small batches (decode) go through
+    the native matrix-vector kernel, which takes bf16 or float32 activations and streams
+    weights at about 1.4x F.linear's bf16 rate at batch 1; larger ones (prefill) stay with
+    F.linear (oneDNN), which wins there. Same parameter name, same state dict."""
 
     native_rows = 16  # measured crossover: native ahead up to 16 rows, F.linear from 64
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None) -> "BF16Linear":
+        module = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        module.weight = nn.Parameter(linear.weight.to(torch.bfloat16) if weight is None else weight,
+                                     requires_grad=False)
+        return module
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.numel() <= self.native_rows * self.in_features and self.bias is None:
+        if (x.numel() <= self.native_rows * self.in_features and x.dtype in (torch.bfloat16, torch.float32)
+                and self.weight.device.type == "cpu" and native.load() is not None):
             return torch.ops.elmd.bf16_linear(x, self.weight)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight.to(x.dtype))
 
 
 def _use_native_bf16(model: nn.Module) -> nn.Module:
@@ -261,9 +285,7 @@ def _use_native_bf16(model: nn.Module) -> nn.Module:
     for parent, name, linear in _linears(model):
         w = linear.weight
         if w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() and native.supports(*w.shape):
-            fast = BF16Linear(linear.in_features, linear.out_features, bias=False, device="meta")
-            fast.weight = w
-            setattr(parent, name, fast)
+            setattr(parent, name, BF16Linear.from_linear(linear, weight=w))
     return model
 
 
@@ -279,7 +301,7 @@ def _swap(model: nn.Module, spec: QuantSpec, make) -> nn.Module:
     for parent, name, linear in _linears(model):
         if scheme.fits(linear.out_features, linear.in_features):
             setattr(parent, name, make(linear))
-    if spec.embedding:
+    if spec.embedding and spec.scheme != "bf16":
         embedding = model.transformer.token_embeddings
         if "lm_head" in model._modules or not scheme.fits(embedding.num_embeddings, embedding.embedding_dim):
             return model  # an untied head was swapped above as a plain linear; or the shape does not fit
@@ -301,7 +323,10 @@ def quantize_model(model: nn.Module, quant: str | QuantSpec, embedding: bool = F
     spec = parse_quant(quant, embedding)
     if spec is None:
         return _use_native_bf16(model)
-    model = _swap(model, spec, lambda linear: QuantizedLinear.from_float(linear, spec))
+    if spec.scheme == "bf16":
+        model = _swap(model, spec, BF16Linear.from_linear)
+    else:
+        model = _swap(model, spec, lambda linear: QuantizedLinear.from_float(linear, spec))
     model.quant_spec = spec
     return model
 
@@ -328,6 +353,8 @@ def quant_of(path: str | Path) -> QuantSpec | None:
 
 def empty_quantized(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """Swap in quantized modules with unfilled (meta) tensors: the skeleton load_quantized fills."""
+    if spec.scheme == "bf16":
+        return _swap(model, spec, lambda linear: BF16Linear.from_linear(linear, torch.empty_like(linear.weight, dtype=torch.bfloat16, device="meta")))
     return _swap(model, spec, lambda linear: QuantizedLinear(linear.in_features, linear.out_features, spec, "meta"))
 
 

@@ -12,7 +12,8 @@
 //   w = scale * (q - 8) + zero per group (ATen's int4pack convention); the offsets are
 //   taken out with the activations' block sums, so the error stays that of a
 //   zero-centred weight.
-// * bf16 weights (unpacked, row-major as in the checkpoint) use VDPBF16PS.
+// * bf16 weights (unpacked, row-major as in the checkpoint) use VDPBF16PS with bf16
+//   activations, or are widened to float32 for float32 activations.
 //
 // Layouts are produced by elmd/engine/kernels/native.py (pack_int8, pack_int4).
 
@@ -23,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -245,30 +247,51 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return out;
 }
 
-// x [..., K] bfloat16; w bfloat16 [N, K] row-major (the checkpoint's layout).
+// One activation row against R weight rows: VDPBF16PS for bf16 activations; for float32
+// ones the bf16 weights are widened (a 16-bit shift) and multiplied in float32, so the
+// weights are halved without rounding the activations.
+template <int R>
+inline void bf16_dot(const uint16_t* w, int64_t K, const at::BFloat16* x, __m512* acc) {
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x);
+  for (int64_t k = 0; k < K; k += 32) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + k);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * K + k), xv);
+  }
+}
+
+template <int R>
+inline void bf16_dot(const uint16_t* w, int64_t K, const float* x, __m512* acc) {
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
+      const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      acc[r] = _mm512_fmadd_ps(wv, xv, acc[r]);
+    }
+  }
+}
+
+// x [..., K] bfloat16 or float32; w bfloat16 [N, K] row-major (the checkpoint's layout).
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
   const int64_t K = x.size(-1), N = w.size(0);
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_linear: bfloat16 only");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bf16_linear: bfloat16 weights only");
   TORCH_CHECK(K % 32 == 0 && N % 4 == 0 && w.size(1) == K && w.is_contiguous(), "bf16_linear: bad shapes");
   auto [rows, out] = rows_and_output(x, N);
   const int64_t M = rows.size(0);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(rows.data_ptr<at::BFloat16>());
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
   constexpr int R = 4;  // weight rows per pass: four independent accumulators per activation row
-  at::parallel_for(0, N / R, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = begin * R; r0 < end * R; r0 += R) {
-      for (int64_t m = 0; m < M; ++m) {
-        __m512 acc[R];
-        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32) {
-          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + m * K + k);
-          for (int r = 0; r < R; ++r)
-            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(wp + (r0 + r) * K + k), xv);
+  with_types(rows, out, [&](auto* xp, auto* op) {
+    using Out = std::remove_pointer_t<decltype(op)>;
+    at::parallel_for(0, N / R, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r0 = begin * R; r0 < end * R; r0 += R) {
+        for (int64_t m = 0; m < M; ++m) {
+          __m512 acc[R];
+          for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+          bf16_dot<R>(wp + r0 * K, K, xp + m * K, acc);
+          for (int r = 0; r < R; ++r) op[m * N + r0 + r] = static_cast<Out>(_mm512_reduce_add_ps(acc[r]));
         }
-        for (int r = 0; r < R; ++r) op[m * N + r0 + r] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[r]));
       }
-    }
+    });
   });
   return out;
 }
