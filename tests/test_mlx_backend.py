@@ -172,6 +172,16 @@ def test_unknown_quantizations_and_fp16_quantized_are_refused(tiny_checkpoint):
         MLXBackend(tiny_checkpoint, dtype="float16", quant="int8")
 
 
+def test_a_closed_backend_refuses_work(tiny_checkpoint):
+    backend = MLXBackend(tiny_checkpoint, dtype="float32")
+    running = backend.submit(PROMPTS[0], SamplingParams(max_tokens=1500), frozenset())
+    backend.close()
+    list(running)
+    assert running.finished.reason == "cancelled"
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.score(PROMPTS[0], 0)
+
+
 # ---- quantization ------------------------------------------------------------------
 
 

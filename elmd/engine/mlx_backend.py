@@ -301,6 +301,7 @@ class MLXBackend:
     # ---- the contract ---------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> StepChannel:
+        self._check_open()
         channel = StepChannel()
         room = self.info.context_length - len(prompt_ids)
         self._jobs.put(_Request(channel, params, list(prompt_ids), min(params.max_tokens, room), frozenset(stop_ids)))
@@ -317,6 +318,7 @@ class MLXBackend:
 
     def _on_worker(self, work: Callable[[], object]):
         """Run `work` on the worker thread between two decode steps and return its result."""
+        self._check_open()
         result: queue.SimpleQueue = queue.SimpleQueue()
 
         def job():
@@ -341,6 +343,10 @@ class MLXBackend:
             values = mx.take_along_axis(logprobs, ids, axis=-1)
             tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
         return [TokenLogprob(t, lp, top) for t, lp, top in zip(token_ids[1:], chosen, tops)]
+
+    def _check_open(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the MLX backend is closed")
 
     def close(self) -> None:
         self._jobs.put(None)
