@@ -17,7 +17,10 @@ import torch
 
 SOURCE = Path(__file__).with_name("qgemv.cpp")
 NEEDED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma"})
-COMPILER_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma"]
+# -fopenmp: at::parallel_for is an inline OpenMP loop; without it the kernels run on one
+# thread. At run time the library binds to the libgomp torch has already loaded (same soname).
+COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16",
+                  "-mf16c", "-mfma"]
 ROWS = 16  # output rows per register in qgemv.cpp
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,8 @@ def load():
     try:
         from torch.utils.cpp_extension import load as build
 
-        build(name="elmd_qgemv", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS, is_python_module=False,
-              verbose=False)
+        build(name="elmd_qgemv", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS, extra_ldflags=["-fopenmp"],
+              is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, or a compiler that lacks these intrinsics
         log.warning("native kernels unavailable, using ATen's: %s", str(e).splitlines()[0] if str(e) else e)
         return None
