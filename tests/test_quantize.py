@@ -164,7 +164,7 @@ def test_unquantized_bf16_model_decodes_through_the_native_kernel_with_the_same_
     assert rel_err(one_token, reference[:, :1]) < 0.02
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bf16_weights_with_float32_or_bf16_activations(linear, rows, dtype):
     fast = quantize.BF16Linear.from_linear(linear)
