@@ -110,9 +110,10 @@ def test_quantized_model_saves_and_loads_without_quantizing_again(tiny, tmp_path
         skeleton = OpenELM(read_config(tiny))
     loaded = quantize.load_quantized(skeleton, path)
     loaded.rope_cos, loaded.rope_sin = reference.rope_cos, reference.rope_sin
-    assert not any(t.is_meta for t in loaded.state_dict().values())
-    with torch.inference_mode():
-        assert torch.equal(loaded(tokens, positions), logits)
+    stored, saved = loaded.state_dict(), model.state_dict()
+    assert stored.keys() == saved.keys() and all(torch.equal(stored[k], saved[k]) for k in saved)
+    with torch.inference_mode():  # float32 GEMMs (MKL) need not repeat bit for bit
+        assert rel_err(loaded(tokens, positions), logits) < 1e-5
 
 
 def test_an_unquantized_file_is_refused(tiny):
