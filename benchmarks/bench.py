@@ -130,7 +130,8 @@ def measure_http(model_dir: Path, quant: str, args, home: Path) -> dict:
                 pass
             time.sleep(0.02)
         if ready_s is None:
-            return {"error": "daemon not ready: " + (server.stderr.read()[-300:] if server.poll() is not None else "timeout")}
+            why = server.stderr.read().strip().splitlines()[-1:] if server.poll() is not None else ["timeout"]
+            return {"http_error": "daemon not ready: " + " ".join(why)}
         model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
         ttfts = []
         for i in range(args.repeats + 1):
@@ -191,6 +192,8 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
             print(f"{r['model']:24} {r['quant']:6} error: {r['error']}")
             continue
         http = f"{r['ready_s']:>7.2f} {r['ttft_s'] * 1e3:>7.0f}" if "ttft_s" in r else f"{'-':>7} {'-':>7}"
+        if "http_error" in r:
+            http += f"  ({r['http_error']})"
         print(f"{r['model']:24} {r['quant']:6} {r['weights_bytes'] / 1e6:>6.0f}MB {r['load_s']:>6.2f} "
               f"{r['rss_loaded_bytes'] / 1e6:>7.0f} {r['rss_peak_bytes'] / 1e6:>7.0f} {r['prompt_tok_s']:>10.0f} "
               f"{r['decode_tok_s']:>10.1f} {r['ceiling_tok_s']:>8.0f} {100 * r['decode_tok_s'] / r['ceiling_tok_s']:>4.0f} "
