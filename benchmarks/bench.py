@@ -49,6 +49,15 @@ def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
 
 
+def peak_rss_bytes() -> int:
+    """This process's high-water resident size (VmHWM). Not ru_maxrss: Linux carries that
+    across exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_child(args) -> dict:
     import psutil
     import torch
@@ -86,7 +95,7 @@ def run_child(args) -> dict:
         "device": info.device,
         "dtype": info.dtype,
         "rss_loaded_bytes": rss_loaded,
-        "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_peak_bytes": peak_rss_bytes(),
         "prompt_tok_s": statistics.median(prompt_rates),
         "decode_tok_s": statistics.median(decode_rates),
     }
