@@ -175,3 +175,12 @@ def test_bf16_weights_with_float32_or_bf16_activations(linear, rows, dtype):
     assert out.dtype == dtype and out.shape == (rows, linear.out_features)
     exact = F.linear(x.float(), fast.weight.float())  # float32 math on the bf16-rounded weight
     assert rel_err(out, exact) < (1e-5 if dtype == torch.float32 else 0.01)
+
+
+def test_an_untied_output_head_is_left_alone_unless_the_embedding_is_quantized(tmp_path):
+    path = write_checkpoint(tmp_path / "untied", shape="tiny", config_overrides={"share_input_output_layers": False})
+    tokens, positions = torch.tensor([[1, 40, 7]]), torch.arange(3)[None]
+    model = quantize.quantize_model(load_model(path), "int8")
+    assert type(model.lm_head) is nn.Linear
+    with torch.inference_mode():
+        assert model(tokens, positions).shape == (1, 3, 1024)

@@ -299,6 +299,8 @@ def _swap(model: nn.Module, spec: QuantSpec, make) -> nn.Module:
     tied embedding/head) by make(linear) -> QuantizedLinear."""
     scheme = scheme_for(spec)
     for parent, name, linear in _linears(model):
+        if parent is model and name == "lm_head" and not spec.embedding:
+            continue  # the output head is quantized only with the embedding (spec.embedding)
         if scheme.fits(linear.out_features, linear.in_features):
             setattr(parent, name, make(linear))
     if spec.embedding and spec.scheme != "bf16":
