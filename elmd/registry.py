@@ -68,7 +68,7 @@ class ModelEntry(BaseModel):
     id: str
     architecture: Literal["openelm", "llama"]
     context_length: int = Field(gt=0)
-    default_quant: Literal["none", "int8", "int4"] = "none"
+    default_quant: Literal["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"] = "none"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # activations, unless the operator chooses
     chat_template: str | None = None
     sampling: dict = Field(default_factory=dict)

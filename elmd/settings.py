@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     model: str | None = None  # what `serve` loads at start: a models.yaml / store name (or, from the CLI, a directory)
     backend: Literal["auto", "torch", "mlx"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    quant: Literal["none", "int8", "int4"] | None = None  # None: each model's default_quant
+    quant: Literal["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"] | None = None  # None: each model's default_quant
 
     # model lifecycle
     keep_alive: float | None = 300.0  # seconds an idle model stays loaded; None: forever

@@ -327,3 +327,28 @@ def test_kv_cache_grows_with_the_sequence_and_shrinks_when_idle(tiny):
         assert long.token_ids[0] == int(ref.argmax())
     finally:
         e.close()
+
+
+@pytest.mark.parametrize("quant", ["bf16", "int8", "int4"])
+def test_a_quantized_model_is_stored_and_reloads_without_quantizing(tmp_path, quant, monkeypatch):
+    import elmd.engine.quantize as quantize
+
+    path = write_checkpoint(tmp_path / "q", "tiny", seed=2)
+    first = load_engine(path, backend="torch", quant=quant)
+    ids = first.tokenizer.encode("Once upon a time")
+    try:
+        expected = first.generate(ids, first.params(max_tokens=8, temperature=0)).token_ids
+    finally:
+        first.close()
+    assert (path / f"elmd-{quant}.safetensors").exists()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("quantized again")
+
+    monkeypatch.setattr(quantize, "quantize_model", refuse)
+    second = load_engine(path, backend="torch", quant=quant)
+    try:
+        assert second.generate(ids, second.params(max_tokens=8, temperature=0)).token_ids == expected
+        assert second.backend.info.quant == quant
+    finally:
+        second.close()

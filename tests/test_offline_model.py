@@ -155,3 +155,21 @@ def test_mlx_lm_and_the_torch_engine_agree_for_32_greedy_tokens(tmp_path_factory
         theirs.append(token)
         step = mx.array([[token]])
     assert ours == theirs
+
+
+def test_quantized_perplexity_stays_within_the_gates_on_the_torch_backend(smollm2, tmp_path_factory):
+    """Issue 7's quality gates: int8 within 2% of the unquantized model, int4 within 10%."""
+    model = tmp_path_factory.mktemp("quant") / "smollm2"
+    shutil.copytree(smollm2, model)  # quantized weights are stored beside the originals
+    text = PARAGRAPH.read_text().strip()
+    scores = {}
+    for quant in ("none", "int8", "int4"):
+        engine = load_engine(model, backend="torch", quant=quant)
+        try:
+            scores[quant] = perplexity(engine, text)
+        finally:
+            engine.close()
+    print("torch perplexity:", {k: round(v, 3) for k, v in scores.items()})
+    assert scores["int8"] <= 1.02 * scores["none"]
+    assert scores["int4"] <= 1.10 * scores["none"]
+    assert (model / "elmd-int4.safetensors").exists()

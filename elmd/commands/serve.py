@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--model", help="model name, or a local model directory (hub layout)")
     parser.add_argument("--backend", choices=["auto", "torch", "mlx"], help="runtime (default: auto)")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="activation dtype (default: auto)")
-    parser.add_argument("--quant", choices=["none", "int8", "int4"], help="weight quantization (default: the model's)")
+    parser.add_argument("--quant", choices=["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"],
+                        help="weight quantization: bf16 weights, int8 per channel, int4 per group of 32/64/128 (default: the model's)")
     parser.add_argument("--host", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (default: 8356; 0 picks a free one)")
     parser.add_argument("--keep-alive", help="how long an idle model stays loaded: seconds or e.g. 5m; -1 forever")

@@ -37,6 +37,9 @@ def load_engine(
     if pick_backend(backend) == "mlx":
         from elmd.engine.mlx_backend import MLXBackend
 
+        if quant == "bf16":  # MLX runs bf16 throughout; its weights need no separate scheme
+            quant, dtype = "none", "bfloat16"
+
         runtime = MLXBackend(model_dir, dtype=dtype, quant=quant)
     else:
         from elmd.engine.torch_backend import TorchBackend

@@ -221,7 +221,7 @@ class OpenELM(nn.Module):
     def setup_caches(self, slots: int, length: int | None = None) -> None:
         """Allocate the KV cache: `slots` sequences of `length` tokens (default: the context)."""
         length = length or self.cfg.context_length
-        p = self.transformer.token_embeddings.weight
+        p = self.transformer.norm.weight  # a quantized embedding has no float weight to follow
         for block in self.transformer.layers:
             a = block.attn
             a.cache = KVCache(slots, a.kv_heads, length, a.head_dim, p.dtype, p.device)
@@ -248,8 +248,11 @@ class OpenELM(nn.Module):
         self.cache_slots = 0
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        weight = self.lm_head.weight if not self.cfg.share_input_output_layers else self.transformer.token_embeddings.weight
-        return F.linear(h, weight)
+        """Logits: through `lm_head` when there is one (untied, or a quantized tied head),
+        else through the embedding matrix."""
+        if "lm_head" in self._modules:
+            return self.lm_head(h)
+        return F.linear(h, self.transformer.token_embeddings.weight)
 
     def forward(
         self,

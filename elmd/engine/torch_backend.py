@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import psutil
 import torch
 
-from elmd.engine.checkpoint import load_model
+from elmd.engine.checkpoint import load_model, read_config
+from elmd.engine.openelm import OpenELM, rope_tables
 from elmd.engine.protocol import BackendInfo, SamplingParams, StepChannel, TokenLogprob
 from elmd.engine.sampling import logprob_of
 from elmd.engine.scheduler import Scheduler
@@ -46,6 +48,35 @@ def set_threads() -> None:
     torch.set_num_threads(cores)
 
 
+def stored_quant_path(model_dir: Path, quant: str) -> Path:
+    """Where a model's weights quantized as `quant` are kept, beside the originals (a name
+    that mlx-lm's `model*.safetensors` glob does not pick up)."""
+    return model_dir / f"elmd-{quant}.safetensors"
+
+
+def load_quantized_model(model_dir: Path, quant: str, dtype: torch.dtype, device: str) -> OpenELM:
+    """Load the weights quantized as `quant`: from the stored quantized file when there is
+    one, else quantize the float weights and store the result (when the directory is
+    writable) so the next load skips quantizing."""
+    from elmd.engine.quantize import load_quantized, parse_quant, quant_of, quantize_model, save_quantized
+
+    spec = parse_quant(quant, embedding=True)
+    stored = stored_quant_path(model_dir, quant)
+    if spec is not None and stored.exists() and quant_of(stored) == spec:
+        with torch.device("meta"):
+            model = OpenELM(read_config(model_dir))
+        model = load_quantized(model, stored, device)
+        model.rope_cos, model.rope_sin = rope_tables(model.cfg.head_dim, model.cfg.rope_max_length,
+                                                     model.cfg.rope_freq_constant, device=device)  # fmt: skip
+        return model.eval().requires_grad_(False)
+    model = quantize_model(load_model(model_dir, dtype=dtype, device=device), quant, embedding=True)
+    if spec is not None and os.access(model_dir, os.W_OK):
+        partial = stored.with_suffix(".partial")
+        save_quantized(model, partial)
+        os.replace(partial, stored)
+    return model
+
+
 class TorchBackend:
     def __init__(
         self,
@@ -56,18 +87,12 @@ class TorchBackend:
         slots: int = 8,
         prefix_cache_bytes: int = 256 << 20,
     ):
-        from elmd.engine.checkpoint import read_config
-
         device = pick_device(device)
         if device == "cpu":
             set_threads()
         cfg = read_config(Path(model_dir))
         torch_dtype = pick_dtype(dtype, device, cfg.model_dim)
-        model = load_model(Path(model_dir), dtype=torch_dtype, device=device)
-        if quant != "none":
-            from elmd.engine.quantize import quantize_model
-
-            model = quantize_model(model, quant)
+        model = load_quantized_model(Path(model_dir), quant, torch_dtype, device)
         self.model = model
         self.scheduler = Scheduler(model, slots=slots, prefix_cache_bytes=prefix_cache_bytes)
         weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
