@@ -40,11 +40,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def daemon(model_dir: Path, home: Path, prefix_cache_bytes: int, slots: int):
+def daemon(model_dir: Path, home: Path, prefix_cache_bytes: int, slots: int, quant: str = "none"):
     port = free_port()
     env = {**os.environ, "ELMD_HOME": str(home), "ELMD_PREFIX_CACHE_BYTES": str(prefix_cache_bytes)}
     cmd = [sys.executable, "-m", "elmd", "serve", "--model", str(model_dir), "--port", str(port),
-           "--backend", "torch", "--max-concurrent-requests", str(slots), "--log-level", "warning"]  # fmt: skip
+           "--backend", "torch", "--quant", quant, "--max-concurrent-requests", str(slots),
+           "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--history-tokens", type=int, default=1000)
+    parser.add_argument("--quant", default="none", help="weight quantization of the served model")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -166,8 +168,8 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         model_dir = write_checkpoint(tmp / args.shape, args.shape, dtype="bfloat16")
         model = model_dir.name
-        results: dict = {"shape": args.shape, "aggregate_tok_s": {}}
-        with daemon(model_dir, tmp / "home-cache", 256 << 20, slots=16) as (base, pid):
+        results: dict = {"shape": args.shape, "quant": args.quant, "aggregate_tok_s": {}}
+        with daemon(model_dir, tmp / "home-cache", 256 << 20, slots=16, quant=args.quant) as (base, pid):
             asyncio.run(aggregate_decode(base, model, 1, 4))  # warm up
             for clients in (1, 4, 8, 16):
                 rate = asyncio.run(aggregate_decode(base, model, clients, args.max_tokens))
@@ -177,14 +179,14 @@ def main(argv=None) -> int:
             results["second_turn"] = {"with_cache_s": ttft, "prompt_tokens": prompt_tokens, "cached_tokens": cached}
             rss10, rss_n = mixed_requests(base, model, args.requests, pid)
             results["rss"] = {"after_10": rss10, f"after_{args.requests}": rss_n}
-        with daemon(model_dir, tmp / "home-nocache", 0, slots=16) as (base, _):
+        with daemon(model_dir, tmp / "home-nocache", 0, slots=16, quant=args.quant) as (base, _):
             ttft_off, _, cached_off = second_turn_ttft(base, model, args.history_tokens)
             results["second_turn"].update(without_cache_s=ttft_off, cached_tokens_without=cached_off)
 
     agg = results["aggregate_tok_s"]
     turn = results["second_turn"]
     print()
-    print(f"| measure ({args.shape}, one run) | value | target |")
+    print(f"| measure ({args.shape}, quant {args.quant}, one run) | value | target |")
     print("|---|---|---|")
     print(f"| 8 streams / 1 stream aggregate decode | {agg[8] / agg[1]:.2f}x | >= 4x |")
     print(f"| 16 streams / 1 stream aggregate decode | {agg[16] / agg[1]:.2f}x | |")
