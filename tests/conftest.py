@@ -122,3 +122,20 @@ def server(tiny_checkpoint, tmp_path_factory) -> Iterator[RunningServer]:
                 raise RuntimeError("the tiny model did not load")
             time.sleep(0.05)
         yield running
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> Path:
+    """The fixture tokenizer (LLaMA-2 layout) on its own, for tokenizer and template tests."""
+    from elmd.engine.fixture_tokenizer import write_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    write_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from elmd.engine.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(tok_dir)

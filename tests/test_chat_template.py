@@ -10,7 +10,6 @@ import pytest
 from tokenizers import Tokenizer as RawTokenizer
 
 from elmd.engine.chat_template import ZEPHYR_TEMPLATE, ChatTemplateError, render
-from elmd.engine.fixture_tokenizer import write_tokenizer
 from elmd.engine.tokenizer import Tokenizer
 
 CONVERSATION = [
@@ -30,18 +29,6 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tok")
-    write_tokenizer(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir) -> Tokenizer:
-    return Tokenizer.from_dir(tok_dir)
 
 
 def test_zephyr_is_the_default_and_renders_exactly(tok):

@@ -26,18 +26,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tok")
-    write_tokenizer(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir) -> Tokenizer:
-    return Tokenizer.from_dir(tok_dir)
-
-
 def stream(detok, ids) -> list[str]:
     return [detok.add(i) for i in ids] + [detok.flush()]
 
