@@ -14,7 +14,6 @@ from elmd.engine.checkpoint import CheckpointError, load_model
 from elmd.engine.engine import ContextLengthError
 from elmd.engine.load import load_engine
 from elmd.engine.openelm import OpenELM, OpenELMConfig
-from elmd.engine.protocol import SamplingParams
 from elmd.fixtures import SHAPES, reference_configs, write_checkpoint
 
 
