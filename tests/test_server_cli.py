@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from live_daemon import free_port, stop, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -31,31 +24,17 @@ def elmd_serve(home: Path, *args: str, ready_timeout: float = 180):
     """Run `python -m elmd serve ARGS --port P` with ELMD_HOME=home; yields the base URL."""
     port = free_port()
     env = {**os.environ, "ELMD_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "elmd", "serve", *args, "--port", str(port)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = home.parent / f"{home.name}-serve.log"  # beside ELMD_HOME, which tests inspect
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "elmd", "serve", *args, "--port", str(port)], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"elmd serve exited with {process.returncode}:\n{process.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("elmd serve did not become ready")
-            time.sleep(0.2)
+        wait_until_ready(url, process, log_path, ready_timeout)
         yield url, process
     finally:
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 def run_serve(home: Path, *args: str) -> subprocess.CompletedProcess:
