@@ -12,8 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from elmd.engine.checkpoint import CheckpointError, load_model
 from elmd.engine.engine import ContextLengthError
+from elmd.engine.kernels import native
 from elmd.engine.load import load_engine
 from elmd.engine.openelm import OpenELM, OpenELMConfig
+from elmd.engine.torch_backend import use_native_decode
 from elmd.fixtures import SHAPES, reference_configs, write_checkpoint
 
 
@@ -143,6 +145,35 @@ def test_cached_decode_matches_a_full_forward(tiny):
         for i in range(4, len(ids)):
             step = model(torch.tensor([[ids[i]]]), torch.tensor([[i]]), slot)[0, -1]
             assert torch.allclose(step, full[i], atol=1e-5)
+
+
+@pytest.mark.skipif(native.load() is None, reason="needs the native kernels (x86 AVX512 and a compiler)")
+def test_fused_native_decode_matches_aten_for_sequences_at_different_lengths(tiny):
+    """Three sequences at positions 5, 40 and 17 decode one token each: the fused ops give
+    the same logits and write the same keys and values as the ATen path."""
+    model = load_model(tiny)
+    model.setup_caches(3, 64)
+    slots = torch.tensor([2, 0, 1])
+    lengths = [5, 40, 17]
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for slot, n in zip(slots.tolist(), lengths):
+            model(torch.randint(3, 1000, (1, n), generator=gen), torch.arange(n)[None], torch.tensor([slot]))
+        tokens = torch.randint(3, 1000, (3, 1), generator=gen)
+        positions = torch.tensor(lengths)[:, None]
+        before = [(b.attn.cache.k.clone(), b.attn.cache.v.clone()) for b in model.transformer.layers]
+        expected = model(tokens, positions, slots)
+        expected_kv = [(b.attn.cache.k.clone(), b.attn.cache.v.clone()) for b in model.transformer.layers]
+        for block, (k, v) in zip(model.transformer.layers, before):
+            block.attn.cache.k.copy_(k)
+            block.attn.cache.v.copy_(v)
+        assert use_native_decode(model)
+        got = model(tokens, positions, slots)
+    assert got.shape == expected.shape == (3, 1, 1024)
+    assert (got - expected).abs().max() < 1e-5
+    for block, (k, v) in zip(model.transformer.layers, expected_kv):
+        assert (block.attn.cache.k - k).abs().max() < 1e-5
+        assert (block.attn.cache.v - v).abs().max() < 1e-6
 
 
 def test_seed_gives_identical_output_and_different_seeds_differ(engine):

@@ -2,7 +2,8 @@
 
 Same weights (a generated checkpoint in the hub's layout), fp32 on both sides. Stated
 tolerance: max-abs logit difference <= 1e-4 over the prompt and over 32 cached decode
-steps; greedy continuations identical for 64 tokens.
+steps (decoded by ATen ops and by the fused native ops); greedy continuations identical
+for 64 tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from mlx_lm.utils import load_model as mlx_load_model  # noqa: E402
 
 from elmd.engine.checkpoint import load_model  # noqa: E402
 from elmd.engine.protocol import SamplingParams  # noqa: E402
-from elmd.engine.torch_backend import TorchBackend  # noqa: E402
+from elmd.engine.kernels import native  # noqa: E402
+from elmd.engine.torch_backend import TorchBackend, use_native_decode  # noqa: E402
 from elmd.fixtures import write_checkpoint  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -39,10 +41,16 @@ def _mlx_logits(model, ids, cache=None) -> np.ndarray:
     return np.array(out)[0]
 
 
-def test_logits_over_prompt_and_cached_decode_agree(checkpoint):
+DECODE_PATHS = ["aten"] + (["native"] if native.load() is not None else [])
+
+
+@pytest.mark.parametrize("decode", DECODE_PATHS)
+def test_logits_over_prompt_and_cached_decode_agree(checkpoint, decode):
     shape, path = checkpoint
     ids = _prompt(shape)
     ours = load_model(path, dtype=torch.float32)
+    if decode == "native":
+        assert use_native_decode(ours)
     ref, _ = mlx_load_model(path)
     ref.set_dtype(mx.float32)
 
@@ -62,7 +70,7 @@ def test_logits_over_prompt_and_cached_decode_agree(checkpoint):
         b = _mlx_logits(ref, [token], cache)[-1]
         worst = max(worst, float(np.abs(a - b).max()))
         token = int(a.argmax())
-    print(f"{shape}: max-abs logit difference over prompt + 32 decode steps = {worst:.3g}")
+    print(f"{shape}, {decode} decode: max-abs logit difference over prompt + 32 decode steps = {worst:.3g}")
     assert worst <= TOLERANCE
 
 

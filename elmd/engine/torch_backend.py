@@ -77,6 +77,17 @@ def load_quantized_model(model_dir: Path, quant: str, dtype: torch.dtype, device
     return model
 
 
+def use_native_decode(model: OpenELM) -> bool:
+    """Run one-token steps on the fused native ops where they apply: a float32 model on an
+    x86 CPU that built them (elmd/engine/kernels/decode.cpp)."""
+    from elmd.engine.kernels import native
+
+    norm = model.transformer.norm.weight
+    if norm.device.type == "cpu" and norm.dtype == torch.float32:
+        model.decode_ops = native.load()
+    return model.decode_ops is not None
+
+
 class TorchBackend:
     def __init__(
         self,
@@ -93,6 +104,7 @@ class TorchBackend:
         cfg = read_config(Path(model_dir))
         torch_dtype = pick_dtype(dtype, device, cfg.model_dim)
         model = load_quantized_model(Path(model_dir), quant, torch_dtype, device)
+        use_native_decode(model)
         self.model = model
         self.scheduler = Scheduler(model, slots=slots, prefix_cache_bytes=prefix_cache_bytes)
         weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

@@ -1,4 +1,8 @@
-"""The package's native CPU kernels (qgemv.cpp): built on first use, or None where they cannot run.
+"""The package's native CPU kernels: built on first use, or None where they cannot run.
+
+qgemv.cpp holds the weight-streaming matmuls (int8, int4, bf16), decode.cpp the fused
+small operations of a decode step (QK-norm + RoPE + KV write + attention, residual add +
+RMSNorm, SwiGLU).
 
 They need x86-64 with AVX512-VNNI and AVX512-BF16, a C++ compiler and ninja. Where any
 is missing, elmd/engine/quantize.py falls back to ATen's own kernels, so the native
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("qgemv.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("qgemv.cpp", "decode.cpp")]
 NEEDED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma"})
 # -fopenmp: at::parallel_for is an inline OpenMP loop; without it the kernels run on one
 # thread. At run time the library binds to the libgomp torch has already loaded (same soname).
@@ -45,8 +49,8 @@ def load():
     try:
         from torch.utils.cpp_extension import load as build
 
-        build(name="elmd_qgemv", sources=[str(SOURCE)], extra_cflags=COMPILER_FLAGS, extra_ldflags=["-fopenmp"],
-              is_python_module=False, verbose=False)
+        build(name="elmd_kernels", sources=[str(path) for path in SOURCES], extra_cflags=COMPILER_FLAGS,
+              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, or a compiler that lacks these intrinsics
         log.warning("native kernels unavailable, using ATen's: %s", str(e).splitlines()[0] if str(e) else e)
         return None

@@ -1,0 +1,187 @@
+// The small operations of one decode step, fused: everything between the matmuls.
+//
+// At batch 1 a 270M token spends as long in ~40 small ATen ops per layer (norms,
+// QK-norm, RoPE, KV writes, the attention products, softmax, residual adds, SiLU) as in
+// its matmuls: each is a dispatch, an allocation and sometimes an OpenMP region for a
+// few hundred floats. Here they are three ops per layer, each one pass over its data:
+//
+// * decode_attention: per sequence, QK-norm and RoPE of the new token's query and key,
+//   the key and value written into the cache at the sequence's position, then one
+//   query's attention over that sequence's cached positions (its own length, no mask).
+// * add_rms_norm: the residual add in place, then RMSNorm of the sum (the next norm).
+// * silu_mul: SwiGLU's SiLU(gate) * up.
+//
+// float32 activations and cache only (the CPU's dtype); elmd/engine/openelm.py keeps
+// the ATen path for everything else and checks these against it in tests.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline float inverse_rms(const float* x, int64_t n, double eps) {
+  return static_cast<float>(1.0 / std::sqrt(dot(x, x, n) / n + eps));
+}
+
+// out = rms_norm(x) * weight (weight may be null: no norm, out = x).
+inline void rms_norm(const float* x, const float* weight, int64_t n, double eps, float* out) {
+  if (weight == nullptr) {
+    std::copy(x, x + n, out);
+    return;
+  }
+  const float r = inverse_rms(x, n, eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * r * weight[i];
+}
+
+// Rotate-half RoPE with the signed sin table of openelm.rope_tables: out = x*cos + roll(x, D/2)*sin.
+inline void rope(float* x, const float* cos, const float* sin, int64_t d, float scale) {
+  float rotated[1024];
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) rotated[i] = x[i] * cos[i] + x[(i + half) % d] * sin[i];
+  for (int64_t i = 0; i < d; ++i) x[i] = rotated[i] * scale;
+}
+
+const float* optional_data(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
+}
+
+}  // namespace
+
+// qkv [B, (Hq + 2 Hkv) * D] (the fused projection of one token per sequence); k_cache,
+// v_cache [slots, Hkv, L, D]; slots, positions int64 [B]; cos, sin [max_len, D].
+// Returns the attention output [B, Hq * D] before out_proj.
+at::Tensor decode_attention(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
+                            const c10::optional<at::Tensor>& k_norm, double eps, const at::Tensor& cos,
+                            const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
+                            const at::Tensor& positions, int64_t q_heads) {
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "decode_attention: float32 only");
+  TORCH_CHECK(qkv.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attention: contiguous");
+  const int64_t B = qkv.size(0), kv_heads = k_cache.size(1), L = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(qkv.size(1) == (q_heads + 2 * kv_heads) * D && q_heads % kv_heads == 0 && D <= 1024,
+              "decode_attention: bad shapes");
+  const int64_t group = q_heads / kv_heads;
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(pos[b] >= 0 && pos[b] < L && pos[b] < cos.size(0), "position out of range");
+  const float* qn = optional_data(q_norm);
+  const float* kn = optional_data(k_norm);
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  at::Tensor q = at::empty({B, q_heads, D}, qkv.options());
+  at::Tensor out = at::empty({B, q_heads * D}, qkv.options());
+  const float* in = qkv.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+
+  // The new token's key and value into the cache, normed query heads into q (pre-scaled).
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = in + b * qkv.size(1);
+    const float* c = cp + pos[b] * D;
+    const float* s = sp + pos[b] * D;
+    for (int64_t h = 0; h < q_heads; ++h) {
+      float* qh = qp + (b * q_heads + h) * D;
+      rms_norm(row + h * D, qn, D, eps, qh);
+      rope(qh, c, s, D, scale);
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const int64_t at_pos = ((slot[b] * kv_heads + h) * L + pos[b]) * D;
+      rms_norm(row + (q_heads + h) * D, kn, D, eps, kc + at_pos);
+      rope(kc + at_pos, c, s, D, 1.f);
+      std::copy(row + (q_heads + kv_heads + h) * D, row + (q_heads + kv_heads + h + 1) * D, vc + at_pos);
+    }
+  }
+
+  // One (sequence, query head) per task; threads only when the spans make it worth a region.
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) work += (pos[b] + 1) * D * q_heads;
+  const int64_t grain = work > 65536 ? 1 : B * q_heads;
+  at::parallel_for(0, B * q_heads, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> p;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / q_heads, h = task % q_heads, n = pos[b] + 1;
+      const int64_t base = (slot[b] * kv_heads + h / group) * L * D;
+      const float* qh = qp + task * D;
+      p.resize(n);
+      float top = -INFINITY;
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = dot(qh, kc + base + j * D, D);
+        top = std::max(top, p[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
+      float* y = op + task * D;
+      std::fill(y, y + D, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = p[j] / total;
+        const float* v = vc + base + j * D;
+        for (int64_t i = 0; i < D; ++i) y[i] += w * v[i];
+      }
+    }
+  });
+  return out;
+}
+
+// x += delta (in place, the residual stream); returns rms_norm(x) * weight.
+at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && delta.scalar_type() == at::kFloat && x.is_contiguous() &&
+                  delta.is_contiguous() && x.sizes() == delta.sizes(),
+              "add_rms_norm: contiguous float32 tensors of one shape");
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  at::Tensor out = at::empty_like(x);
+  float* xp = x.data_ptr<float>();
+  const float* dp = delta.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* xr = xp + r * n;
+    for (int64_t i = 0; i < n; ++i) xr[i] += dp[r * n + i];
+    rms_norm(xr, wp, n, eps, op + r * n);
+  }
+  return out;
+}
+
+// h [..., 2W] = [gate, up] -> silu(gate) * up [..., W].
+at::Tensor silu_mul(const at::Tensor& h) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.size(-1) % 2 == 0, "silu_mul: bad input");
+  const int64_t w = h.size(-1) / 2, rows = h.numel() / h.size(-1);
+  std::vector<int64_t> shape(h.sizes().begin(), h.sizes().end());
+  shape.back() = w;
+  at::Tensor out = at::empty(shape, h.options());
+  const float* hp = h.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < w; ++i) {
+      const float g = hp[r * 2 * w + i];
+      op[r * w + i] = g / (1.f + std::exp(-g)) * hp[r * 2 * w + w + i];
+    }
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(elmd, m) {
+  m.def("decode_attention(Tensor qkv, Tensor? q_norm, Tensor? k_norm, float eps, Tensor cos, Tensor sin, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor positions, int q_heads) -> Tensor");
+  m.def("add_rms_norm(Tensor(a!) x, Tensor delta, Tensor weight, float eps) -> Tensor");
+  m.def("silu_mul(Tensor h) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(elmd, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_mul", &silu_mul);
+}
