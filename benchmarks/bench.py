@@ -7,8 +7,13 @@ HTTP API of a real `elmd serve`: daemon start to /health ready and time to first
 The machine's read bandwidth is measured in the same run, and each decode figure is
 printed beside the bandwidth limit (bandwidth / bytes of weights read per token).
 
+With --llamacpp, llama.cpp (the `llamacpp` extra) is measured right after elmd on the same
+weights (benchmarks/llamacpp.py), and the ratios elmd / llama.cpp are printed per model
+and quantization.
+
     python benchmarks/bench.py                        # 270M and 1.1B fixtures, offline model
     python benchmarks/bench.py --models 270M --quants none int4 --no-http
+    python benchmarks/bench.py --models 270M --quants bf16 int8 int4 --llamacpp --no-http
 
 Writes results.json and results.png (with matplotlib) into --out.
 """
@@ -34,8 +39,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
-
-from kernels import read_bandwidth_gbs  # noqa: E402
 
 FIXTURE_SHAPES = ("270M", "450M", "1.1B", "3B")
 OFFLINE_MODEL = "smollm2-135m-instruct"
@@ -192,21 +195,43 @@ def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
 
 def print_table(rows: list[dict], bandwidth: float) -> None:
     print(f"\nread bandwidth: {bandwidth:.1f} GB/s (median of the runs around the measurements)")
-    head = (f"{'model':24} {'quant':6} {'weights':>8} {'load s':>6} {'RSS MB':>7} {'peak MB':>7} "
+    head = (f"{'model':24} {'quant':6} {'engine':9} {'weights':>8} {'load s':>6} {'RSS MB':>7} {'peak MB':>7} "
             f"{'prompt t/s':>10} {'decode t/s':>10} {'ceiling':>8} {'%':>4} {'ready s':>7} {'TTFT ms':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:24} {r['quant']:6} error: {r['error']}")
+            print(f"{r['model']:24} {r['quant']:6} {r['engine']:9} error: {r['error']}")
             continue
         http = f"{r['ready_s']:>7.2f} {r['ttft_s'] * 1e3:>7.0f}" if "ttft_s" in r else f"{'-':>7} {'-':>7}"
         if "http_error" in r:
             http += f"  ({r['http_error']})"
-        print(f"{r['model']:24} {r['quant']:6} {r['weights_bytes'] / 1e6:>6.0f}MB {r['load_s']:>6.2f} "
+        print(f"{r['model']:24} {r['quant']:6} {r['engine']:9} {r['weights_bytes'] / 1e6:>6.0f}MB {r['load_s']:>6.2f} "
               f"{r['rss_loaded_bytes'] / 1e6:>7.0f} {r['rss_peak_bytes'] / 1e6:>7.0f} {r['prompt_tok_s']:>10.0f} "
               f"{r['decode_tok_s']:>10.1f} {r['ceiling_tok_s']:>8.0f} {100 * r['decode_tok_s'] / r['ceiling_tok_s']:>4.0f} "
               f"{http}")
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """elmd / llama.cpp for decode and prompt tok/s, per model and quantization measured by both."""
+    peers = {(r["model"], r["quant"]): r for r in rows if r["engine"] == "llama.cpp" and "error" not in r}
+    out = []
+    for r in rows:
+        peer = peers.get((r["model"], r["quant"]))
+        if r["engine"] == "elmd" and "error" not in r and peer:
+            out.append({"model": r["model"], "quant": r["quant"], "llama_cpp_type": peer["dtype"],
+                        "decode": r["decode_tok_s"] / peer["decode_tok_s"],
+                        "prompt": r["prompt_tok_s"] / peer["prompt_tok_s"]})
+    return out
+
+
+def print_ratios(table: list[dict]) -> None:
+    print("\nelmd / llama.cpp, same weights, same run (>= 1.0: elmd is faster)")
+    head = f"{'model':24} {'quant':6} {'llama.cpp':9} {'decode':>7} {'prompt':>7}"
+    print(head)
+    print("-" * len(head))
+    for t in table:
+        print(f"{t['model']:24} {t['quant']:6} {t['llama_cpp_type']:9} {t['decode']:>6.2f}x {t['prompt']:>6.2f}x")
 
 
 def chart(rows: list[dict], path: Path) -> Path | None:
@@ -218,14 +243,14 @@ def chart(rows: list[dict], path: Path) -> Path | None:
     except ImportError:
         return None
     rows = [r for r in rows if "error" not in r]
-    labels = [f"{r['model']}\n{r['quant']}" for r in rows]
+    labels = [f"{r['model']}\n{r['quant']}\n{r['engine']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
     xs = range(len(rows))
     ax.bar(xs, [r["ceiling_tok_s"] for r in rows], color="#dddddd", label="bandwidth limit")
     ax.bar(xs, [r["decode_tok_s"] for r in rows], width=0.5, color="#3a6ea5", label="decode, batch 1")
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("tokens / s")
-    ax.set_title("elmd decode speed vs the machine's read-bandwidth limit")
+    ax.set_title("decode speed vs the machine's read-bandwidth limit")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -236,13 +261,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["270M", "1.1B", "offline"],
                    help="fixture shapes (270M, 450M, 1.1B, 3B), 'offline' (the packaged model), or model directories")
-    p.add_argument("--quants", nargs="+", default=["none", "int8", "int4"])
+    p.add_argument("--quants", nargs="+", default=["none", "bf16", "int8", "int4"])
     p.add_argument("--dtype", default="auto", help="activation dtype of the torch backend")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--no-http", action="store_true", help="skip the daemon start and time-to-first-token runs")
+    p.add_argument("--llamacpp", action="store_true",
+                   help="also measure llama.cpp on the same weights, right after elmd, and print the ratios")
     p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "elmd-bench")
     p.add_argument("--out", type=Path, default=Path("bench-results"))
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -253,19 +280,32 @@ def main(argv=None) -> int:
         print(json.dumps(run_child(args)))
         return 0
 
+    import llamacpp
+    from kernels import read_bandwidth_gbs  # torch: kept out of the children that only need this file's helpers
+
+    if args.llamacpp and not llamacpp.available():
+        p.exit(2, f"--llamacpp: {llamacpp.INSTALL_HINT}\n")
     args.out.mkdir(parents=True, exist_ok=True)
     models = model_dirs(args.models, args.work_dir)
     bandwidths = [read_bandwidth_gbs()]
     rows = []
     for label, path in models.items():
         for quant in args.quants:
-            row = {"model": label, "quant": quant, "path": str(path), **measure_in_process(path, quant, args)}
+            row = {"model": label, "quant": quant, "engine": "elmd", "path": str(path),
+                   **measure_in_process(path, quant, args)}
             bandwidths.append(read_bandwidth_gbs())
             if "error" not in row and not args.no_http:
                 row.update(measure_http(path, quant, args, args.work_dir / "home"))
-            rows.append(row)
-            print(f"{label} {quant}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
-                  flush=True)
+            measured = [row]
+            if args.llamacpp:
+                measured.append({"model": label, "quant": quant, "engine": "llama.cpp", "path": str(path),
+                                 **llamacpp.measure_in_process(path, quant, args)})
+                bandwidths.append(read_bandwidth_gbs())
+            for r in measured:
+                rows.append(r)
+                print(f"{label} {quant} {r['engine']}: "
+                      + (r["error"] if "error" in r else ", ".join(f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, float))),
+                      flush=True)
     bandwidth = statistics.median(bandwidths)
     for r in rows:
         if "weights_bytes" in r:
@@ -273,6 +313,10 @@ def main(argv=None) -> int:
     print_table(rows, bandwidth)
     result = {"read_bandwidth_gbs": bandwidth, "bandwidth_runs_gbs": bandwidths, "threads": args.threads,
               "machine": os.uname().machine, "cpus": os.cpu_count(), "rows": rows}
+    if args.llamacpp:
+        result["llama_cpp_version"] = llamacpp.version()
+        result["elmd_over_llama_cpp"] = ratios(rows)
+        print_ratios(result["elmd_over_llama_cpp"])
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     png = chart(rows, args.out / "results.png")
     print(f"\nwrote {args.out / 'results.json'}" + (f" and {png}" if png else " (no matplotlib: no chart)"))
