@@ -174,7 +174,9 @@ def test_bf16_weights_with_float32_or_bf16_activations(linear, rows, dtype):
     out = fast(x)
     assert out.dtype == dtype and out.shape == (rows, linear.out_features)
     exact = F.linear(x.float(), fast.weight.float())  # float32 math on the bf16-rounded weight
-    assert rel_err(out, exact) < (1e-5 if dtype == torch.float32 else 0.01)
+    # Up to native_rows rows the float32 input is used as is; more rows run the matmul in bf16.
+    exact_input = dtype == torch.float32 and rows <= quantize.BF16Linear.native_rows
+    assert rel_err(out, exact) < (1e-5 if exact_input else 0.01)
 
 
 def test_an_untied_output_head_is_left_alone_unless_the_embedding_is_quantized(tmp_path):
