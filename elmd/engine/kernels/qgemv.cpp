@@ -32,6 +32,15 @@ namespace {
 constexpr int kRows = 16;   // output rows per register
 constexpr int kBlock = 32;  // activation quantization block
 constexpr int kTile = 4;    // activation rows sharing one weight load
+// Software prefetch this far ahead of the weight stream. The hardware prefetchers stop at
+// 4 KiB page boundaries and ramp up again after each; measured on the 270M chain (2
+// threads): int4 9.1 -> 6.8 ms per token, int8 12.6 -> 11.8 ms (2-16 KiB all help, 4 KiB
+// among the best for both).
+constexpr int kPrefetch = 4096;
+
+inline void prefetch_ahead(const uint8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch), _MM_HINT_T0);
+}
 
 // Independent VPDPBUSD accumulation chains per activation row: with fewer rows than
 // kTile, one chain would wait on the instruction's latency instead of on memory.
@@ -118,6 +127,7 @@ void int8_rows(const uint8_t* w, const float* wscale, const QuantizedActivations
     for (int t = 0; t < T; ++t)
       for (int c = 0; c < C; ++c) acci[t][c] = _mm512_setzero_si512();
     for (int c = 0; c < kBlock / 4; ++c) {
+      prefetch_ahead(wr + (b * (kBlock / 4) + c) * 64);
       const __m512i v = _mm512_loadu_si512(wr + (b * (kBlock / 4) + c) * 64);
       for (int t = 0; t < T; ++t) {
         const int32_t xv = load_i32(a.q.data() + (m0 + t) * K + b * kBlock + c * 4);
@@ -156,6 +166,7 @@ void int4_rows(const uint8_t* w, const at::Half* wscale, const at::Half* wzero, 
       for (int t = 0; t < T; ++t)
         for (int c = 0; c < C; ++c) acci[t][c] = _mm512_setzero_si512();
       for (int c = 0; c < kBlock / 8; ++c) {
+        prefetch_ahead(wr + (b * (kBlock / 8) + c) * 64);
         const __m512i v = _mm512_loadu_si512(wr + (b * (kBlock / 8) + c) * 64);
         const __m512i lo = _mm512_and_si512(v, low);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
