@@ -32,6 +32,50 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// e^x for 16 floats: 2^n * e^f with n = round(x / ln 2) and a degree-6 Taylor polynomial on
+// |f| <= ln(2) / 2 (relative error below 2e-7); _mm512_scalef_ps applies 2^n, saturating to
+// 0 or inf outside float's range.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline float exp1(float x) { return _mm512_cvtss_f32(exp16(_mm512_set1_ps(x))); }
+
+// y[0:n] += w * v[0:n]
+inline void axpy(float w, const float* v, float* y, int64_t n) {
+  const __m512 wv = _mm512_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += w * v[i];
+}
+
+// p[0:n] = softmax(p[0:n]) in place.
+inline void softmax(float* p, int64_t n) {
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(p + i));
+  float m = _mm512_reduce_max_ps(top);
+  for (; i < n; ++i) m = std::max(m, p[i]);
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 total = _mm512_setzero_ps();
+  for (i = 0; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + i), mv));
+    _mm512_storeu_ps(p + i, e);
+    total = _mm512_add_ps(total, e);
+  }
+  float t = _mm512_reduce_add_ps(total);
+  for (; i < n; ++i) t += (p[i] = exp1(p[i] - m));
+  const __m512 inv = _mm512_set1_ps(1.f / t);
+  for (i = 0; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, _mm512_mul_ps(_mm512_loadu_ps(p + i), inv));
+  for (; i < n; ++i) p[i] /= t;
+}
+
 inline float inverse_rms(const float* x, int64_t n, double eps) {
   return static_cast<float>(1.0 / std::sqrt(dot(x, x, n) / n + eps));
 }
@@ -107,31 +151,26 @@ at::Tensor decode_attention(const at::Tensor& qkv, const c10::optional<at::Tenso
     }
   }
 
-  // One (sequence, query head) per task; threads only when the spans make it worth a region.
+  // One (sequence, kv head) per task: its group of query heads reads each cached key and
+  // value once. Threads only when the spans make it worth an OpenMP region.
   int64_t work = 0;
   for (int64_t b = 0; b < B; ++b) work += (pos[b] + 1) * D * q_heads;
-  const int64_t grain = work > 65536 ? 1 : B * q_heads;
-  at::parallel_for(0, B * q_heads, grain, [&](int64_t begin, int64_t end) {
+  const int64_t grain = work > (1 << 17) ? 1 : B * kv_heads;
+  at::parallel_for(0, B * kv_heads, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> p;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / q_heads, h = task % q_heads, n = pos[b] + 1;
-      const int64_t base = (slot[b] * kv_heads + h / group) * L * D;
-      const float* qh = qp + task * D;
-      p.resize(n);
-      float top = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        p[j] = dot(qh, kc + base + j * D, D);
-        top = std::max(top, p[j]);
-      }
-      float total = 0.f;
-      for (int64_t j = 0; j < n; ++j) total += (p[j] = std::exp(p[j] - top));
-      float* y = op + task * D;
-      std::fill(y, y + D, 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const float w = p[j] / total;
-        const float* v = vc + base + j * D;
-        for (int64_t i = 0; i < D; ++i) y[i] += w * v[i];
-      }
+      const int64_t b = task / kv_heads, h = task % kv_heads, n = pos[b] + 1;
+      const float* keys = kc + (slot[b] * kv_heads + h) * L * D;
+      const float* values = vc + (slot[b] * kv_heads + h) * L * D;
+      const float* queries = qp + (b * q_heads + h * group) * D;
+      p.resize(group * n);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t g = 0; g < group; ++g) p[g * n + j] = dot(queries + g * D, keys + j * D, D);
+      for (int64_t g = 0; g < group; ++g) softmax(p.data() + g * n, n);
+      float* y = op + (b * q_heads + h * group) * D;
+      std::fill(y, y + group * D, 0.f);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t g = 0; g < group; ++g) axpy(p[g * n + j], values + j * D, y + g * D, D);
     }
   });
   return out;
@@ -165,11 +204,18 @@ at::Tensor silu_mul(const at::Tensor& h) {
   at::Tensor out = at::empty(shape, h.options());
   const float* hp = h.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < w; ++i) {
-      const float g = hp[r * 2 * w + i];
-      op[r * w + i] = g / (1.f + std::exp(-g)) * hp[r * 2 * w + w + i];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gate = hp + r * 2 * w;
+    const float* up = gate + w;
+    float* o = op + r * w;
+    int64_t i = 0;
+    for (; i + 16 <= w; i += 16) {
+      const __m512 g = _mm512_loadu_ps(gate + i);
+      const __m512 sig = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      _mm512_storeu_ps(o + i, _mm512_mul_ps(sig, _mm512_loadu_ps(up + i)));
     }
+    for (; i < w; ++i) o[i] = gate[i] / (1.f + exp1(-gate[i])) * up[i];
+  }
   return out;
 }
 
