@@ -231,7 +231,7 @@ class OpenELM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.cache_slots = 0
-        self.decode_ops = None  # torch.ops.elmd when one-token steps run on the fused native ops
+        self.decode_plan = None  # torch.classes.elmd.DecodePlan when one-token steps run natively
 
     def setup_caches(self, slots: int, length: int | None = None) -> None:
         """Allocate the KV cache: `slots` sequences of `length` tokens (default: the context)."""
@@ -282,7 +282,7 @@ class OpenELM(nn.Module):
         their first `span` positions (default: up to the furthest position); without,
         attention is causal over `tokens` alone (scoring).
         """
-        if tokens.shape[1] == 1 and slots is not None and self.decode_ops is not None:
+        if tokens.shape[1] == 1 and slots is not None and self.decode_plan is not None:
             return self.decode_step(tokens[:, 0], positions[:, 0].contiguous(), slots)[:, None]
         x = self.transformer.token_embeddings(tokens)
         cos = self.rope_cos[positions][:, None]
@@ -298,22 +298,11 @@ class OpenELM(nn.Module):
         return self.head(self.transformer.norm(x))
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Logits [B, vocab] for one new token per sequence, through the fused native ops
-        (elmd/engine/kernels/decode.cpp): three small ops per layer around the matmuls instead
-        of ~40, each sequence attending over its own cached positions. float32 on the CPU."""
-        ops, eps = self.decode_ops, self.cfg.rms_norm_eps
-        layers = self.transformer.layers
-        x = self.transformer.token_embeddings(tokens)  # the residual stream, updated in place
-        h = F.rms_norm(x, (self.cfg.model_dim,), layers[0].attn_norm.weight, eps)
-        for i, block in enumerate(layers):
-            attn, ffn = block.attn, block.ffn
-            q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.qk_norm else (None, None)
-            y = ops.decode_attention(attn.qkv_proj(h), q_norm, k_norm, eps, self.rope_cos, self.rope_sin,
-                                     attn.cache.k, attn.cache.v, slots, positions, attn.q_heads)
-            h = ops.add_rms_norm(x, attn.out_proj(y), block.ffn_norm.weight, eps)
-            up = ffn.proj_1(h)
-            next_norm = layers[i + 1].attn_norm if i + 1 < len(layers) else self.transformer.norm
-            h = ops.add_rms_norm(x, ffn.proj_2(ops.silu_mul(up) if ffn.glu else F.silu(up)), next_norm.weight, eps)
+        """Logits [B, vocab] for one new token per sequence, the layer stack run by the native
+        decode plan (elmd/engine/kernels/decode.cpp) in one call; float32 on the CPU."""
+        x = self.transformer.token_embeddings(tokens).float().contiguous()  # the residual stream
+        caches = [block.attn.cache for block in self.transformer.layers]
+        h = self.decode_plan.step(x, [c.k for c in caches], [c.v for c in caches], slots, positions)
         return self.head(h)
 
     def num_parameters(self) -> int:

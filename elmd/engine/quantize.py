@@ -258,14 +258,15 @@ class QuantizedEmbedding(nn.Module):
 
 
 class BF16Linear(nn.Linear):
-    """nn.Linear with bf16 weights. On an AVX512-BF16 CPU, small batches (decode) go through
-    the native matrix-vector kernel, which takes bf16 or float32 activations and streams
-    weights at about 1.4x F.linear's bf16 rate at batch 1; larger ones (prefill) go to
-    F.linear in bf16 (oneDNN, AMX) with the input rounded to bf16 and the output returned in
-    the caller's dtype, as llama.cpp does for bf16 weights: widening the weights to float32
-    instead ran 512-token prompts 5x slower. Same parameter name, same state dict."""
+    """nn.Linear with bf16 weights. On an AVX512-BF16 CPU the native op takes it: a
+    matrix-vector kernel for a few rows (decode), which streams weights at about 1.4x
+    F.linear's bf16 rate, and oneDNN's bf16 matmul (AMX) for more (prompts). Elsewhere
+    F.linear in bf16. Either way the input is rounded to bf16 for prompt-sized inputs and
+    the output returned in the caller's dtype, as llama.cpp does for bf16 weights: widening
+    the weights to float32 instead ran 512-token prompts 5x slower. Same parameter name,
+    same state dict."""
 
-    native_rows = 4  # measured (270M shapes, 2 threads): native 1.4x at 1 row, even at 4, F.linear 1.8x at 16
+    native_rows = 4  # rows the native kernel streams itself (kMatvecRows in qgemv.cpp)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None) -> "BF16Linear":
@@ -275,10 +276,26 @@ class BF16Linear(nn.Linear):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.numel() <= self.native_rows * self.in_features and x.dtype in (torch.bfloat16, torch.float32)
-                and self.weight.device.type == "cpu" and native.load() is not None):
+        if x.dtype in (torch.bfloat16, torch.float32) and self.weight.device.type == "cpu" and native.load() is not None:
             return torch.ops.elmd.bf16_linear(x, self.weight)
         return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+
+def native_linear_args(module: nn.Module) -> tuple[int, list[torch.Tensor], int] | None:
+    """How the native decode plan (kernels/decode.cpp, PlanLinear) runs this linear layer:
+    (kind, [weight, scale, zero], group), or None when it runs on a kernel the plan lacks."""
+    none = torch.empty(0)
+    if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.float32:
+        return 0, [module.weight, none, none], 0
+    if isinstance(module, BF16Linear):
+        return 1, [module.weight, none, none], 0
+    if isinstance(module, QuantizedLinear) and module.weight.device.type == "cpu":
+        t = module.stored()
+        if module.spec.scheme == "int8":
+            return 2, [t["weight"], t["scale"], none], 0
+        if module.spec.scheme == "int4":
+            return 3, [t["weight"], t["scale"], t["zero"]], module.spec.group_size
+    return None
 
 
 def _use_native_bf16(model: nn.Module) -> nn.Module:

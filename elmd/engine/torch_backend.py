@@ -78,14 +78,31 @@ def load_quantized_model(model_dir: Path, quant: str, dtype: torch.dtype, device
 
 
 def use_native_decode(model: OpenELM) -> bool:
-    """Run one-token steps on the fused native ops where they apply: a float32 model on an
-    x86 CPU that built them (elmd/engine/kernels/decode.cpp)."""
+    """Run one-token steps through the native decode plan where it applies: a float32 model
+    on an x86 CPU that built the kernels, every linear layer on a kernel the plan runs."""
     from elmd.engine.kernels import native
+    from elmd.engine.quantize import native_linear_args
 
     norm = model.transformer.norm.weight
-    if norm.device.type == "cpu" and norm.dtype == torch.float32:
-        model.decode_ops = native.load()
-    return model.decode_ops is not None
+    if norm.device.type != "cpu" or norm.dtype != torch.float32 or native.load() is None:
+        return False
+    layers = model.transformer.layers
+    linears = [m for b in layers for m in (b.attn.qkv_proj, b.attn.out_proj, b.ffn.proj_1, b.ffn.proj_2)]
+    args = [native_linear_args(m) for m in linears]
+    if any(a is None for a in args):
+        return False
+    none = torch.empty(0)
+
+    def layer_norms(block) -> list[torch.Tensor]:
+        qk = (block.attn.q_norm.weight, block.attn.k_norm.weight) if block.attn.qk_norm else (none, none)
+        return [block.attn_norm.weight, *qk, block.ffn_norm.weight]
+
+    norms = [w for block in layers for w in layer_norms(block)] + [norm]
+    model.decode_plan = torch.classes.elmd.DecodePlan(
+        norms, [t for _, tensors, _ in args for t in tensors], [kind for kind, _, _ in args],
+        [group for _, _, group in args], [b.attn.q_heads for b in layers], model.cfg.rms_norm_eps,
+        model.cfg.ffn_with_glu, model.rope_cos, model.rope_sin)
+    return True
 
 
 class TorchBackend:
