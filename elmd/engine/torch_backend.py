@@ -120,10 +120,14 @@ class TorchBackend:
             set_threads()
         cfg = read_config(Path(model_dir))
         torch_dtype = pick_dtype(dtype, device, cfg.model_dim)
-        model = load_quantized_model(Path(model_dir), quant, torch_dtype, device)
-        use_native_decode(model)
-        self.model = model
-        self.scheduler = Scheduler(model, slots=slots, prefix_cache_bytes=prefix_cache_bytes)
+
+        def load() -> OpenELM:
+            model = load_quantized_model(Path(model_dir), quant, torch_dtype, device)
+            use_native_decode(model)
+            return model
+
+        self.scheduler = Scheduler(load, slots=slots, prefix_cache_bytes=prefix_cache_bytes)
+        self.model = model = self.scheduler.model
         weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         self.info = BackendInfo(
             name="torch",
@@ -143,11 +147,14 @@ class TorchBackend:
         if len(token_ids) < 2:
             return []
         device = self.scheduler.device
-        with torch.inference_mode(), self.scheduler.compute_lock:
+
+        def score() -> list[TokenLogprob]:
             tokens = torch.tensor([token_ids], device=device)
             logits = self.model(tokens, torch.arange(len(token_ids), device=device)[None])[0, :-1].float()
             logprobs = torch.log_softmax(logits, dim=-1)
-        return [logprob_of(logprobs[i], token_ids[i + 1], top_n) for i in range(len(token_ids) - 1)]
+            return [logprob_of(logprobs[i], token_ids[i + 1], top_n) for i in range(len(token_ids) - 1)]
+
+        return self.scheduler.call(score)
 
     def close(self) -> None:
         self.scheduler.stop()
