@@ -263,7 +263,7 @@ def run_child(args) -> dict:
     batch = max(512, args.prompt_tokens)
     t = time.perf_counter()
     # Flash attention on: llama.cpp's own default ("auto") turns it on for the CPU, where
-    # llama-cpp-python's Llama turns it off (15-20% slower decode and prompt on the 270M).
+    # llama-cpp-python's Llama turns it off (prompts 15-30% slower on the 270M, decode alike).
     llm = llama_cpp.Llama(str(args.child), n_ctx=0, n_batch=batch, n_ubatch=batch, n_threads=args.threads,
                           n_threads_batch=args.threads, flash_attn=True, verbose=False)
     load_s = time.perf_counter() - t
@@ -318,7 +318,8 @@ def measure_in_process(model_dir: Path, quant: str, args) -> dict:
            "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if done.returncode < 0:  # llama.cpp itself crashed: its last words are no explanation
-        return {"error": f"llama.cpp child killed by {signal.Signals(-done.returncode).name}"}
+        return {"error": f"llama.cpp child killed by {signal.Signals(-done.returncode).name}"
+                         " (a GCC 12 build on an AMX CPU does this: README, Benchmarks)"}
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "dtype": GGUF_TYPES[quant], "gguf": str(path),
