@@ -114,6 +114,29 @@ def measure_in_process(model_dir: Path, quant: str, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+class OthersCpu:
+    """Share of the machine's CPU time that went to other processes (or the hypervisor's
+    steal) while a measurement ran: on 2 shared cores, anything much above zero makes a
+    row unreliable (llama.cpp's spinning threads collapse first)."""
+
+    def __enter__(self):
+        self.start = self._sample()
+        return self
+
+    def __exit__(self, *exc):
+        (busy0, own0, t0), (busy1, own1, t1) = self.start, self._sample()
+        self.pct = 100 * max(0.0, (busy1 - busy0) - (own1 - own0)) / ((t1 - t0) * (os.cpu_count() or 1))
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        hz = os.sysconf("SC_CLK_TCK")
+        own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for f in ("ru_utime", "ru_stime"))
+        return (user + nice + system + irq + softirq + steal) / hz, own, time.perf_counter()
+
+
 # ---- through the HTTP API of a real daemon -------------------------------------------
 
 def free_port() -> int:
@@ -196,7 +219,7 @@ def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
 def print_table(rows: list[dict], bandwidth: float) -> None:
     print(f"\nread bandwidth: {bandwidth:.1f} GB/s (median of the runs around the measurements)")
     head = (f"{'model':24} {'quant':6} {'engine':9} {'weights':>8} {'load s':>6} {'RSS MB':>7} {'peak MB':>7} "
-            f"{'prompt t/s':>10} {'decode t/s':>10} {'ceiling':>8} {'%':>4} {'ready s':>7} {'TTFT ms':>7}")
+            f"{'prompt t/s':>10} {'decode t/s':>10} {'ceiling':>8} {'%':>4} {'others%':>7} {'ready s':>7} {'TTFT ms':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -209,7 +232,9 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
         print(f"{r['model']:24} {r['quant']:6} {r['engine']:9} {r['weights_bytes'] / 1e6:>6.0f}MB {r['load_s']:>6.2f} "
               f"{r['rss_loaded_bytes'] / 1e6:>7.0f} {r['rss_peak_bytes'] / 1e6:>7.0f} {r['prompt_tok_s']:>10.0f} "
               f"{r['decode_tok_s']:>10.1f} {r['ceiling_tok_s']:>8.0f} {100 * r['decode_tok_s'] / r['ceiling_tok_s']:>4.0f} "
-              f"{http}")
+              f"{r['others_cpu_pct']:>7.0f} {http}")
+    if any(r.get("others_cpu_pct", 0) > 10 for r in rows):
+        print("others%: CPU taken by other processes during the row; above ~10% its figures are unreliable")
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -291,15 +316,19 @@ def main(argv=None) -> int:
     rows = []
     for label, path in models.items():
         for quant in args.quants:
-            row = {"model": label, "quant": quant, "engine": "elmd", "path": str(path),
-                   **measure_in_process(path, quant, args)}
+            with OthersCpu() as others:
+                row = {"model": label, "quant": quant, "engine": "elmd", "path": str(path),
+                       **measure_in_process(path, quant, args)}
+            row["others_cpu_pct"] = others.pct
             bandwidths.append(read_bandwidth_gbs())
             if "error" not in row and not args.no_http:
                 row.update(measure_http(path, quant, args, args.work_dir / "home"))
             measured = [row]
             if args.llamacpp:
-                measured.append({"model": label, "quant": quant, "engine": "llama.cpp", "path": str(path),
-                                 **llamacpp.measure_in_process(path, quant, args)})
+                with OthersCpu() as others:
+                    peer = {"model": label, "quant": quant, "engine": "llama.cpp", "path": str(path),
+                            **llamacpp.measure_in_process(path, quant, args)}
+                measured.append({**peer, "others_cpu_pct": others.pct})
                 bandwidths.append(read_bandwidth_gbs())
             for r in measured:
                 rows.append(r)
