@@ -13,7 +13,7 @@ import httpx
 from elmd.commands.serve import SHUTDOWN_GRACE_SECONDS
 from live_daemon import running_daemon
 
-SHORT_TOKENS = 300  # a couple of seconds on the tiny model: finishes within the grace period
+SHORT_SECONDS = 3  # the short request's length: in flight at SIGTERM, done within the grace period
 LONG_TOKENS = 2000  # far longer than the grace period: cancelled
 
 
@@ -22,9 +22,19 @@ def chat(daemon, max_tokens: int, **extra) -> dict:
             "max_tokens": max_tokens, "ignore_eos": True, "seed": 5, **extra}
 
 
+def tokens_in(daemon, seconds: float) -> int:
+    """How many tokens this daemon generates in about `seconds` (measured, since the
+    tiny model's speed differs tenfold between machines and loads)."""
+    start = time.monotonic()
+    reply = httpx.post(f"{daemon.url}/v1/chat/completions", json=chat(daemon, 200), timeout=60)
+    assert reply.status_code == 200
+    return max(50, min(1500, int(200 / (time.monotonic() - start) * seconds)))
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_checkpoint, tmp_path):
     outcome: dict[str, object] = {}
     with running_daemon(tiny_checkpoint, tmp_path) as daemon:
+        short_tokens = tokens_in(daemon, SHORT_SECONDS)
         streaming = threading.Event()
 
         def long_stream() -> None:
@@ -42,7 +52,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_checkpoint, tmp_path
 
         def short_request() -> None:
             try:
-                outcome["short"] = httpx.post(f"{daemon.url}/v1/chat/completions", json=chat(daemon, SHORT_TOKENS),
+                outcome["short"] = httpx.post(f"{daemon.url}/v1/chat/completions", json=chat(daemon, short_tokens),
                                               timeout=60)
             except httpx.TransportError as exc:
                 outcome["short"] = exc
@@ -74,7 +84,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_checkpoint, tmp_path
     assert outcome["short_ended"] > signalled
     short = outcome["short"]
     assert isinstance(short, httpx.Response) and short.status_code == 200, short
-    assert short.json()["usage"]["completion_tokens"] == SHORT_TOKENS
+    assert short.json()["usage"]["completion_tokens"] == short_tokens
     # the long stream was cut off instead of holding the daemon up
     content_events = [line for line in outcome["stream"] if line.startswith("data: {")]
     assert 0 < len(content_events) < LONG_TOKENS

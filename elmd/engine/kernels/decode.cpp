@@ -124,7 +124,14 @@ at::Tensor decode_attention(const at::Tensor& qkv, const c10::optional<at::Tenso
   const int64_t group = q_heads / kv_heads;
   const int64_t* slot = slots.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(pos[b] >= 0 && pos[b] < L && pos[b] < cos.size(0), "position out of range");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kFloat, "decode_attention: v_cache");
+  TORCH_CHECK(slots.numel() == B && positions.numel() == B && slots.scalar_type() == at::kLong &&
+                  positions.scalar_type() == at::kLong && slots.is_contiguous() && positions.is_contiguous(),
+              "decode_attention: one int64 slot and position per sequence");
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(pos[b] >= 0 && pos[b] < L && pos[b] < cos.size(0), "decode_attention: position out of range");
+    TORCH_CHECK(slot[b] >= 0 && slot[b] < k_cache.size(0), "decode_attention: slot out of range");
+  }
   const float* qn = optional_data(q_norm);
   const float* kn = optional_data(k_norm);
   const float* cp = cos.data_ptr<float>();
