@@ -204,13 +204,12 @@ def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
         elif name == "offline":
             home = work / "home"
             env = {**os.environ, "PYTHONPATH": str(REPO), "ELMD_HOME": str(home)}
-            subprocess.run([sys.executable, "-m", "elmd", "pull", OFFLINE_MODEL, "--quiet"], env=env, check=True)
-            out[OFFLINE_MODEL] = home / "data" / "models" / OFFLINE_MODEL
-            if not out[OFFLINE_MODEL].exists():
-                os.environ["ELMD_HOME"] = str(home)
-                from elmd.store import Store
+            os.environ["ELMD_HOME"] = str(home)  # the bench's own store, pulled into once
+            from elmd.store import Store
 
-                out[OFFLINE_MODEL] = Store().path(OFFLINE_MODEL)
+            out[OFFLINE_MODEL] = Store().path(OFFLINE_MODEL)
+            if not (out[OFFLINE_MODEL] / "config.json").exists():
+                subprocess.run([sys.executable, "-m", "elmd", "pull", OFFLINE_MODEL, "--quiet"], env=env, check=True)
         else:
             out[Path(name).name] = Path(name)
     return out
