@@ -132,11 +132,13 @@ class KVCache(nn.Module):
 
 def rope_tables(head_dim: int, length: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and a signed sin ([-sin, sin] halves) per position, so that rotate-half RoPE is
-    `x * cos + x.roll(D/2) * sin`."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
-    angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
-    sin = angles.sin()
-    return torch.cat([angles.cos(), angles.cos()], dim=-1).float(), torch.cat([-sin, sin], dim=-1).float()
+    `x * cos + x.roll(D/2) * sin`. Computed in float64 on the CPU whatever the device (MPS
+    has no float64; on the meta device, a float64 arange also imports torch._refs), then moved."""
+    cpu = torch.device("cpu")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim))
+    angles = torch.arange(length, dtype=torch.float64, device=cpu)[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).float().to(device), torch.cat([-sin, sin], dim=-1).float().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -215,7 +217,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: OpenELMConfig):
         super().__init__()
-        self.token_embeddings = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        # Weights always come from a checkpoint, so the embedding skips its N(0, 1) init (on the
+        # meta device, its first use imports torch._refs: ~1.2 s of the daemon's start).
+        empty = torch.empty(cfg.vocab_size, cfg.model_dim)
+        self.token_embeddings = nn.Embedding(cfg.vocab_size, cfg.model_dim, _weight=empty)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_transformer_layers))
         self.norm = RMSNorm(cfg.model_dim, cfg.rms_norm_eps)
 
