@@ -260,11 +260,10 @@ class QuantizedEmbedding(nn.Module):
 class BF16Linear(nn.Linear):
     """nn.Linear with bf16 weights. On an AVX512-BF16 CPU the native op takes it: a
     matrix-vector kernel for a few rows (decode), which streams weights at about 1.4x
-    F.linear's bf16 rate, and oneDNN's bf16 matmul (AMX) for more (prompts). Elsewhere
-    F.linear in bf16. Either way the input is rounded to bf16 for prompt-sized inputs and
-    the output returned in the caller's dtype, as llama.cpp does for bf16 weights: widening
-    the weights to float32 instead ran 512-token prompts 5x slower. Same parameter name,
-    same state dict."""
+    F.linear's bf16 rate, and oneDNN's bf16 matmul (AMX) for more (prompts); elsewhere
+    F.linear in bf16. The bf16 matmuls round their input to bf16 and return the caller's
+    dtype, as llama.cpp does for bf16 weights: widening the weights to float32 instead ran
+    512-token prompts 5x slower. Same parameter name, same state dict."""
 
     native_rows = 4  # rows the native kernel streams itself (kMatvecRows in qgemv.cpp)
 
