@@ -76,21 +76,14 @@ def run_child(args) -> dict:
     weights = {t.data_ptr(): t.numel() * t.element_size() for t in engine.backend.model.state_dict().values()}
     vocab = engine.tokenizer.vocab_size
 
-    def stream(ids, max_tokens):
+    def generate(ids, max_tokens):
         params = engine.params(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         stamps = []
         for chunk in engine.stream(ids, params):
             stamps += [time.perf_counter()] * len(chunk.token_ids)
         return stamps
 
-    stream(prompt_ids(16, vocab, 0), 8)  # warm-up: first-call allocation and compilation
-    prompt_rates, decode_rates = [], []
-    for i in range(args.repeats):
-        t = time.perf_counter()
-        stamps = stream(prompt_ids(args.prompt_tokens, vocab, 100 + i), 1)
-        prompt_rates.append(args.prompt_tokens / (stamps[0] - t))
-        stamps = stream(prompt_ids(64, vocab, 200 + i), args.decode_tokens)
-        decode_rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    prompt_tok_s, decode_tok_s = token_rates(generate, vocab, args)
     engine.close()
     return {
         "load_s": load_s,
@@ -99,19 +92,42 @@ def run_child(args) -> dict:
         "dtype": info.dtype,
         "rss_loaded_bytes": rss_loaded,
         "rss_peak_bytes": peak_rss_bytes(),
-        "prompt_tok_s": statistics.median(prompt_rates),
-        "decode_tok_s": statistics.median(decode_rates),
+        "prompt_tok_s": prompt_tok_s,
+        "decode_tok_s": decode_tok_s,
     }
 
 
-def measure_in_process(model_dir: Path, quant: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(model_dir), "--quants", quant, "--dtype", args.dtype,
-           "--threads", str(args.threads), "--repeats", str(args.repeats),
-           "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
+def token_rates(generate, vocab: int, args) -> tuple[float, float]:
+    """The suite's definitions, for any engine whose generate(ids, max_tokens) returns the
+    time stamp of each generated token: after a 16-token warm-up, median over args.repeats of
+    prompt tok/s (prompt tokens over the time to the first token) and of decode tok/s at
+    batch 1 (tokens after the first over their span, after a 64-token prompt)."""
+    generate(prompt_ids(16, vocab, 0), 8)  # warm-up: first-call allocation and compilation
+    prompt_rates, decode_rates = [], []
+    for i in range(args.repeats):
+        t = time.perf_counter()
+        stamps = generate(prompt_ids(args.prompt_tokens, vocab, 100 + i), 1)
+        prompt_rates.append(args.prompt_tokens / (stamps[0] - t))
+        stamps = generate(prompt_ids(64, vocab, 200 + i), args.decode_tokens)
+        decode_rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return statistics.median(prompt_rates), statistics.median(decode_rates)
+
+
+def child_result(cmd: list[str], crashed: str = "") -> dict:
+    """Run a measuring child; its last stdout line is its JSON result, else an error row
+    (`crashed` adds a hint when a signal killed it)."""
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if done.returncode < 0:
+        return {"error": f"child killed by {signal.Signals(-done.returncode).name}{crashed}"}
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_in_process(model_dir: Path, quant: str, args) -> dict:
+    return child_result([sys.executable, __file__, "--child", str(model_dir), "--quants", quant, "--dtype", args.dtype,
+                         "--threads", str(args.threads), "--repeats", str(args.repeats),
+                         "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)])
 
 
 class OthersCpu:
@@ -145,25 +161,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(base: str, server: subprocess.Popen, timeout: float = 300) -> float | None:
+    """Seconds until GET /health answers 200 (polled every 20 ms), or None if the daemon
+    exits or the timeout passes first."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout and server.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return time.perf_counter() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.02)
+    return None
+
+
 def measure_http(model_dir: Path, quant: str, args, home: Path) -> dict:
     """Daemon start to /health ready, then median time to the first streamed token."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "ELMD_HOME": str(home)}
     cmd = [sys.executable, "-m", "elmd", "serve", "--model", str(model_dir), "--backend", "torch",
            "--quant", quant, "--port", str(port), "--log-level", "warning"]
-    t = time.perf_counter()
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        ready_s = None
-        while time.perf_counter() - t < 300 and server.poll() is None:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    ready_s = time.perf_counter() - t
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.02)
+        ready_s = wait_ready(base, server)
         if ready_s is None:
             why = server.stderr.read().strip().splitlines()[-1:] if server.poll() is not None else ["timeout"]
             return {"http_error": "daemon not ready: " + " ".join(why)}

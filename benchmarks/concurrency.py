@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,15 +27,10 @@ from pathlib import Path
 import httpx
 import psutil
 
+from bench import free_port, wait_ready
 from elmd.fixtures import write_checkpoint
 
 WORDS = "river stone cloud garden lantern market violin harbor meadow comet archive pepper silver window".split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -49,15 +43,7 @@ def daemon(model_dir: Path, home: Path, prefix_cache_bytes: int, slots: int, qua
     proc = subprocess.Popen(cmd, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
+        if wait_ready(base, proc) is None:
             raise RuntimeError("daemon did not become ready")
         yield base, proc.pid
     finally:

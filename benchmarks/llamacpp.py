@@ -23,8 +23,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -258,7 +256,7 @@ def run_child(args) -> dict:
     import llama_cpp
     import psutil
 
-    from bench import peak_rss_bytes, prompt_ids
+    from bench import peak_rss_bytes, token_rates
 
     batch = max(512, args.prompt_tokens)
     t = time.perf_counter()
@@ -285,28 +283,23 @@ def run_child(args) -> dict:
             stamps.append(time.perf_counter())
         return stamps
 
-    generate(prompt_ids(16, args.vocab, 0), 8)  # warm-up
-    prompt_rates, decode_rates = [], []
-    for i in range(args.repeats):
-        t = time.perf_counter()
-        stamps = generate(prompt_ids(args.prompt_tokens, args.vocab, 100 + i), 1)
-        prompt_rates.append(args.prompt_tokens / (stamps[0] - t))
-        stamps = generate(prompt_ids(64, args.vocab, 200 + i), args.decode_tokens)
-        decode_rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    prompt_tok_s, decode_tok_s = token_rates(generate, args.vocab, args)
     llm.close()
     return {
         "load_s": load_s,
         "device": "cpu",
         "rss_loaded_bytes": rss_loaded,
         "rss_peak_bytes": peak_rss_bytes(),
-        "prompt_tok_s": statistics.median(prompt_rates),
-        "decode_tok_s": statistics.median(decode_rates),
+        "prompt_tok_s": prompt_tok_s,
+        "decode_tok_s": decode_tok_s,
     }
 
 
 def measure_in_process(model_dir: Path, quant: str, args) -> dict:
     """One llama.cpp row for `model_dir` at elmd's `quant`: the GGUF built (or found) in
     args.work_dir, then measured in a fresh process with args.threads threads."""
+    from bench import child_result
+
     from elmd.engine.tokenizer import Tokenizer
 
     try:
@@ -316,14 +309,11 @@ def measure_in_process(model_dir: Path, quant: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", str(path), "--vocab", str(Tokenizer.from_dir(model_dir).vocab_size),
            "--threads", str(args.threads), "--repeats", str(args.repeats),
            "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    if done.returncode < 0:  # llama.cpp itself crashed: its last words are no explanation
-        return {"error": f"llama.cpp child killed by {signal.Signals(-done.returncode).name}"
-                         " (a GCC 12 build on an AMX CPU does this: README, Benchmarks)"}
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "dtype": GGUF_TYPES[quant], "gguf": str(path),
-            **describe(path)}
+    # A crashed llama.cpp leaves no explanation of its own.
+    result = child_result(cmd, crashed=" (a GCC 12 build of llama.cpp on an AMX CPU does this: README, Benchmarks)")
+    if "error" in result:
+        return result
+    return {**result, "dtype": GGUF_TYPES[quant], "gguf": str(path), **describe(path)}
 
 
 def main(argv=None) -> int:
