@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from elmd.engine.openelm import OpenELM, OpenELMConfig, rope_tables
+from elmd.engine.openelm import OpenELM, OpenELMConfig
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -98,6 +98,6 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str 
                 state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     del state
-    # The RoPE tables were built on the meta device with the module; build them for real.
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.rope_max_length, cfg.rope_freq_constant, device=device)
+    # The RoPE tables are built on the CPU even in a meta-device module (see rope_tables).
+    model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)
     return model.eval().requires_grad_(False)

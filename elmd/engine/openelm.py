@@ -305,7 +305,7 @@ class OpenELM(nn.Module):
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] for one new token per sequence, the layer stack run by the native
         decode plan (elmd/engine/kernels/decode.cpp) in one call; float32 on the CPU."""
-        x = self.transformer.token_embeddings(tokens).float().contiguous()  # the residual stream
+        x = self.transformer.token_embeddings(tokens)  # the residual stream, float32 [B, dim]
         caches = [block.attn.cache for block in self.transformer.layers]
         h = self.decode_plan.step(x, [c.k for c in caches], [c.v for c in caches], slots, positions)
         return self.head(h)

@@ -9,7 +9,7 @@ import psutil
 import torch
 
 from elmd.engine.checkpoint import load_model, read_config
-from elmd.engine.openelm import OpenELM, rope_tables
+from elmd.engine.openelm import OpenELM
 from elmd.engine.protocol import BackendInfo, SamplingParams, StepChannel, TokenLogprob
 from elmd.engine.sampling import logprob_of
 from elmd.engine.scheduler import Scheduler
@@ -66,8 +66,7 @@ def load_quantized_model(model_dir: Path, quant: str, dtype: torch.dtype, device
         with torch.device("meta"):
             model = OpenELM(read_config(model_dir))
         model = load_quantized(model, stored, device)
-        model.rope_cos, model.rope_sin = rope_tables(model.cfg.head_dim, model.cfg.rope_max_length,
-                                                     model.cfg.rope_freq_constant, device=device)  # fmt: skip
+        model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)  # built on the CPU
         return model.eval().requires_grad_(False)
     model = quantize_model(load_model(model_dir, dtype=dtype, device=device), quant, embedding=True)
     if spec is not None and os.access(model_dir, os.W_OK):
