@@ -1,6 +1,7 @@
 """The package's native CPU kernels: built on first use, or None where they cannot run.
 
-qgemv.cpp holds the weight-streaming matmuls (int8, int4, bf16), decode.cpp the fused
+qgemv.cpp holds the weight-streaming matmuls (int8, int4, bf16), amx.cpp the int8/int4
+matmuls of prompts on AMX (used where the CPU has it), decode.cpp the fused
 small operations of a decode step (QK-norm + RoPE + KV write + attention, residual add +
 RMSNorm, SwiGLU).
 
@@ -19,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qgemv.cpp", "decode.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("qgemv.cpp", "decode.cpp", "amx.cpp")]
 NEEDED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma"})
 # -fopenmp: at::parallel_for is an inline OpenMP loop; without it the kernels run on one
 # thread. At run time the library binds to the libgomp torch has already loaded (same soname).
 COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16",
-                  "-mf16c", "-mfma"]
+                  "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16"]
 ROWS = 16  # output rows per register in qgemv.cpp
 log = logging.getLogger(__name__)
 
