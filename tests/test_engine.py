@@ -142,7 +142,9 @@ def test_cached_decode_matches_a_full_forward(tiny):
         full = model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
         model.setup_caches(2, 64)
         slot = torch.tensor([1])
-        model(torch.tensor([ids[:4]]), torch.arange(4)[None], slot)
+        prompt = model(torch.tensor([ids[:4]]), torch.arange(4)[None], slot, last_only=True)
+        assert prompt.shape == (1, 1, model.cfg.vocab_size)
+        assert torch.allclose(prompt[0, -1], full[3], atol=1e-5)
         for i in range(4, len(ids)):
             step = model(torch.tensor([[ids[i]]]), torch.tensor([[i]]), slot)[0, -1]
             assert torch.allclose(step, full[i], atol=1e-5)

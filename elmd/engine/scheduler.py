@@ -194,7 +194,7 @@ class Scheduler:
         tokens = torch.tensor([seq.tokens[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device)[None]
         slots = torch.tensor([seq.slot], device=self.device)
-        logits = self.model(tokens, positions, slots, span=end)
+        logits = self.model(tokens, positions, slots, span=end, last_only=True)
         seq.filled = end
         if end == seq.prompt_len:
             self._emit(seq, logits[0, -1].float())
