@@ -239,7 +239,8 @@ def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
 def print_table(rows: list[dict], bandwidth: float) -> None:
     print(f"\nread bandwidth: {bandwidth:.1f} GB/s (median of the runs around the measurements)")
     head = (f"{'model':24} {'quant':6} {'engine':9} {'weights':>8} {'load s':>6} {'RSS MB':>7} {'peak MB':>7} "
-            f"{'prompt t/s':>10} {'decode t/s':>10} {'ceiling':>8} {'%':>4} {'others%':>7} {'ready s':>7} {'TTFT ms':>7}")
+            f"{'prompt t/s':>10} {'decode t/s':>10} {'ceiling':>8} {'at size':>7} {'%':>4} {'others%':>7} {'ready s':>7} "
+            f"{'TTFT ms':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -251,8 +252,12 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
             http += f"  ({r['http_error']})"
         print(f"{r['model']:24} {r['quant']:6} {r['engine']:9} {r['weights_bytes'] / 1e6:>6.0f}MB {r['load_s']:>6.2f} "
               f"{r['rss_loaded_bytes'] / 1e6:>7.0f} {r['rss_peak_bytes'] / 1e6:>7.0f} {r['prompt_tok_s']:>10.0f} "
-              f"{r['decode_tok_s']:>10.1f} {r['ceiling_tok_s']:>8.0f} {100 * r['decode_tok_s'] / r['ceiling_tok_s']:>4.0f} "
+              f"{r['decode_tok_s']:>10.1f} {r['ceiling_tok_s']:>8.0f} {r['ceiling_at_size_tok_s']:>7.0f} "
+              f"{100 * r['decode_tok_s'] / r['ceiling_at_size_tok_s']:>4.0f} "
               f"{r['others_cpu_pct']:>7.0f} {http}")
+    print("ceiling: decode tok/s if the weights streamed at the 1 GiB read bandwidth (DRAM); at size: at the\n"
+          "bandwidth of a stream as large as the weights, which the last-level cache partly holds between\n"
+          "tokens, measured right after the row; %: decode over that second limit")
     if any(r.get("others_cpu_pct", 0) > 10 for r in rows):
         print("others%: CPU taken by other processes during the row; above ~10% its figures are unreliable")
 
@@ -291,7 +296,7 @@ def chart(rows: list[dict], path: Path) -> Path | None:
     labels = [f"{r['model']}\n{r['quant']}\n{r['engine']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 4.5))
     xs = range(len(rows))
-    ax.bar(xs, [r["ceiling_tok_s"] for r in rows], color="#dddddd", label="bandwidth limit")
+    ax.bar(xs, [r["ceiling_at_size_tok_s"] for r in rows], color="#dddddd", label="read-bandwidth limit at the weights' size")
     ax.bar(xs, [r["decode_tok_s"] for r in rows], width=0.5, color="#3a6ea5", label="decode, batch 1")
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("tokens / s")
@@ -351,6 +356,9 @@ def main(argv=None) -> int:
                 measured.append({**peer, "others_cpu_pct": others.pct})
                 bandwidths.append(read_bandwidth_gbs())
             for r in measured:
+                if "weights_bytes" in r:
+                    r["bandwidth_at_size_gbs"] = read_bandwidth_gbs(r["weights_bytes"])
+                    r["ceiling_at_size_tok_s"] = r["bandwidth_at_size_gbs"] * 1e9 / r["weights_bytes"]
                 rows.append(r)
                 print(f"{label} {quant} {r['engine']}: "
                       + (r["error"] if "error" in r else ", ".join(f"{k}={v:.4g}" for k, v in r.items() if isinstance(v, float))),

@@ -46,9 +46,11 @@ def layer_shapes(shape: str, with_head: bool) -> list[tuple[int, int]]:
     return shapes
 
 
-def read_bandwidth_gbs(repeats: int = 7) -> float:
-    """Median GB/s of summing a 1 GiB float32 array: the ceiling for weight streaming."""
-    a = torch.ones(256 * 1024 * 1024, dtype=torch.float32)
+def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 7) -> float:
+    """Median GB/s of summing an `nbytes` float32 array: the ceiling for streaming weights
+    that large (1 GiB: from DRAM; smaller arrays may partly stay in the last-level cache
+    between passes, as a model's weights do between tokens)."""
+    a = torch.ones(nbytes // 4, dtype=torch.float32)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
