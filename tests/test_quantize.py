@@ -53,14 +53,29 @@ def test_quantized_linear_matches_float(linear, quant, kernel, rows):
     assert rel_err(out, linear(x)) < QUANT_TOLERANCE[quant]
 
 
+@pytest.mark.skipif(native.load() is None or not {"amx_bf16", "amx_tile"} <= native.cpu_flags(),
+                    reason="needs the native kernels on a CPU with AMX")
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4-g128"])
+def test_prompt_rows_run_on_amx_with_only_bf16_rounding(linear, quant):
+    """From 32 rows the native matmul is amx.cpp's: the activations are rounded to bf16
+    (measured 1.6e-3 to 2.4e-3 here) instead of quantized to int8 per block (5.4e-3 to
+    5.7e-3 below 32 rows), so a lost dispatch to AMX shows as the larger error."""
+    q = quantize.QuantizedLinear.from_float(linear, quantize.parse_quant(quant))
+    q.prepare("native")
+    for rows, bound in ((31, 0.015), (32, 0.0035), (530, 0.0035)):
+        x = torch.randn(rows, linear.in_features)
+        assert rel_err(q(x), F.linear(x, q.scheme.dequantize(q.stored(), q.out_features, q.in_features))) < bound
+
+
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_bf16_activations_and_leading_dims_are_kept(linear, quant, kernel):
+@pytest.mark.parametrize("lead", [(2, 5), (3, 17)])  # 10 rows, and 51 (a prompt: AMX where the CPU has it)
+def test_bf16_activations_and_leading_dims_are_kept(linear, quant, kernel, lead):
     q = quantize.QuantizedLinear.from_float(linear, quantize.parse_quant(quant))
     q.prepare(kernel)
-    x = torch.randn(2, 5, linear.in_features, dtype=torch.bfloat16)
+    x = torch.randn(*lead, linear.in_features, dtype=torch.bfloat16)
     out = q(x)
-    assert out.shape == (2, 5, linear.out_features) and out.dtype == torch.bfloat16
+    assert out.shape == (*lead, linear.out_features) and out.dtype == torch.bfloat16
     assert rel_err(out, linear(x.float())) < QUANT_TOLERANCE[quant] + 0.01
 
 
