@@ -20,7 +20,7 @@ from mlx_lm.utils import load_model as mlx_load_model  # noqa: E402
 from elmd.engine.checkpoint import load_model  # noqa: E402
 from elmd.engine.protocol import SamplingParams  # noqa: E402
 from elmd.engine.kernels import native  # noqa: E402
-from elmd.engine.torch_backend import TorchBackend, use_native_decode  # noqa: E402
+from elmd.engine.torch_backend import TorchBackend, use_native_plan  # noqa: E402
 from elmd.fixtures import write_checkpoint  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -50,7 +50,7 @@ def test_logits_over_prompt_and_cached_decode_agree(checkpoint, decode):
     ids = _prompt(shape)
     ours = load_model(path, dtype=torch.float32)
     if decode == "native":
-        assert use_native_decode(ours)
+        assert use_native_plan(ours)
     ref, _ = mlx_load_model(path)
     ref.set_dtype(mx.float32)
 

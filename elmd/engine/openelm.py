@@ -236,7 +236,7 @@ class OpenELM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.cache_slots = 0
-        self.decode_plan = None  # torch.classes.elmd.DecodePlan when one-token steps run natively
+        self.native_plan = None  # torch.classes.elmd.NativePlan when cached steps and prompts run natively
 
     def setup_caches(self, slots: int, length: int | None = None) -> None:
         """Allocate the KV cache: `slots` sequences of `length` tokens (default: the context)."""
@@ -290,8 +290,11 @@ class OpenELM(nn.Module):
         their first `span` positions (default: up to the furthest position); without,
         attention is causal over `tokens` alone (scoring).
         """
-        if tokens.shape[1] == 1 and slots is not None and self.decode_plan is not None:
-            return self.decode_step(tokens[:, 0], positions[:, 0].contiguous(), slots)[:, None]
+        if slots is not None and self.native_plan is not None:
+            if tokens.shape[1] == 1:
+                return self.decode_step(tokens[:, 0], positions[:, 0].contiguous(), slots)[:, None]
+            if tokens.shape[0] == 1:
+                return self.prefill_chunk(tokens[0], int(positions[0, 0]), int(slots[0]), last_only)[None]
         x = self.transformer.token_embeddings(tokens)
         cos = self.rope_cos[positions][:, None]
         sin = self.rope_sin[positions][:, None]
@@ -307,11 +310,19 @@ class OpenELM(nn.Module):
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] for one new token per sequence, the layer stack run by the native
-        decode plan (elmd/engine/kernels/decode.cpp) in one call; float32 on the CPU."""
+        plan (elmd/engine/kernels/decode.cpp) in one call; float32 on the CPU."""
         x = self.transformer.token_embeddings(tokens)  # the residual stream, float32 [B, dim]
         caches = [block.attn.cache for block in self.transformer.layers]
-        h = self.decode_plan.step(x, [c.k for c in caches], [c.v for c in caches], slots, positions)
+        h = self.native_plan.step(x, [c.k for c in caches], [c.v for c in caches], slots, positions)
         return self.head(h)
+
+    def prefill_chunk(self, tokens: torch.Tensor, start: int, slot: int, last_only: bool) -> torch.Tensor:
+        """Logits [T, vocab] (or [1, vocab] with `last_only`) for one sequence's T prompt tokens
+        at positions start .. start + T - 1, cached in row `slot`, by the native plan."""
+        x = self.transformer.token_embeddings(tokens)  # [T, dim]
+        caches = [block.attn.cache for block in self.transformer.layers]
+        h = self.native_plan.prefill(x, [c.k for c in caches], [c.v for c in caches], slot, start)
+        return self.head(h[-1:] if last_only else h)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

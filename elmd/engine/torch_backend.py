@@ -76,9 +76,10 @@ def load_quantized_model(model_dir: Path, quant: str, dtype: torch.dtype, device
     return model
 
 
-def use_native_decode(model: OpenELM) -> bool:
-    """Run one-token steps through the native decode plan where it applies: a float32 model
-    on an x86 CPU that built the kernels, every linear layer on a kernel the plan runs."""
+def use_native_plan(model: OpenELM) -> bool:
+    """Run cached forwards (decode steps, one sequence's prompt chunks) through the native
+    plan where it applies: a float32 model on an x86 CPU that built the kernels, every
+    linear layer on a kernel the plan runs."""
     from elmd.engine.kernels import native
     from elmd.engine.quantize import native_linear_args
 
@@ -97,7 +98,7 @@ def use_native_decode(model: OpenELM) -> bool:
         return [block.attn_norm.weight, *qk, block.ffn_norm.weight]
 
     norms = [w for block in layers for w in layer_norms(block)] + [norm]
-    model.decode_plan = torch.classes.elmd.DecodePlan(
+    model.native_plan = torch.classes.elmd.NativePlan(
         norms, [t for _, tensors, _ in args for t in tensors], [kind for kind, _, _ in args],
         [group for _, _, group in args], [b.attn.q_heads for b in layers], model.cfg.rms_norm_eps,
         model.cfg.ffn_with_glu, model.rope_cos, model.rope_sin)
@@ -122,7 +123,7 @@ class TorchBackend:
 
         def load() -> OpenELM:
             model = load_quantized_model(Path(model_dir), quant, torch_dtype, device)
-            use_native_decode(model)
+            use_native_plan(model)
             return model
 
         self.scheduler = Scheduler(load, slots=slots, prefix_cache_bytes=prefix_cache_bytes)

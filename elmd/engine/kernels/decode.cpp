@@ -1,4 +1,4 @@
-// The small operations of one decode step, fused: everything between the matmuls.
+// The small operations of one decode step (or prompt chunk), fused: everything between the matmuls.
 //
 // At batch 1 a 270M token spends as long in ~40 small ATen ops per layer (norms,
 // QK-norm, RoPE, KV writes, the attention products, softmax, residual adds, SiLU) as in
@@ -11,9 +11,12 @@
 // * add_rms_norm: the residual add in place, then RMSNorm of the sum (the next norm).
 // * silu_mul: SwiGLU's SiLU(gate) * up.
 //
-// DecodePlan runs the whole layer stack of one step in a single call from Python, with
+// NativePlan runs the whole layer stack of one step in a single call from Python, with
 // these and the matmul kernels of qgemv.cpp: at batch 1 the Python calls between ~112 ops
-// per 270M token had cost ~1.4 ms of 8.3.
+// per 270M token had cost ~1.4 ms of 8.3. Its `prefill` runs a prompt chunk of one
+// sequence the same way, the row-wise ops split over threads by rows and attention left
+// to ATen's SDPA: there the ~40 ATen norm, RoPE and SwiGLU ops per layer (a quarter of
+// a 256-token chunk on the 270M) were each a pass over the chunk's activations.
 //
 // float32 activations and cache only (the CPU's dtype); elmd/engine/openelm.py keeps
 // the ATen path for everything else and checks this against it in tests.
@@ -88,7 +91,7 @@ inline float inverse_rms(const float* x, int64_t n, double eps) {
 // out = rms_norm(x) * weight (weight may be null: no norm, out = x).
 inline void rms_norm(const float* x, const float* weight, int64_t n, double eps, float* out) {
   if (weight == nullptr) {
-    std::copy(x, x + n, out);
+    if (out != x) std::copy(x, x + n, out);
     return;
   }
   const float r = inverse_rms(x, n, eps);
@@ -105,6 +108,42 @@ inline void rope(float* x, const float* cos, const float* sin, int64_t d, float 
 
 const float* optional_data(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
+}
+
+// Rows per task when a row-wise op covers a prompt chunk (one decode row: no thread region).
+constexpr int64_t kRowGrain = 8;
+
+// rms_norm(x) * weight for each row of x [rows, n].
+at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) rms_norm(xp + r * n, wp, n, eps, op + r * n);
+  });
+  return out;
+}
+
+// qkv [T, (Hq + 2 Hkv) * D], one sequence at positions start .. start + T - 1: QK-norm and
+// RoPE of every query and key head, in place.
+void norm_rope_rows(at::Tensor& qkv, const float* q_norm, const float* k_norm, double eps, const at::Tensor& cos,
+                    const at::Tensor& sin, int64_t start, int64_t q_heads, int64_t kv_heads, int64_t D) {
+  const int64_t T = qkv.size(0), width = qkv.size(1);
+  TORCH_CHECK(start + T <= cos.size(0), "prefill: position out of range");
+  float* p = qkv.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  at::parallel_for(0, T, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t h = 0; h < q_heads + kv_heads; ++h) {
+        float* x = p + t * width + h * D;
+        rms_norm(x, h < q_heads ? q_norm : k_norm, D, eps, x);
+        rope(x, cp + (start + t) * D, sp + (start + t) * D, D, 1.f);
+      }
+    }
+  });
 }
 
 }  // namespace
@@ -199,11 +238,13 @@ at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor
   const float* dp = delta.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    float* xr = xp + r * n;
-    for (int64_t i = 0; i < n; ++i) xr[i] += dp[r * n + i];
-    rms_norm(xr, wp, n, eps, op + r * n);
-  }
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* xr = xp + r * n;
+      for (int64_t i = 0; i < n; ++i) xr[i] += dp[r * n + i];
+      rms_norm(xr, wp, n, eps, op + r * n);
+    }
+  });
   return out;
 }
 
@@ -216,18 +257,20 @@ at::Tensor silu_mul(const at::Tensor& h) {
   at::Tensor out = at::empty(shape, h.options());
   const float* hp = h.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* gate = hp + r * 2 * w;
-    const float* up = gate + w;
-    float* o = op + r * w;
-    int64_t i = 0;
-    for (; i + 16 <= w; i += 16) {
-      const __m512 g = _mm512_loadu_ps(gate + i);
-      const __m512 sig = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-      _mm512_storeu_ps(o + i, _mm512_mul_ps(sig, _mm512_loadu_ps(up + i)));
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* gate = hp + r * 2 * w;
+      const float* up = gate + w;
+      float* o = op + r * w;
+      int64_t i = 0;
+      for (; i + 16 <= w; i += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + i);
+        const __m512 sig = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(sig, _mm512_loadu_ps(up + i)));
+      }
+      for (; i < w; ++i) o[i] = gate[i] / (1.f + exp1(-gate[i])) * up[i];
     }
-    for (; i < w; ++i) o[i] = gate[i] / (1.f + exp1(-gate[i])) * up[i];
-  }
+  });
   return out;
 }
 
@@ -249,9 +292,10 @@ struct PlanLinear {
   }
 };
 
-// The layer stack of OpenELM for one token per sequence. Built once per loaded model;
+// The layer stack of OpenELM for one token per sequence (step) or one sequence's prompt
+// chunk (prefill). Built once per loaded model;
 // the KV caches come with each call because the scheduler resizes them.
-struct DecodePlan : torch::CustomClassHolder {
+struct NativePlan : torch::CustomClassHolder {
   std::vector<at::Tensor> norms;      // per layer: attn, q, k (empty: none), ffn; then the final norm
   std::vector<PlanLinear> linears;    // per layer: qkv_proj, out_proj, proj_1, proj_2
   std::vector<int64_t> q_heads;
@@ -260,7 +304,7 @@ struct DecodePlan : torch::CustomClassHolder {
   at::Tensor cos, sin;
 
   // tensors: three per linear (weight, scale, zero; empty where the kind has none).
-  DecodePlan(std::vector<at::Tensor> norms, std::vector<at::Tensor> tensors, std::vector<int64_t> kinds,
+  NativePlan(std::vector<at::Tensor> norms, std::vector<at::Tensor> tensors, std::vector<int64_t> kinds,
              std::vector<int64_t> groups, std::vector<int64_t> q_heads, double eps, bool glu, at::Tensor cos,
              at::Tensor sin)
       : norms(std::move(norms)), q_heads(std::move(q_heads)), eps(eps), glu(glu), cos(std::move(cos)),
@@ -268,9 +312,9 @@ struct DecodePlan : torch::CustomClassHolder {
     const size_t layers = this->q_heads.size();
     TORCH_CHECK(this->norms.size() == 4 * layers + 1 && kinds.size() == 4 * layers && groups.size() == kinds.size() &&
                     tensors.size() == 3 * kinds.size(),
-                "DecodePlan: inconsistent layer lists");
+                "NativePlan: inconsistent layer lists");
     for (size_t i = 0; i < kinds.size(); ++i) {
-      TORCH_CHECK(kinds[i] >= PlanLinear::kFloat && kinds[i] <= PlanLinear::kInt4, "DecodePlan: unknown linear kind");
+      TORCH_CHECK(kinds[i] >= PlanLinear::kFloat && kinds[i] <= PlanLinear::kInt4, "NativePlan: unknown linear kind");
       linears.push_back({kinds[i], tensors[3 * i], tensors[3 * i + 1], tensors[3 * i + 2], groups[i]});
     }
   }
@@ -280,18 +324,52 @@ struct DecodePlan : torch::CustomClassHolder {
   at::Tensor step(at::Tensor x, std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches,
                   at::Tensor slots, at::Tensor positions) {
     const size_t layers = q_heads.size();
-    TORCH_CHECK(k_caches.size() == layers && v_caches.size() == layers, "DecodePlan: one KV cache per layer");
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "DecodePlan: x is [B, dim] float32");
-    const int64_t dim = x.size(1);
-    at::Tensor h = at::empty_like(x);
-    for (int64_t r = 0; r < x.size(0); ++r)
-      rms_norm(x.data_ptr<float>() + r * dim, norms[0].data_ptr<float>(), dim, eps, h.data_ptr<float>() + r * dim);
+    TORCH_CHECK(k_caches.size() == layers && v_caches.size() == layers, "NativePlan: one KV cache per layer");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "NativePlan: x is [B, dim] float32");
+    at::Tensor h = rms_norm_rows(x, norms[0], eps);
     for (size_t i = 0; i < layers; ++i) {
       const at::Tensor* n = &norms[4 * i];
       const PlanLinear* lin = &linears[4 * i];
       const at::Tensor y = decode_attention(lin[0](h), optional_norm(n[1]), optional_norm(n[2]), eps, cos, sin,
                                             k_caches[i], v_caches[i], slots, positions, q_heads[i]);
       h = add_rms_norm(x, lin[1](y), n[3], eps);
+      const at::Tensor up = lin[2](h);
+      h = add_rms_norm(x, lin[3](glu ? silu_mul(up) : at::silu(up)), norms[4 * (i + 1)], eps);
+    }
+    return h;
+  }
+
+  // A prompt chunk of one sequence: x [T, dim] float32, the embedded tokens at positions
+  // start .. start + T - 1 (the residual stream, updated in place), their keys and values
+  // written to cache row `slot`; attention over the row's first start + T positions by
+  // ATen's SDPA. Returns the final norm of every position [T, dim], ready for the head.
+  at::Tensor prefill(at::Tensor x, std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t slot,
+                     int64_t start) {
+    const size_t layers = q_heads.size();
+    TORCH_CHECK(k_caches.size() == layers && v_caches.size() == layers, "NativePlan: one KV cache per layer");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "NativePlan: x is [T, dim] float32");
+    const int64_t T = x.size(0), span = start + T;
+    TORCH_CHECK(start >= 0 && slot >= 0 && slot < k_caches[0].size(0) && span <= k_caches[0].size(2),
+                "NativePlan: slot or positions out of the cache");
+    // Query t (position start + t) sees cached positions up to its own.
+    const c10::optional<at::Tensor> mask =
+        start == 0 ? c10::nullopt : c10::optional<at::Tensor>(at::ones({T, span}, x.options().dtype(at::kBool)).tril(start));
+    at::Tensor h = rms_norm_rows(x, norms[0], eps);
+    for (size_t i = 0; i < layers; ++i) {
+      const at::Tensor* n = &norms[4 * i];
+      const PlanLinear* lin = &linears[4 * i];
+      const int64_t kv_heads = k_caches[i].size(1), D = k_caches[i].size(3), hq = q_heads[i];
+      at::Tensor qkv = lin[0](h);
+      norm_rope_rows(qkv, optional_data(optional_norm(n[1])), optional_data(optional_norm(n[2])), eps, cos, sin, start,
+                     hq, kv_heads, D);
+      const at::Tensor heads = qkv.view({T, hq + 2 * kv_heads, D}).transpose(0, 1);  // [heads, T, D]
+      const at::Tensor keys = k_caches[i].select(0, slot), values = v_caches[i].select(0, slot);
+      keys.slice(1, start, span).copy_(heads.slice(0, hq, hq + kv_heads));
+      values.slice(1, start, span).copy_(heads.slice(0, hq + kv_heads));
+      const at::Tensor y = at::scaled_dot_product_attention(
+          heads.slice(0, 0, hq).unsqueeze(0), keys.slice(1, 0, span).unsqueeze(0), values.slice(1, 0, span).unsqueeze(0),
+          mask, 0.0, /*is_causal=*/start == 0, c10::nullopt, /*enable_gqa=*/hq != kv_heads);
+      h = add_rms_norm(x, lin[1](y[0].transpose(0, 1).reshape({T, hq * D})), n[3], eps);
       const at::Tensor up = lin[2](h);
       h = add_rms_norm(x, lin[3](glu ? silu_mul(up) : at::silu(up)), norms[4 * (i + 1)], eps);
     }
@@ -308,10 +386,11 @@ TORCH_LIBRARY_FRAGMENT(elmd, m) {
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor positions, int q_heads) -> Tensor");
   m.def("add_rms_norm(Tensor(a!) x, Tensor delta, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor h) -> Tensor");
-  m.class_<DecodePlan>("DecodePlan")
+  m.class_<NativePlan>("NativePlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
                        std::vector<int64_t>, double, bool, at::Tensor, at::Tensor>())
-      .def("step", &DecodePlan::step);
+      .def("step", &NativePlan::step)
+      .def("prefill", &NativePlan::prefill);
 }
 
 TORCH_LIBRARY_IMPL(elmd, CPU, m) {
