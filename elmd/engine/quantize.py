@@ -281,7 +281,7 @@ class BF16Linear(nn.Linear):
 
 
 def native_linear_args(module: nn.Module) -> tuple[int, list[torch.Tensor], int] | None:
-    """How the native decode plan (kernels/decode.cpp, PlanLinear) runs this linear layer:
+    """How the native plan (kernels/decode.cpp, PlanLinear) runs this linear layer:
     (kind, [weight, scale, zero], group), or None when it runs on a kernel the plan lacks."""
     none = torch.empty(0)
     if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.float32:
