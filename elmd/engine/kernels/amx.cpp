@@ -197,11 +197,6 @@ void multiply_block(const uint16_t* a, int64_t K, int64_t m0, int64_t k0, const 
   }
 }
 
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(at::BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
-}
-
 // The activations rounded to bf16, rows padded with zeros to a multiple of 32.
 template <typename In>
 at::Tensor activations_bf16(const In* x, int64_t M, int64_t K, int64_t padded) {
@@ -276,19 +271,11 @@ void amx_matmul(const In* x, int64_t M, int64_t K, int64_t N, const float* col_s
   }
 }
 
-template <typename F>
-void with_io_types(const at::Tensor& x, const at::Tensor& out, F&& f) {
-  if (x.scalar_type() == at::kBFloat16)
-    f(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
-  else
-    f(x.data_ptr<float>(), out.data_ptr<float>());
-}
-
 // The AMX versions of int8_linear and int4_linear for 2-D contiguous x, into `out`.
 void amx_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = scale.size(0);
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  with_io_types(x, out, [&](auto* xp, auto* op) {
+  with_types(x, out, [&](auto* xp, auto* op) {
     amx_matmul(xp, M, K, N, scale.data_ptr<float>(), op,
                [&](int64_t col0, int halves, int64_t k0, const Panel& p) { int8_panel(wp, K, col0, halves, k0, p); });
   });
@@ -300,7 +287,7 @@ void amx_int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* zp = zero.data_ptr<at::Half>();
-  with_io_types(x, out, [&](auto* xp, auto* op) {
+  with_types(x, out, [&](auto* xp, auto* op) {
     amx_matmul(xp, M, K, N, nullptr, op, [&](int64_t col0, int halves, int64_t k0, const Panel& p) {
       int4_panel(wp, sp, zp, K, group, col0, halves, k0, p);
     });

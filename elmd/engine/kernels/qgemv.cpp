@@ -106,11 +106,6 @@ QuantizedActivations quantize_activations(const In* x, int64_t M, int64_t K, int
   return a;
 }
 
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(at::BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
-}
-
 inline int32_t load_i32(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -201,15 +196,6 @@ void over_tiles(int64_t M, RowsFn&& rows) {
   for (; m + 4 <= M; m += 4) rows(std::integral_constant<int, 4>{}, m);
   for (; m + 2 <= M; m += 2) rows(std::integral_constant<int, 2>{}, m);
   for (; m < M; ++m) rows(std::integral_constant<int, 1>{}, m);
-}
-
-// Calls f(In*, Out*) with the activations' element type (float32 or bfloat16; the output has the same).
-template <typename F>
-void with_types(const at::Tensor& x, const at::Tensor& out, F&& f) {
-  if (x.scalar_type() == at::kBFloat16)
-    f(x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>());
-  else
-    f(x.data_ptr<float>(), out.data_ptr<float>());
 }
 
 std::pair<at::Tensor, at::Tensor> rows_and_output(const at::Tensor& x, int64_t N) {
