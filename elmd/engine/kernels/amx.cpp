@@ -91,16 +91,11 @@ inline void store_pairs(__m512 f0, __m512 f1, __m512 f2, __m512 f3, uint16_t* ev
   _mm512_storeu_si512(odd_row, _mm512_permutex2var_epi32(lo, odd, hi));
 }
 
-inline __m512 widen_bytes(__m512i bytes, int quarter, bool is_signed) {
-  const __m128i q = _mm512_extracti32x4_epi32(bytes, 0);
-  __m128i part;
-  switch (quarter) {
-    case 0: part = q; break;
-    case 1: part = _mm512_extracti32x4_epi32(bytes, 1); break;
-    case 2: part = _mm512_extracti32x4_epi32(bytes, 2); break;
-    default: part = _mm512_extracti32x4_epi32(bytes, 3); break;
-  }
-  return _mm512_cvtepi32_ps(is_signed ? _mm512_cvtepi8_epi32(part) : _mm512_cvtepu8_epi32(part));
+// Bytes 16*Quarter .. 16*Quarter+15 of a vector as 16 floats.
+template <int Quarter, bool Signed>
+inline __m512 widen_bytes(__m512i bytes) {
+  const __m128i part = _mm512_extracti32x4_epi32(bytes, Quarter);
+  return _mm512_cvtepi32_ps(Signed ? _mm512_cvtepi8_epi32(part) : _mm512_cvtepu8_epi32(part));
 }
 
 // int8, packed by pack_int8 ([N/16][K/4][16][4], stored +128): the raw values, scale applied later.
@@ -111,8 +106,8 @@ void int8_panel(const uint8_t* w, int64_t K, int64_t col0, int halves, int64_t k
       uint16_t* tile = p.tile(kb, h);
       for (int c = 0; c < 8; ++c) {  // 4 k per 64-byte chunk
         const __m512i v = _mm512_xor_si512(_mm512_loadu_si512(rows + (kb * 8 + c) * 64), _mm512_set1_epi8(-128));
-        store_pairs(widen_bytes(v, 0, true), widen_bytes(v, 1, true), widen_bytes(v, 2, true),
-                    widen_bytes(v, 3, true), tile + (2 * c) * 32, tile + (2 * c + 1) * 32);
+        store_pairs(widen_bytes<0, true>(v), widen_bytes<1, true>(v), widen_bytes<2, true>(v),
+                    widen_bytes<3, true>(v), tile + (2 * c) * 32, tile + (2 * c + 1) * 32);
       }
     }
   }
@@ -148,10 +143,12 @@ void int4_panel(const uint8_t* w, const at::Half* scale, const at::Half* zero, i
         const __m512i v = _mm512_loadu_si512(rows + (kb * 4 + c) * 64);
         const __m512i nibbles[2] = {_mm512_and_si512(v, low), _mm512_and_si512(_mm512_srli_epi16(v, 4), low)};
         for (int half = 0; half < 2; ++half) {
-          __m512 f[4];
-          for (int q = 0; q < 4; ++q) f[q] = _mm512_fmadd_ps(widen_bytes(nibbles[half], q, false), sq[q], zq[q]);
+          const __m512i n = nibbles[half];
           const int row = 4 * c + 2 * half;
-          store_pairs(f[0], f[1], f[2], f[3], tile + row * 32, tile + (row + 1) * 32);
+          store_pairs(_mm512_fmadd_ps(widen_bytes<0, false>(n), sq[0], zq[0]),
+                      _mm512_fmadd_ps(widen_bytes<1, false>(n), sq[1], zq[1]),
+                      _mm512_fmadd_ps(widen_bytes<2, false>(n), sq[2], zq[2]),
+                      _mm512_fmadd_ps(widen_bytes<3, false>(n), sq[3], zq[3]), tile + row * 32, tile + (row + 1) * 32);
         }
       }
     }
@@ -218,13 +215,6 @@ at::Tensor activations_bf16(const In* x, int64_t M, int64_t K, int64_t padded) {
   return a;
 }
 
-}  // namespace
-
-bool amx_available() {
-  static const bool ok = cpu_has_amx_bf16() && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  return ok;
-}
-
 // Input columns per slice: equal multiples of 32, at most kSliceMax.
 int64_t k_slice(int64_t K) {
   const int64_t slices = (K + kSliceMax - 1) / kSliceMax;
@@ -234,9 +224,9 @@ int64_t k_slice(int64_t K) {
 // out [M, N] = x [M, K] . W^T, W given by `panel(col0, halves, k0, panel)`, times col_scale[n] when given.
 template <typename In, typename Out, typename PanelFn>
 void amx_matmul(const In* x, int64_t M, int64_t K, int64_t N, const float* col_scale, Out* out, PanelFn&& panel) {
+  const int64_t kc = k_slice(K);
   for (int64_t m_begin = 0; m_begin < M; m_begin += kMChunk) {
     const int64_t rows = std::min(kMChunk, M - m_begin), padded = (rows + 31) / 32 * 32;
-    const int64_t kc = k_slice(K);
     const at::Tensor a = activations_bf16(x + m_begin * K, rows, K, padded);
     const uint16_t* ap = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
     Out* o = out + m_begin * N;
@@ -250,10 +240,11 @@ void amx_matmul(const In* x, int64_t M, int64_t K, int64_t N, const float* col_s
           const Panel p{panel_buffer.data(), std::min(kc, K - k0) / 32};
           for (int64_t blk = g0; blk < g1; ++blk) {
             const int64_t col0 = blk * 32;
-            panel(col0, N - col0 >= 32 ? 2 : 1, k0, p);
+            const int halves = N - col0 >= 32 ? 2 : 1;  // N is a multiple of 16
+            panel(col0, halves, k0, p);
             float* c = sums.data() + (blk - g0) * 32;
             for (int64_t m0 = 0; m0 < padded; m0 += 32) {
-              if (N - col0 >= 32) multiply_block<2>(ap, K, m0, k0, p, c + m0 * ld, ld, k0 == 0);
+              if (halves == 2) multiply_block<2>(ap, K, m0, k0, p, c + m0 * ld, ld, k0 == 0);
               else multiply_block<1>(ap, K, m0, k0, p, c + m0 * ld, ld, k0 == 0);
             }
           }
@@ -269,6 +260,13 @@ void amx_matmul(const In* x, int64_t M, int64_t K, int64_t N, const float* col_s
       _tile_release();
     });
   }
+}
+
+}  // namespace
+
+bool amx_available() {
+  static const bool ok = cpu_has_amx_bf16() && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return ok;
 }
 
 // The AMX versions of int8_linear and int4_linear for 2-D contiguous x, into `out`.

@@ -131,7 +131,7 @@ at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double e
 void norm_rope_rows(at::Tensor& qkv, const float* q_norm, const float* k_norm, double eps, const at::Tensor& cos,
                     const at::Tensor& sin, int64_t start, int64_t q_heads, int64_t kv_heads, int64_t D) {
   const int64_t T = qkv.size(0), width = qkv.size(1);
-  TORCH_CHECK(start + T <= cos.size(0), "prefill: position out of range");
+  TORCH_CHECK(start + T <= cos.size(0) && D <= 1024, "prefill: position out of range, or heads wider than 1024");
   float* p = qkv.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
@@ -332,9 +332,7 @@ struct NativePlan : torch::CustomClassHolder {
       const PlanLinear* lin = &linears[4 * i];
       const at::Tensor y = decode_attention(lin[0](h), optional_norm(n[1]), optional_norm(n[2]), eps, cos, sin,
                                             k_caches[i], v_caches[i], slots, positions, q_heads[i]);
-      h = add_rms_norm(x, lin[1](y), n[3], eps);
-      const at::Tensor up = lin[2](h);
-      h = add_rms_norm(x, lin[3](glu ? silu_mul(up) : at::silu(up)), norms[4 * (i + 1)], eps);
+      h = finish_layer(i, x, y);
     }
     return h;
   }
@@ -369,11 +367,18 @@ struct NativePlan : torch::CustomClassHolder {
       const at::Tensor y = at::scaled_dot_product_attention(
           heads.slice(0, 0, hq).unsqueeze(0), keys.slice(1, 0, span).unsqueeze(0), values.slice(1, 0, span).unsqueeze(0),
           mask, 0.0, /*is_causal=*/start == 0, c10::nullopt, /*enable_gqa=*/hq != kv_heads);
-      h = add_rms_norm(x, lin[1](y[0].transpose(0, 1).reshape({T, hq * D})), n[3], eps);
-      const at::Tensor up = lin[2](h);
-      h = add_rms_norm(x, lin[3](glu ? silu_mul(up) : at::silu(up)), norms[4 * (i + 1)], eps);
+      h = finish_layer(i, x, y[0].transpose(0, 1).reshape({T, hq * D}));
     }
     return h;
+  }
+
+  // Layer i after attention: out_proj of the attention output `y` into the residual stream
+  // x (in place), the feed-forward block, and the next layer's (or the final) norm of x.
+  at::Tensor finish_layer(size_t i, at::Tensor& x, const at::Tensor& y) const {
+    const PlanLinear* lin = &linears[4 * i];
+    const at::Tensor h = add_rms_norm(x, lin[1](y), norms[4 * i + 3], eps);
+    const at::Tensor up = lin[2](h);
+    return add_rms_norm(x, lin[3](glu ? silu_mul(up) : at::silu(up)), norms[4 * (i + 1)], eps);
   }
 
   static c10::optional<at::Tensor> optional_norm(const at::Tensor& t) {

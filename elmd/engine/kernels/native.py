@@ -2,8 +2,8 @@
 
 qgemv.cpp holds the weight-streaming matmuls (int8, int4, bf16), amx.cpp the int8/int4
 matmuls of prompts on AMX (used where the CPU has it), decode.cpp the fused
-small operations of a decode step (QK-norm + RoPE + KV write + attention, residual add +
-RMSNorm, SwiGLU).
+small operations between them (QK-norm + RoPE + KV write + attention, residual add +
+RMSNorm, SwiGLU) and the native plan that runs a decode step or a prompt chunk in one call.
 
 They need x86-64 with AVX512-VNNI and AVX512-BF16, a C++ compiler and ninja. Where any
 is missing, elmd/engine/quantize.py falls back to ATen's own kernels, so the native
