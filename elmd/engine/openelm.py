@@ -312,17 +312,19 @@ class OpenELM(nn.Module):
         """Logits [B, vocab] for one new token per sequence, the layer stack run by the native
         plan (elmd/engine/kernels/decode.cpp) in one call; float32 on the CPU."""
         x = self.transformer.token_embeddings(tokens)  # the residual stream, float32 [B, dim]
-        caches = [block.attn.cache for block in self.transformer.layers]
-        h = self.native_plan.step(x, [c.k for c in caches], [c.v for c in caches], slots, positions)
-        return self.head(h)
+        return self.head(self.native_plan.step(x, *self._cache_tensors(), slots, positions))
 
     def prefill_chunk(self, tokens: torch.Tensor, start: int, slot: int, last_only: bool) -> torch.Tensor:
         """Logits [T, vocab] (or [1, vocab] with `last_only`) for one sequence's T prompt tokens
         at positions start .. start + T - 1, cached in row `slot`, by the native plan."""
         x = self.transformer.token_embeddings(tokens)  # [T, dim]
-        caches = [block.attn.cache for block in self.transformer.layers]
-        h = self.native_plan.prefill(x, [c.k for c in caches], [c.v for c in caches], slot, start)
+        h = self.native_plan.prefill(x, *self._cache_tensors(), slot, start)
         return self.head(h[-1:] if last_only else h)
+
+    def _cache_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's key and value caches, as the native plan takes them."""
+        caches = [block.attn.cache for block in self.transformer.layers]
+        return [c.k for c in caches], [c.v for c in caches]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
