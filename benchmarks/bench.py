@@ -257,7 +257,7 @@ def print_table(rows: list[dict], bandwidth: float) -> None:
               f"{r['others_cpu_pct']:>7.0f} {http}")
     print("ceiling: decode tok/s if the weights streamed at the 1 GiB read bandwidth (DRAM); at size: at the\n"
           "bandwidth of a stream as large as the weights, which the last-level cache partly holds between\n"
-          "tokens, measured right after the row; %: decode over that second limit")
+          "tokens, measured right after the model's rows; %: decode over that second limit")
     if any(r.get("others_cpu_pct", 0) > 10 for r in rows):
         print("others%: CPU taken by other processes during the row; above ~10% its figures are unreliable")
 
