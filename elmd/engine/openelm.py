@@ -118,8 +118,12 @@ class KVCache(nn.Module):
 
     def update(self, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: int):
         """Write k, v ([B, H, T, D]) at `positions` ([B, T]) of rows `slots` ([B]); return the
-        first `span` positions of those rows."""
-        if slots.numel() == 1:  # one sequence at consecutive positions: plain slices, no gathers
+        first `span` positions of those rows.
+
+        One sequence on the CPU takes plain slices. Elsewhere rows are scattered and gathered by
+        index: reading the slot back would make the host wait for the device, and a step that
+        reads nothing back can be captured as a CUDA graph."""
+        if slots.numel() == 1 and slots.device.type == "cpu":  # consecutive positions, no gathers
             s, start = int(slots[0]), int(positions[0, 0])
             self.k[s, :, start : start + k.shape[2]] = k[0]
             self.v[s, :, start : start + v.shape[2]] = v[0]
@@ -237,6 +241,7 @@ class OpenELM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.cache_slots = 0
         self.native_plan = None  # torch.classes.elmd.NativePlan when cached steps and prompts run natively
+        self.decode_graphs = None  # elmd.engine.cuda_graphs.DecodeGraphs when decode steps replay CUDA graphs
 
     def setup_caches(self, slots: int, length: int | None = None) -> None:
         """Allocate the KV cache: `slots` sequences of `length` tokens (default: the context)."""
@@ -287,23 +292,32 @@ class OpenELM(nn.Module):
         is 15% of a 270M model's work per position).
 
         With `slots` [B], keys and values go to those cache rows and attention reads
-        their first `span` positions (default: up to the furthest position); without,
-        attention is causal over `tokens` alone (scoring).
+        their first `span` positions (default: up to the furthest position, which reads it
+        back from `positions`); without, attention is causal over `tokens` alone (scoring).
         """
         if slots is not None and self.native_plan is not None:
             if tokens.shape[1] == 1:
                 return self.decode_step(tokens[:, 0], positions[:, 0].contiguous(), slots)[:, None]
             if tokens.shape[0] == 1:
                 return self.prefill_chunk(tokens[0], int(positions[0, 0]), int(slots[0]), last_only)[None]
+        if slots is not None and self.decode_graphs is not None and tokens.shape[1] == 1:
+            return self.decode_graphs(tokens, positions, slots)
+        return self.layers_forward(tokens, positions, slots, span, last_only)
+
+    def layers_forward(self, tokens, positions, slots=None, span=None, last_only=False) -> torch.Tensor:
+        """`forward` through ATen ops. Given `slots` and `span`, it reads no value back to the
+        host, so a decode step can be captured as a CUDA graph (tested on the meta device)."""
         x = self.transformer.token_embeddings(tokens)
         cos = self.rope_cos[positions][:, None]
         sin = self.rope_sin[positions][:, None]
         B, T = tokens.shape
         if slots is None:
             mask = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        elif span is None and B == T == 1:  # the cache row up to this token: nothing to mask
+            span, mask = int(positions[0, 0]) + 1, None
         else:
             span = span or int(positions.max()) + 1
-            mask = None if B == T == 1 else torch.arange(span, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
+            mask = torch.arange(span, device=tokens.device)[None, None, None, :] <= positions[:, None, :, None]
         for block in self.transformer.layers:
             x = block(x, cos, sin, slots, positions, mask, span)
         return self.head(self.transformer.norm(x[:, -1:] if last_only else x))

@@ -203,7 +203,8 @@ class Scheduler:
         tokens = torch.tensor([[s.tokens[-1]] for s in batch], device=self.device)
         positions = torch.tensor([[s.filled] for s in batch], device=self.device)
         slots = torch.tensor([s.slot for s in batch], device=self.device)
-        logits = self.model(tokens, positions, slots)[:, -1].float()
+        span = max(s.filled for s in batch) + 1  # known here; on a GPU, reading it back would sync
+        logits = self.model(tokens, positions, slots, span=span)[:, -1].float()
         for i, seq in enumerate(batch):
             seq.filled += 1
             self._emit(seq, logits[i])

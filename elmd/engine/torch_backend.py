@@ -114,7 +114,9 @@ class TorchBackend:
         device: str = "auto",
         slots: int = 8,
         prefix_cache_bytes: int = 256 << 20,
+        cuda_graphs: bool = False,
     ):
+        """`cuda_graphs`: replay decode steps from CUDA graphs (ignored off CUDA)."""
         device = pick_device(device)
         if device == "cpu":
             set_threads()
@@ -124,6 +126,10 @@ class TorchBackend:
         def load() -> OpenELM:
             model = load_quantized_model(Path(model_dir), quant, torch_dtype, device)
             use_native_plan(model)
+            if cuda_graphs and torch.device(device).type == "cuda":
+                from elmd.engine.cuda_graphs import DecodeGraphs
+
+                model.decode_graphs = DecodeGraphs(model)
             return model
 
         self.scheduler = Scheduler(load, slots=slots, prefix_cache_bytes=prefix_cache_bytes)
@@ -137,7 +143,7 @@ class TorchBackend:
             context_length=cfg.context_length,
             vocab_size=cfg.vocab_size,
             memory_bytes=weights,
-            extra={"slots": slots},
+            extra={"slots": slots, "cuda_graphs": model.decode_graphs is not None},
         )
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> StepChannel:

@@ -87,7 +87,8 @@ class Lease:
 
 
 def load_model(spec: ModelSpec, **engine_options) -> "Engine":
-    """The real loader; `engine_options` tune the PyTorch backend (batch slots, prefix cache)."""
+    """The real loader; `engine_options` tune the PyTorch backend (batch slots, prefix cache,
+    CUDA graphs)."""
     from elmd.engine.load import load_engine
 
     return load_engine(
@@ -114,7 +115,8 @@ class ModelManager:
     ):
         self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
         self._loader = loader or functools.partial(
-            load_model, slots=settings.max_concurrent_requests, prefix_cache_bytes=settings.prefix_cache_bytes
+            load_model, slots=settings.max_concurrent_requests, prefix_cache_bytes=settings.prefix_cache_bytes,
+            cuda_graphs=settings.cuda_graphs,
         )
         self._resident: dict[str, _Resident] = {}
         self._loading: dict[str, asyncio.Task] = {}
