@@ -252,16 +252,17 @@ class OpenELM(nn.Module):
             a.cache = KVCache(slots, a.kv_heads, length, a.head_dim, p.dtype, p.device)
         self.cache_slots = slots
 
-    def resize_caches(self, length: int) -> None:
-        """Give every slot room for `length` tokens, keeping what fits of the cached ones."""
+    def resize_caches(self, slots: int, length: int) -> None:
+        """Make the cache `slots` rows of `length` tokens, keeping what fits of the cached ones."""
         for block in self.transformer.layers:
             old = block.attn.cache
-            slots, heads, old_length, dim = old.k.shape
+            old_slots, heads, old_length, dim = old.k.shape
             new = KVCache(slots, heads, length, dim, old.k.dtype, old.k.device)
-            keep = min(length, old_length)
-            new.k[:, :, :keep] = old.k[:, :, :keep]
-            new.v[:, :, :keep] = old.v[:, :, :keep]
+            rows, keep = min(slots, old_slots), min(length, old_length)
+            new.k[:rows, :, :keep] = old.k[:rows, :, :keep]
+            new.v[:rows, :, :keep] = old.v[:rows, :, :keep]
             block.attn.cache = new
+        self.cache_slots = slots
 
     @property
     def cache_length(self) -> int:

@@ -16,6 +16,7 @@ Loading on one thread and decoding on another ran a 270M int4 step at half speed
 from __future__ import annotations
 
 import collections
+import heapq
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -42,9 +43,18 @@ class Sequence:
     generated: int = 0
 
 
+def _doubled(size: int, needed: int, limit: int) -> int:
+    """`size` doubled until it holds `needed`, at most `limit`."""
+    while size < needed:
+        size *= 2
+    return min(size, limit)
+
+
 class Scheduler:
-    # The KV cache starts this long and doubles as sequences grow, up to the context; it
-    # shrinks back when the daemon goes idle, so memory follows use, not the worst case.
+    # The KV cache starts as one row of this many tokens. Rows double as more sequences run
+    # at once (each takes the lowest free slot) and length doubles as they grow, up to the
+    # slots and the context; both shrink back when the daemon goes idle. So memory follows
+    # use: one long conversation holds one row, not one per slot.
     INITIAL_CACHE_TOKENS = 256
 
     def __init__(self, load_model: Callable[[], OpenELM], slots: int, prefill_chunk: int = 256,
@@ -52,7 +62,7 @@ class Scheduler:
         """Start the worker, load the model on it with `load_model`, and return once it is
         ready (raising what the load raised)."""
         self.slots = slots
-        self.free = list(range(slots))[::-1]
+        self.free = list(range(slots))  # a heap: the lowest free slot is taken first
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.jobs: collections.deque[tuple[Callable, Future]] = collections.deque()
@@ -69,7 +79,7 @@ class Scheduler:
         self.device = model.rope_cos.device
         self.max_len = model.cfg.context_length
         self.initial_len = min(self.INITIAL_CACHE_TOKENS, self.max_len)
-        model.setup_caches(self.slots, self.initial_len)
+        model.setup_caches(1, self.initial_len)
         self.model: OpenELM = model
 
     # -- called from any thread ------------------------------------------------------
@@ -147,20 +157,22 @@ class Scheduler:
             self._finish(seq, Finished("cancelled"))
         self._admit()
         prefilling = next((s for s in self.running if s.filled < s.prompt_len), None)
-        needed = max(len(s.tokens) for s in self.running) if self.running else 0
-        self._ensure_cache(needed)
+        self._ensure_cache()
         if prefilling is not None:
             self._prefill_chunk(prefilling)
         decoding = [s for s in self.running if s.generated > 0 and s.filled == len(s.tokens) - 1]
         if decoding:
             self._decode(decoding)
 
-    def _ensure_cache(self, tokens: int) -> None:
-        length = self.model.cache_length
-        if tokens > length:
-            while length < tokens:
-                length *= 2
-            self.model.resize_caches(min(length, self.max_len))
+    def _ensure_cache(self) -> None:
+        """Grow the KV cache to the rows and the length the running sequences need."""
+        if not self.running:
+            return
+        rows, length = self.model.cache_slots, self.model.cache_length
+        new_rows = _doubled(rows, max(s.slot for s in self.running) + 1, self.slots)
+        new_length = _doubled(length, max(len(s.tokens) for s in self.running), self.max_len)
+        if (new_rows, new_length) != (rows, length):
+            self.model.resize_caches(new_rows, new_length)
 
     def _admit(self) -> None:
         with self._wake:
@@ -172,7 +184,7 @@ class Scheduler:
                 if seq.params.max_tokens <= 0 or seq.prompt_len >= self.max_len:
                     seq.channel.close(Finished("length"))
                     continue
-                seq.slot = self.free.pop()
+                seq.slot = heapq.heappop(self.free)
                 seq.sampler = Sampler(seq.params, seq.tokens, self.model.cfg.vocab_size, self.device)
                 self.running.append(seq)
                 self._reuse_prefix(seq)
@@ -181,7 +193,7 @@ class Scheduler:
         n, kv = self.prefix_cache.lookup(seq.tokens)
         if kv is None:
             return
-        self._ensure_cache(len(seq.tokens))
+        self._ensure_cache()
         for block, (k, v) in zip(self.model.transformer.layers, kv):
             block.attn.cache.k[seq.slot, :, :n] = k[:, :n]
             block.attn.cache.v[seq.slot, :, :n] = v[:, :n]
@@ -228,9 +240,10 @@ class Scheduler:
             self.prefix_cache.store(seq.tokens[: seq.filled], self._slot_kv(seq.slot, seq.filled))
         if seq in self.running:
             self.running.remove(seq)
-            self.free.append(seq.slot)
-        if not self.running and not self.waiting and self.model.cache_length > self.initial_len:
-            self.model.resize_caches(self.initial_len)
+            heapq.heappush(self.free, seq.slot)
+        idle = not self.running and not self.waiting
+        if idle and (self.model.cache_slots, self.model.cache_length) != (1, self.initial_len):
+            self.model.resize_caches(1, self.initial_len)
         seq.channel.close(finished)
 
     def _slot_kv(self, slot: int, n: int):
