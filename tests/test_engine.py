@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from elmd.engine.checkpoint import CheckpointError, load_model
@@ -208,6 +209,41 @@ def test_native_plan_prefill_matches_aten_over_prompt_chunks(tiny, quant):
         assert g.shape == e.shape and (g - e).norm() / e.norm() < tolerance
     for g, e in zip(got_kv, expected_kv):
         assert (g - e).norm() / e.norm() < tolerance
+
+
+@pytest.mark.skipif(native.load() is None, reason="needs the native kernels (x86 AVX512 and a compiler)")
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 48])
+def test_native_decode_attention_matches_a_reference_over_long_spans(head_dim):
+    """The fused decode attention (QK-norm, RoPE, KV write, attention over each sequence's
+    own span) against the same steps in ATen, for OpenELM's head widths (64, 128; 32 in the
+    tiny fixture; 48 takes the any-width path) and spans around its 16-key and 64-value blocks."""
+    from elmd.engine.openelm import apply_rope, decode_attention, rope_tables
+
+    q_heads, kv_heads, length, eps = 8, 2, 1100, 1e-6
+    positions = torch.tensor([0, 15, 16, 64, 1030])
+    B = len(positions)
+    gen = torch.Generator().manual_seed(head_dim)
+    qkv = torch.randn(B, (q_heads + 2 * kv_heads) * head_dim, generator=gen)
+    q_norm, k_norm = 1 + 0.1 * torch.randn(head_dim, generator=gen), 1 + 0.1 * torch.randn(head_dim, generator=gen)
+    k_cache = torch.randn(B, kv_heads, length, head_dim, generator=gen)
+    v_cache = torch.randn(B, kv_heads, length, head_dim, generator=gen)
+    cos, sin = rope_tables(head_dim, length, 10000.0)
+    slots = torch.tensor([3, 0, 4, 1, 2])
+
+    heads = qkv.view(B, q_heads + 2 * kv_heads, head_dim)
+    q = apply_rope(F.rms_norm(heads[:, :q_heads], (head_dim,), q_norm, eps)[:, :, None], cos[positions][:, None, None], sin[positions][:, None, None])
+    k = apply_rope(F.rms_norm(heads[:, q_heads : q_heads + kv_heads], (head_dim,), k_norm, eps)[:, :, None], cos[positions][:, None, None], sin[positions][:, None, None])
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[slots, :, positions] = k[:, :, 0]
+    v_ref[slots, :, positions] = heads[:, q_heads + kv_heads :]
+    expected = torch.cat([
+        decode_attention(q[b : b + 1], k_ref[slots[b], None, :, : positions[b] + 1], v_ref[slots[b], None, :, : positions[b] + 1], None)
+        for b in range(B)
+    ]).view(B, q_heads * head_dim)
+
+    got = torch.ops.elmd.decode_attention(qkv, q_norm, k_norm, eps, cos, sin, k_cache, v_cache, slots, positions, q_heads)
+    assert (got - expected).abs().max() < 1e-5
+    assert torch.allclose(k_cache, k_ref, atol=1e-5) and torch.equal(v_cache, v_ref)
 
 
 def test_seed_gives_identical_output_and_different_seeds_differ(engine):

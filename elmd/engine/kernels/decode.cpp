@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -82,6 +83,72 @@ inline void softmax(float* p, int64_t n) {
   const __m512 inv = _mm512_set1_ps(1.f / t);
   for (i = 0; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, _mm512_mul_ps(_mm512_loadu_ps(p + i), inv));
   for (; i < n; ++i) p[i] /= t;
+}
+
+// out[i] = the sum of a[i]'s 16 lanes, for 16 vectors at once: three rounds of adding halves
+// (within 128-bit lanes, then across them), 45 instructions instead of 16 full reductions.
+inline __m512 sum16(const __m512* a) {
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)  // lanes hold [a(2i), a(2i+1), a(2i), a(2i+1)] partial sums
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // 128-bit lane L holds a(4i .. 4i+3)'s sums over lane L
+    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(x[2 * i]), _mm512_castps_pd(x[2 * i + 1]));
+    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(x[2 * i]), _mm512_castps_pd(x[2 * i + 1]));
+    y[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  for (int i = 0; i < 2; ++i)  // then across the four 128-bit lanes, twice
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88), _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+
+// One kv head's attention for its `group` query heads (queries [group, D], pre-scaled) over
+// n cached keys and values [n, D], D = 16 * C; p [group, n] is scratch, y [group, D] the output.
+// Scores take 16 keys at a time with one sum16; the weighted sum keeps each query's output in
+// registers over blocks of 64 values, so a long context reads its keys and values from L1.
+template <int C>
+void attend(const float* queries, int64_t group, const float* keys, const float* values, int64_t n, float* p, float* y) {
+  constexpr int64_t D = 16 * C;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    for (int64_t g = 0; g < group; ++g) {
+      const float* q = queries + g * D;
+      __m512 acc[16];
+      for (int jj = 0; jj < 16; ++jj) {
+        const float* k = keys + (j + jj) * D;
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
+        for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(k + 16 * c), a);
+        acc[jj] = a;
+      }
+      _mm512_storeu_ps(p + g * n + j, sum16(acc));
+    }
+  }
+  for (; j < n; ++j)
+    for (int64_t g = 0; g < group; ++g) p[g * n + j] = dot(queries + g * D, keys + j * D, D);
+  for (int64_t g = 0; g < group; ++g) softmax(p + g * n, n);
+  std::fill(y, y + group * D, 0.f);
+  for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    const int64_t j1 = std::min(n, j0 + 64);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 out[C];
+      for (int c = 0; c < C; ++c) out[c] = _mm512_loadu_ps(y + g * D + 16 * c);
+      for (int64_t jj = j0; jj < j1; ++jj) {
+        const __m512 w = _mm512_set1_ps(p[g * n + jj]);
+        for (int c = 0; c < C; ++c) out[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(values + jj * D + 16 * c), out[c]);
+      }
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + g * D + 16 * c, out[c]);
+    }
+  }
+}
+
+// The same for any head width, one key and one query at a time.
+void attend_any(const float* queries, int64_t group, int64_t D, const float* keys, const float* values, int64_t n,
+                float* p, float* y) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t g = 0; g < group; ++g) p[g * n + j] = dot(queries + g * D, keys + j * D, D);
+  for (int64_t g = 0; g < group; ++g) softmax(p + g * n, n);
+  std::fill(y, y + group * D, 0.f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t g = 0; g < group; ++g) axpy(p[g * n + j], values + j * D, y + g * D, D);
 }
 
 inline float inverse_rms(const float* x, int64_t n, double eps) {
@@ -214,14 +281,14 @@ at::Tensor decode_attention(const at::Tensor& qkv, const c10::optional<at::Tenso
       const float* keys = kc + (slot[b] * kv_heads + h) * L * D;
       const float* values = vc + (slot[b] * kv_heads + h) * L * D;
       const float* queries = qp + (b * q_heads + h * group) * D;
-      p.resize(group * n);
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t g = 0; g < group; ++g) p[g * n + j] = dot(queries + g * D, keys + j * D, D);
-      for (int64_t g = 0; g < group; ++g) softmax(p.data() + g * n, n);
       float* y = op + (b * q_heads + h * group) * D;
-      std::fill(y, y + group * D, 0.f);
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t g = 0; g < group; ++g) axpy(p[g * n + j], values + j * D, y + g * D, D);
+      p.resize(group * n);
+      switch (D) {
+        case 32: attend<2>(queries, group, keys, values, n, p.data(), y); break;
+        case 64: attend<4>(queries, group, keys, values, n, p.data(), y); break;
+        case 128: attend<8>(queries, group, keys, values, n, p.data(), y); break;
+        default: attend_any(queries, group, D, keys, values, n, p.data(), y);
+      }
     }
   });
   return out;
