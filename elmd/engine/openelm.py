@@ -108,7 +108,8 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static, preallocated keys and values for `slots` sequences of up to `length` tokens."""
+    """Static, preallocated keys and values for `slots` sequences of up to `length` tokens,
+    in the model's dtype or a narrower one (float16 beside float32 activations)."""
 
     def __init__(self, slots: int, kv_heads: int, length: int, head_dim: int, dtype: torch.dtype, device):
         super().__init__()
@@ -127,11 +128,13 @@ class KVCache(nn.Module):
             s, start = int(slots[0]), int(positions[0, 0])
             self.k[s, :, start : start + k.shape[2]] = k[0]
             self.v[s, :, start : start + v.shape[2]] = v[0]
-            return self.k[s : s + 1, :, :span], self.v[s : s + 1, :, :span]
-        rows = slots[:, None]
-        self.k[rows, :, positions] = k.transpose(1, 2)
-        self.v[rows, :, positions] = v.transpose(1, 2)
-        return self.k[slots, :, :span], self.v[slots, :, :span]
+            keys, values = self.k[s : s + 1, :, :span], self.v[s : s + 1, :, :span]
+        else:
+            rows = slots[:, None]
+            self.k[rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+            self.v[rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+            keys, values = self.k[slots, :, :span], self.v[slots, :, :span]
+        return keys.to(k.dtype), values.to(v.dtype)
 
 
 def rope_tables(head_dim: int, length: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,14 +245,16 @@ class OpenELM(nn.Module):
         self.cache_slots = 0
         self.native_plan = None  # torch.classes.elmd.NativePlan when cached steps and prompts run natively
         self.decode_graphs = None  # elmd.engine.cuda_graphs.DecodeGraphs when decode steps replay CUDA graphs
+        self.kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
 
     def setup_caches(self, slots: int, length: int | None = None) -> None:
-        """Allocate the KV cache: `slots` sequences of `length` tokens (default: the context)."""
+        """Allocate the KV cache: `slots` sequences of `length` tokens (default: the context),
+        in `kv_cache_dtype`."""
         length = length or self.cfg.context_length
         p = self.transformer.norm.weight  # a quantized embedding has no float weight to follow
         for block in self.transformer.layers:
             a = block.attn
-            a.cache = KVCache(slots, a.kv_heads, length, a.head_dim, p.dtype, p.device)
+            a.cache = KVCache(slots, a.kv_heads, length, a.head_dim, self.kv_cache_dtype or p.dtype, p.device)
         self.cache_slots = slots
 
     def resize_caches(self, slots: int, length: int) -> None:

@@ -88,7 +88,7 @@ class Lease:
 
 def load_model(spec: ModelSpec, **engine_options) -> "Engine":
     """The real loader; `engine_options` tune the PyTorch backend (batch slots, prefix cache,
-    CUDA graphs)."""
+    CUDA graphs, KV cache dtype)."""
     from elmd.engine.load import load_engine
 
     return load_engine(
@@ -116,7 +116,7 @@ class ModelManager:
         self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
         self._loader = loader or functools.partial(
             load_model, slots=settings.max_concurrent_requests, prefix_cache_bytes=settings.prefix_cache_bytes,
-            cuda_graphs=settings.cuda_graphs,
+            cuda_graphs=settings.cuda_graphs, kv_cache_dtype=settings.kv_cache_dtype,
         )
         self._resident: dict[str, _Resident] = {}
         self._loading: dict[str, asyncio.Task] = {}

@@ -18,8 +18,9 @@
 // to ATen's SDPA: there the ~40 ATen norm, RoPE and SwiGLU ops per layer (a quarter of
 // a 256-token chunk on the 270M) were each a pass over the chunk's activations.
 //
-// float32 activations and cache only (the CPU's dtype); elmd/engine/openelm.py keeps
-// the ATen path for everything else and checks this against it in tests.
+// float32 activations only (the CPU's dtype), with a float32 or float16 KV cache;
+// elmd/engine/openelm.py keeps the ATen path for everything else and checks this against
+// it in tests.
 
 #include "kernels.h"
 
@@ -32,12 +33,26 @@
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// 16 floats from a float32 or a float16 KV cache (or any float32 row).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+// dst[0:n] = src[0:n], rounded to the cache's dtype.
+inline void store_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
+inline void store_row(const float* src, at::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
+}
+
+template <typename T>
+inline float dot(const float* a, const T* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
   float s = _mm512_reduce_add_ps(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 
@@ -57,11 +72,12 @@ inline __m512 exp16(__m512 x) {
 inline float exp1(float x) { return _mm512_cvtss_f32(exp16(_mm512_set1_ps(x))); }
 
 // y[0:n] += w * v[0:n]
-inline void axpy(float w, const float* v, float* y, int64_t n) {
+template <typename T>
+inline void axpy(float w, const T* v, float* y, int64_t n) {
   const __m512 wv = _mm512_set1_ps(w);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + i), _mm512_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += w * v[i];
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, load16(v + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += w * static_cast<float>(v[i]);
 }
 
 // p[0:n] = softmax(p[0:n]) in place.
@@ -102,11 +118,12 @@ inline __m512 sum16(const __m512* a) {
 }
 
 // One kv head's attention for its `group` query heads (queries [group, D], pre-scaled) over
-// n cached keys and values [n, D], D = 16 * C; p [group, n] is scratch, y [group, D] the output.
+// n cached keys and values [n, D] (float32 or float16), D = 16 * C; p [group, n] is scratch,
+// y [group, D] the output.
 // Scores take 16 keys at a time with one sum16; the weighted sum keeps each query's output in
 // registers over blocks of 64 values, so a long context reads its keys and values from L1.
-template <int C>
-void attend(const float* queries, int64_t group, const float* keys, const float* values, int64_t n, float* p, float* y) {
+template <int C, typename T>
+void attend(const float* queries, int64_t group, const T* keys, const T* values, int64_t n, float* p, float* y) {
   constexpr int64_t D = 16 * C;
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
@@ -114,9 +131,9 @@ void attend(const float* queries, int64_t group, const float* keys, const float*
       const float* q = queries + g * D;
       __m512 acc[16];
       for (int jj = 0; jj < 16; ++jj) {
-        const float* k = keys + (j + jj) * D;
-        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
-        for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(k + 16 * c), a);
+        const T* k = keys + (j + jj) * D;
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), load16(k));
+        for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), load16(k + 16 * c), a);
         acc[jj] = a;
       }
       _mm512_storeu_ps(p + g * n + j, sum16(acc));
@@ -133,7 +150,7 @@ void attend(const float* queries, int64_t group, const float* keys, const float*
       for (int c = 0; c < C; ++c) out[c] = _mm512_loadu_ps(y + g * D + 16 * c);
       for (int64_t jj = j0; jj < j1; ++jj) {
         const __m512 w = _mm512_set1_ps(p[g * n + jj]);
-        for (int c = 0; c < C; ++c) out[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(values + jj * D + 16 * c), out[c]);
+        for (int c = 0; c < C; ++c) out[c] = _mm512_fmadd_ps(w, load16(values + jj * D + 16 * c), out[c]);
       }
       for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + g * D + 16 * c, out[c]);
     }
@@ -141,8 +158,9 @@ void attend(const float* queries, int64_t group, const float* keys, const float*
 }
 
 // The same for any head width, one key and one query at a time.
-void attend_any(const float* queries, int64_t group, int64_t D, const float* keys, const float* values, int64_t n,
-                float* p, float* y) {
+template <typename T>
+void attend_any(const float* queries, int64_t group, int64_t D, const T* keys, const T* values, int64_t n, float* p,
+                float* y) {
   for (int64_t j = 0; j < n; ++j)
     for (int64_t g = 0; g < group; ++g) p[g * n + j] = dot(queries + g * D, keys + j * D, D);
   for (int64_t g = 0; g < group; ++g) softmax(p + g * n, n);
@@ -222,7 +240,9 @@ at::Tensor decode_attention(const at::Tensor& qkv, const c10::optional<at::Tenso
                             const c10::optional<at::Tensor>& k_norm, double eps, const at::Tensor& cos,
                             const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
                             const at::Tensor& positions, int64_t q_heads) {
-  TORCH_CHECK(qkv.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat, "decode_attention: float32 only");
+  const bool half = k_cache.scalar_type() == at::kHalf;
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && (half || k_cache.scalar_type() == at::kFloat),
+              "decode_attention: float32 activations, a float32 or float16 cache");
   TORCH_CHECK(qkv.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attention: contiguous");
   const int64_t B = qkv.size(0), kv_heads = k_cache.size(1), L = k_cache.size(2), D = k_cache.size(3);
   TORCH_CHECK(qkv.size(1) == (q_heads + 2 * kv_heads) * D && q_heads % kv_heads == 0 && D <= 1024,
@@ -230,7 +250,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, const c10::optional<at::Tenso
   const int64_t group = q_heads / kv_heads;
   const int64_t* slot = slots.data_ptr<int64_t>();
   const int64_t* pos = positions.data_ptr<int64_t>();
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == at::kFloat, "decode_attention: v_cache");
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(), "decode_attention: v_cache");
   TORCH_CHECK(slots.numel() == B && positions.numel() == B && slots.scalar_type() == at::kLong &&
                   positions.scalar_type() == at::kLong && slots.is_contiguous() && positions.is_contiguous(),
               "decode_attention: one int64 slot and position per sequence");
@@ -242,8 +262,6 @@ at::Tensor decode_attention(const at::Tensor& qkv, const c10::optional<at::Tenso
   const float* kn = optional_data(k_norm);
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
   at::Tensor q = at::empty({B, q_heads, D}, qkv.options());
   at::Tensor out = at::empty({B, q_heads * D}, qkv.options());
   const float* in = qkv.data_ptr<float>();
@@ -251,46 +269,55 @@ at::Tensor decode_attention(const at::Tensor& qkv, const c10::optional<at::Tenso
   float* op = out.data_ptr<float>();
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
 
-  // The new token's key and value into the cache, normed query heads into q (pre-scaled).
-  for (int64_t b = 0; b < B; ++b) {
-    const float* row = in + b * qkv.size(1);
-    const float* c = cp + pos[b] * D;
-    const float* s = sp + pos[b] * D;
-    for (int64_t h = 0; h < q_heads; ++h) {
-      float* qh = qp + (b * q_heads + h) * D;
-      rms_norm(row + h * D, qn, D, eps, qh);
-      rope(qh, c, s, D, scale);
-    }
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      const int64_t at_pos = ((slot[b] * kv_heads + h) * L + pos[b]) * D;
-      rms_norm(row + (q_heads + h) * D, kn, D, eps, kc + at_pos);
-      rope(kc + at_pos, c, s, D, 1.f);
-      std::copy(row + (q_heads + kv_heads + h) * D, row + (q_heads + kv_heads + h + 1) * D, vc + at_pos);
-    }
-  }
-
-  // One (sequence, kv head) per task: its group of query heads reads each cached key and
-  // value once. Threads only when the spans make it worth an OpenMP region.
-  int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += (pos[b] + 1) * D * q_heads;
-  const int64_t grain = work > (1 << 17) ? 1 : B * kv_heads;
-  at::parallel_for(0, B * kv_heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads, n = pos[b] + 1;
-      const float* keys = kc + (slot[b] * kv_heads + h) * L * D;
-      const float* values = vc + (slot[b] * kv_heads + h) * L * D;
-      const float* queries = qp + (b * q_heads + h * group) * D;
-      float* y = op + (b * q_heads + h * group) * D;
-      p.resize(group * n);
-      switch (D) {
-        case 32: attend<2>(queries, group, keys, values, n, p.data(), y); break;
-        case 64: attend<4>(queries, group, keys, values, n, p.data(), y); break;
-        case 128: attend<8>(queries, group, keys, values, n, p.data(), y); break;
-        default: attend_any(queries, group, D, keys, values, n, p.data(), y);
+  // Generic over the cache's element type (float or at::Half).
+  auto run = [&](auto* kc, auto* vc) {
+    // The new token's key and value into the cache, normed query heads into q (pre-scaled).
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = in + b * qkv.size(1);
+      const float* c = cp + pos[b] * D;
+      const float* s = sp + pos[b] * D;
+      for (int64_t h = 0; h < q_heads; ++h) {
+        float* qh = qp + (b * q_heads + h) * D;
+        rms_norm(row + h * D, qn, D, eps, qh);
+        rope(qh, c, s, D, scale);
+      }
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t at_pos = ((slot[b] * kv_heads + h) * L + pos[b]) * D;
+        float key[1024];
+        rms_norm(row + (q_heads + h) * D, kn, D, eps, key);
+        rope(key, c, s, D, 1.f);
+        store_row(key, kc + at_pos, D);
+        store_row(row + (q_heads + kv_heads + h) * D, vc + at_pos, D);
       }
     }
-  });
+
+    // One (sequence, kv head) per task: its group of query heads reads each cached key and
+    // value once. Threads only when the spans make it worth an OpenMP region.
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; ++b) work += (pos[b] + 1) * D * q_heads;
+    const int64_t grain = work > (1 << 17) ? 1 : B * kv_heads;
+    at::parallel_for(0, B * kv_heads, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> p;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / kv_heads, h = task % kv_heads, n = pos[b] + 1;
+        const auto* keys = kc + (slot[b] * kv_heads + h) * L * D;
+        const auto* values = vc + (slot[b] * kv_heads + h) * L * D;
+        const float* queries = qp + (b * q_heads + h * group) * D;
+        float* y = op + (b * q_heads + h * group) * D;
+        p.resize(group * n);
+        switch (D) {
+          case 32: attend<2>(queries, group, keys, values, n, p.data(), y); break;
+          case 64: attend<4>(queries, group, keys, values, n, p.data(), y); break;
+          case 128: attend<8>(queries, group, keys, values, n, p.data(), y); break;
+          default: attend_any(queries, group, D, keys, values, n, p.data(), y);
+        }
+      }
+    });
+  };
+  if (half)
+    run(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>());
+  else
+    run(k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
   return out;
 }
 
@@ -431,9 +458,11 @@ struct NativePlan : torch::CustomClassHolder {
       const at::Tensor keys = k_caches[i].select(0, slot), values = v_caches[i].select(0, slot);
       keys.slice(1, start, span).copy_(heads.slice(0, hq, hq + kv_heads));
       values.slice(1, start, span).copy_(heads.slice(0, hq + kv_heads));
+      // A float16 cache is widened for SDPA: a copy of the span, small beside the chunk's matmuls.
       const at::Tensor y = at::scaled_dot_product_attention(
-          heads.slice(0, 0, hq).unsqueeze(0), keys.slice(1, 0, span).unsqueeze(0), values.slice(1, 0, span).unsqueeze(0),
-          mask, 0.0, /*is_causal=*/start == 0, c10::nullopt, /*enable_gqa=*/hq != kv_heads);
+          heads.slice(0, 0, hq).unsqueeze(0), keys.slice(1, 0, span).to(at::kFloat).unsqueeze(0),
+          values.slice(1, 0, span).to(at::kFloat).unsqueeze(0), mask, 0.0, /*is_causal=*/start == 0, c10::nullopt,
+          /*enable_gqa=*/hq != kv_heads);
       h = finish_layer(i, x, y[0].transpose(0, 1).reshape({T, hq * D}));
     }
     return h;
