@@ -14,6 +14,7 @@ and quantization.
     python benchmarks/bench.py                        # 270M and 1.1B fixtures, offline model
     python benchmarks/bench.py --models 270M --quants none int4 --no-http
     python benchmarks/bench.py --models 270M --quants bf16 int8 int4 --llamacpp --no-http
+    python benchmarks/bench.py --models 270M --quants int8 int4 --llamacpp --no-http --long-context 1900
 
 Writes results.json and results.png (with matplotlib) into --out.
 """
@@ -83,7 +84,7 @@ def run_child(args) -> dict:
             stamps += [time.perf_counter()] * len(chunk.token_ids)
         return stamps
 
-    prompt_tok_s, decode_tok_s = token_rates(generate, vocab, args)
+    rates = token_rates(generate, vocab, args)
     engine.close()
     return {
         "load_s": load_s,
@@ -92,25 +93,31 @@ def run_child(args) -> dict:
         "dtype": info.dtype,
         "rss_loaded_bytes": rss_loaded,
         "rss_peak_bytes": peak_rss_bytes(),
-        "prompt_tok_s": prompt_tok_s,
-        "decode_tok_s": decode_tok_s,
+        **rates,
     }
 
 
-def token_rates(generate, vocab: int, args) -> tuple[float, float]:
+def token_rates(generate, vocab: int, args) -> dict[str, float]:
     """The suite's definitions, for any engine whose generate(ids, max_tokens) returns the
     time stamp of each generated token: after a 16-token warm-up, median over args.repeats of
     prompt tok/s (prompt tokens over the time to the first token) and of decode tok/s at
-    batch 1 (tokens after the first over their span, after a 64-token prompt)."""
+    batch 1 (tokens after the first over their span, after a 64-token prompt). With
+    args.long_context N, also both after an N-token prompt: where attention over the
+    context, not the weights, sets the pace."""
     generate(prompt_ids(16, vocab, 0), 8)  # warm-up: first-call allocation and compilation
-    prompt_rates, decode_rates = [], []
+    rates: dict[str, list[float]] = {"prompt_tok_s": [], "decode_tok_s": [], "long_prompt_tok_s": [], "long_decode_tok_s": []}
     for i in range(args.repeats):
         t = time.perf_counter()
         stamps = generate(prompt_ids(args.prompt_tokens, vocab, 100 + i), 1)
-        prompt_rates.append(args.prompt_tokens / (stamps[0] - t))
+        rates["prompt_tok_s"].append(args.prompt_tokens / (stamps[0] - t))
         stamps = generate(prompt_ids(64, vocab, 200 + i), args.decode_tokens)
-        decode_rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return statistics.median(prompt_rates), statistics.median(decode_rates)
+        rates["decode_tok_s"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        if args.long_context:
+            t = time.perf_counter()
+            stamps = generate(prompt_ids(args.long_context, vocab, 300 + i), args.decode_tokens)
+            rates["long_prompt_tok_s"].append(args.long_context / (stamps[0] - t))
+            rates["long_decode_tok_s"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return {name: statistics.median(values) for name, values in rates.items() if values}
 
 
 def child_result(cmd: list[str], crashed: str = "") -> dict:
@@ -127,7 +134,8 @@ def child_result(cmd: list[str], crashed: str = "") -> dict:
 def measure_in_process(model_dir: Path, quant: str, args) -> dict:
     return child_result([sys.executable, __file__, "--child", str(model_dir), "--quants", quant, "--dtype", args.dtype,
                          "--threads", str(args.threads), "--repeats", str(args.repeats),
-                         "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)])
+                         "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
+                         "--long-context", str(args.long_context)])
 
 
 class OthersCpu:
@@ -269,19 +277,34 @@ def ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         peer = peers.get((r["model"], r["quant"]))
         if r["engine"] == "elmd" and "error" not in r and peer:
-            out.append({"model": r["model"], "quant": r["quant"], "llama_cpp_type": peer["dtype"],
-                        "decode": r["decode_tok_s"] / peer["decode_tok_s"],
-                        "prompt": r["prompt_tok_s"] / peer["prompt_tok_s"]})
+            ratio = {"model": r["model"], "quant": r["quant"], "llama_cpp_type": peer["dtype"],
+                     "decode": r["decode_tok_s"] / peer["decode_tok_s"], "prompt": r["prompt_tok_s"] / peer["prompt_tok_s"]}
+            if "long_decode_tok_s" in r and "long_decode_tok_s" in peer:
+                ratio["long_decode"] = r["long_decode_tok_s"] / peer["long_decode_tok_s"]
+                ratio["long_prompt"] = r["long_prompt_tok_s"] / peer["long_prompt_tok_s"]
+            out.append(ratio)
     return out
+
+
+def print_long_context(rows: list[dict], tokens: int) -> None:
+    print(f"\nafter a {tokens}-token prompt: its prompt tok/s, then decode tok/s at batch 1")
+    head = f"{'model':24} {'quant':6} {'engine':9} {'prompt t/s':>10} {'decode t/s':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "long_decode_tok_s" in r:
+            print(f"{r['model']:24} {r['quant']:6} {r['engine']:9} {r['long_prompt_tok_s']:>10.0f} {r['long_decode_tok_s']:>10.1f}")
 
 
 def print_ratios(table: list[dict]) -> None:
     print("\nelmd / llama.cpp, same weights, same run (>= 1.0: elmd is faster)")
-    head = f"{'model':24} {'quant':6} {'llama.cpp':9} {'decode':>7} {'prompt':>7}"
+    long = any("long_decode" in t for t in table)
+    head = f"{'model':24} {'quant':6} {'llama.cpp':9} {'decode':>7} {'prompt':>7}" + (f" {'long decode':>11} {'long prompt':>11}" if long else "")
     print(head)
     print("-" * len(head))
     for t in table:
-        print(f"{t['model']:24} {t['quant']:6} {t['llama_cpp_type']:9} {t['decode']:>6.2f}x {t['prompt']:>6.2f}x")
+        extra = f" {t['long_decode']:>10.2f}x {t['long_prompt']:>10.2f}x" if "long_decode" in t else ""
+        print(f"{t['model']:24} {t['quant']:6} {t['llama_cpp_type']:9} {t['decode']:>6.2f}x {t['prompt']:>6.2f}x{extra}")
 
 
 def chart(rows: list[dict], path: Path) -> Path | None:
@@ -317,6 +340,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--long-context", type=int, default=0, metavar="N",
+                   help="also prompt and decode tok/s after an N-token prompt (e.g. 1900; N + decode tokens within the context)")
     p.add_argument("--no-http", action="store_true", help="skip the daemon start and time-to-first-token runs")
     p.add_argument("--llamacpp", action="store_true",
                    help="also measure llama.cpp on the same weights, right after elmd, and print the ratios")
@@ -369,6 +394,8 @@ def main(argv=None) -> int:
         if "weights_bytes" in r:
             r["ceiling_tok_s"] = bandwidth * 1e9 / r["weights_bytes"]
     print_table(rows, bandwidth)
+    if args.long_context:
+        print_long_context(rows, args.long_context)
     result = {"read_bandwidth_gbs": bandwidth, "bandwidth_runs_gbs": bandwidths, "threads": args.threads,
               "machine": os.uname().machine, "cpus": os.cpu_count(), "rows": rows}
     if args.llamacpp:

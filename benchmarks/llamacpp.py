@@ -283,15 +283,14 @@ def run_child(args) -> dict:
             stamps.append(time.perf_counter())
         return stamps
 
-    prompt_tok_s, decode_tok_s = token_rates(generate, args.vocab, args)
+    rates = token_rates(generate, args.vocab, args)
     llm.close()
     return {
         "load_s": load_s,
         "device": "cpu",
         "rss_loaded_bytes": rss_loaded,
         "rss_peak_bytes": peak_rss_bytes(),
-        "prompt_tok_s": prompt_tok_s,
-        "decode_tok_s": decode_tok_s,
+        **rates,
     }
 
 
@@ -308,7 +307,8 @@ def measure_in_process(model_dir: Path, quant: str, args) -> dict:
         return {"error": str(e)}
     cmd = [sys.executable, __file__, "--child", str(path), "--vocab", str(Tokenizer.from_dir(model_dir).vocab_size),
            "--threads", str(args.threads), "--repeats", str(args.repeats),
-           "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens)]
+           "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
+           "--long-context", str(args.long_context)]
     # A crashed llama.cpp leaves no explanation of its own.
     result = child_result(cmd, crashed=" (a GCC 12 build of llama.cpp on an AMX CPU does this: README, Benchmarks)")
     if "error" in result:
@@ -324,6 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--long-context", type=int, default=0, metavar="N", help="also after an N-token prompt (bench.py)")
     p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "elmd-bench")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
