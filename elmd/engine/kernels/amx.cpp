@@ -1,4 +1,5 @@
-// Prompt matmuls on AMX: many activation rows against int8 or int4 weights.
+// Prompt work on AMX: matmuls of many activation rows against int8 or int4 weights, and
+// (at the end of this file) a prompt chunk's attention.
 //
 // A prompt chunk multiplies hundreds of rows by each weight, so it is bound by arithmetic,
 // not by streaming weights. The VNNI kernels of qgemv.cpp reach ~1,200 (int8) and ~800
@@ -28,6 +29,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -262,6 +264,153 @@ void amx_matmul(const In* x, int64_t M, int64_t K, int64_t N, const float* col_s
   }
 }
 
+// Attention of one sequence's prompt chunk (flash style, bf16 tiles, float32 softmax).
+//
+// Per kv head, the span's keys are packed as B tiles of S = Q K^T (16 keys x 32 dims, dim
+// pairs interleaved: a gather per tile row) and its values as B tiles of P V (32 keys x 16
+// columns, key pairs interleaved). Each query head's rows, pre-scaled and rounded to bf16,
+// are A tiles. For 16 query rows at a time and 64 keys at a time: four S tiles, an online
+// softmax per row in float32 (masked to the row's own position), then P as two A tiles
+// times the value tiles, added to the rows' outputs 64 columns (four tiles) at a time.
+struct AttentionPacks {
+  int64_t kv_heads, D, key_blocks;  // key_blocks: of 32 keys, zero-padded past the span to whole 64-key blocks
+  at::Tensor keys, values;  // bf16 bits, every tile written by pack_keys_values
+  uint16_t* key_tile(int64_t h, int64_t kb16, int64_t ds) const {
+    return reinterpret_cast<uint16_t*>(keys.data_ptr<at::BFloat16>()) + ((h * key_blocks * 2 + kb16) * (D / 32) + ds) * 512;
+  }
+  uint16_t* value_tile(int64_t h, int64_t kb32, int64_t cb) const {
+    return reinterpret_cast<uint16_t*>(values.data_ptr<at::BFloat16>()) + ((h * key_blocks + kb32) * (D / 16) + cb) * 512;
+  }
+};
+
+template <typename T>
+AttentionPacks pack_keys_values(const T* k_row, const T* v_row, int64_t kv_heads, int64_t L, int64_t D, int64_t span) {
+  AttentionPacks p{kv_heads, D, (span + 63) / 64 * 2, {}, {}};  // whole 64-key blocks
+  p.keys = at::empty({kv_heads * p.key_blocks * 32 * D}, at::kBFloat16);
+  p.values = at::empty({kv_heads * p.key_blocks * 32 * D}, at::kBFloat16);
+  const __m512i key_rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(static_cast<int>(D / 2)));  // dword offsets of 16 keys
+  alignas(64) static constexpr uint16_t kPairs[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i pairs = _mm512_load_si512(kPairs);  // [a0..a15 b0..b15] -> a0 b0 a1 b1 ..
+  at::parallel_for(0, kv_heads * p.key_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> rows(32 * D);  // the block's keys in bf16, [key][dim], zero past the span
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / p.key_blocks, kb = task % p.key_blocks;
+      const int64_t n = std::clamp<int64_t>(span - kb * 32, 0, 32);  // keys of this block inside the span
+      const T* kr = k_row + (h * L + kb * 32) * D;
+      const T* vr = v_row + (h * L + kb * 32) * D;
+      std::fill(rows.begin() + n * D, rows.end(), 0);
+      for (int64_t j = 0; j < n * D; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&rows[j]), (__m256i)_mm512_cvtneps_pbh(load16(kr + j)));
+      for (int half = 0; half < 2; ++half)
+        for (int64_t ds = 0; ds < D / 32; ++ds) {
+          uint16_t* tile = p.key_tile(h, kb * 2 + half, ds);
+          const uint16_t* base = rows.data() + half * 16 * D + ds * 32;
+          for (int r = 0; r < 16; ++r)  // row r: dims (2r, 2r+1) of the 16 keys
+            _mm512_storeu_si512(tile + r * 32, _mm512_i32gather_epi32(key_rows, base + 2 * r, 4));
+        }
+      for (int64_t cb = 0; cb < D / 16; ++cb) {
+        uint16_t* tile = p.value_tile(h, kb, cb);
+        for (int r = 0; r < 16; ++r) {  // row r: keys (2r, 2r+1) of 16 columns, interleaved; zero past the span
+          const __m512 even = 2 * r < n ? load16(vr + 2 * r * D + cb * 16) : _mm512_setzero_ps();
+          const __m512 odd = 2 * r + 1 < n ? load16(vr + (2 * r + 1) * D + cb * 16) : _mm512_setzero_ps();
+          _mm512_storeu_si512(tile + r * 32, _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(odd, even)));
+        }
+      }
+    }
+  });
+  return p;
+}
+
+// Rows t0 .. t0+15 of one query head (q_bf16: its rows, [row][D], pre-scaled), attending to
+// keys 0 .. start + t, 64 keys at a time; out: the head's columns of [T, hq * D].
+void attend_rows(const AttentionPacks& p, const uint16_t* q_bf16, int64_t kv_head, int64_t t0, int64_t T,
+                 int64_t start, float* out, int64_t out_stride) {
+  const int64_t D = p.D;
+  alignas(64) float scores[16 * 64];
+  alignas(64) uint16_t probs[16 * 64];
+  float m[16], l[16];
+  std::vector<float> acc(16 * D, 0.f);  // the rows' unnormalized outputs, accumulated by the tiles
+  std::fill(m, m + 16, -INFINITY);
+  std::fill(l, l + 16, 0.f);
+  const int64_t last = start + std::min<int64_t>(t0 + 15, T - 1);  // the block's furthest key
+  for (int64_t kb = 0; kb <= last / 64; ++kb) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t ds = 0; ds < D / 32; ++ds) {
+      _tile_loadd(4, q_bf16 + t0 * D + ds * 32, D * 2);
+      _tile_loadd(5, p.key_tile(kv_head, kb * 4, ds), 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(5, p.key_tile(kv_head, kb * 4 + 1, ds), 64);
+      _tile_dpbf16ps(1, 4, 5);
+      _tile_loadd(5, p.key_tile(kv_head, kb * 4 + 2, ds), 64);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_loadd(5, p.key_tile(kv_head, kb * 4 + 3, ds), 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, scores, 256);  // tile numbers are immediates: no loop
+    _tile_stored(1, scores + 16, 256);
+    _tile_stored(2, scores + 32, 256);
+    _tile_stored(3, scores + 48, 256);
+    for (int r = 0; r < 16; ++r) {
+      const int64_t visible = std::clamp<int64_t>(start + t0 + r - kb * 64 + 1, 0, 64);
+      const uint64_t keep = visible == 64 ? ~0ull : (1ull << visible) - 1;
+      __m512 s[4];
+      __m512 top4 = _mm512_set1_ps(-INFINITY);
+      for (int c = 0; c < 4; ++c) {
+        s[c] = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), static_cast<__mmask16>(keep >> (16 * c)),
+                                  _mm512_load_ps(scores + r * 64 + 16 * c));
+        top4 = _mm512_max_ps(top4, s[c]);
+      }
+      const float top = std::max(m[r], _mm512_reduce_max_ps(top4));
+      if (top == -INFINITY) {  // nothing visible yet (a padding row)
+        std::memset(probs + r * 64, 0, 128);
+        continue;
+      }
+      const float rescale = std::exp(m[r] - top);
+      __m512 total = _mm512_setzero_ps();
+      for (int c = 0; c < 4; ++c) {
+        s[c] = exp16(_mm512_sub_ps(s[c], _mm512_set1_ps(top)));
+        total = _mm512_add_ps(total, s[c]);
+      }
+      l[r] = l[r] * rescale + _mm512_reduce_add_ps(total);
+      m[r] = top;
+      if (rescale != 1.f)
+        for (int64_t d = 0; d < D; d += 16)
+          _mm512_storeu_ps(&acc[r * D + d], _mm512_mul_ps(_mm512_loadu_ps(&acc[r * D + d]), _mm512_set1_ps(rescale)));
+      _mm512_store_si512(probs + r * 64, (__m512i)_mm512_cvtne2ps_pbh(s[1], s[0]));
+      _mm512_store_si512(probs + r * 64 + 32, (__m512i)_mm512_cvtne2ps_pbh(s[3], s[2]));
+    }
+    for (int64_t cg = 0; cg < D / 64; ++cg) {  // acc[:, 64 cg ..] += P V, accumulated in the tiles
+      float* a = acc.data() + cg * 64;
+      _tile_loadd(0, a, D * 4);
+      _tile_loadd(1, a + 16, D * 4);
+      _tile_loadd(2, a + 32, D * 4);
+      _tile_loadd(3, a + 48, D * 4);
+      for (int kk = 0; kk < 2; ++kk) {
+        _tile_loadd(4, probs + kk * 32, 128);
+        _tile_loadd(5, p.value_tile(kv_head, kb * 2 + kk, cg * 4), 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(5, p.value_tile(kv_head, kb * 2 + kk, cg * 4 + 1), 64);
+        _tile_dpbf16ps(1, 4, 5);
+        _tile_loadd(5, p.value_tile(kv_head, kb * 2 + kk, cg * 4 + 2), 64);
+        _tile_dpbf16ps(2, 4, 5);
+        _tile_loadd(5, p.value_tile(kv_head, kb * 2 + kk, cg * 4 + 3), 64);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+      _tile_stored(0, a, D * 4);
+      _tile_stored(1, a + 16, D * 4);
+      _tile_stored(2, a + 32, D * 4);
+      _tile_stored(3, a + 48, D * 4);
+    }
+  }
+  for (int r = 0; r < 16 && t0 + r < T; ++r)
+    for (int64_t d = 0; d < D; ++d) out[(t0 + r) * out_stride + d] = acc[r * D + d] / l[r];
+}
+
 }  // namespace
 
 bool amx_available() {
@@ -290,4 +439,44 @@ void amx_int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
       int4_panel(wp, sp, zp, K, group, col0, halves, k0, p);
     });
   });
+}
+
+// Attention of a prompt chunk of one sequence on AMX: queries are the first hq heads of qkv
+// [T, (hq + 2 kv) D] float32 at positions start .. start + T - 1; keys and values the cache
+// row [kv, L, D] (float32 or float16) up to start + T. Returns [T, hq * D] float32.
+at::Tensor amx_prefill_attention(const at::Tensor& qkv, int64_t hq, const at::Tensor& k_row, const at::Tensor& v_row,
+                                 int64_t start) {
+  const int64_t T = qkv.size(0), kv_heads = k_row.size(0), L = k_row.size(1), D = k_row.size(2), span = start + T;
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.is_contiguous() && k_row.is_contiguous() && v_row.is_contiguous() &&
+                  D % 64 == 0 && hq % kv_heads == 0 && span <= L && qkv.size(1) == (hq + 2 * kv_heads) * D,
+              "amx_prefill_attention: bad shapes");
+  TORCH_CHECK(amx_available(), "amx_prefill_attention: this CPU (or kernel) gives no AMX");
+  const AttentionPacks packs =
+      k_row.scalar_type() == at::kHalf
+          ? pack_keys_values(k_row.data_ptr<at::Half>(), v_row.data_ptr<at::Half>(), kv_heads, L, D, span)
+          : pack_keys_values(k_row.data_ptr<float>(), v_row.data_ptr<float>(), kv_heads, L, D, span);
+  const int64_t padded = (T + 15) / 16 * 16, group = hq / kv_heads, width = qkv.size(1);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  std::vector<uint16_t> queries(hq * padded * D, 0);  // [head][row][dim], pre-scaled bf16
+  const float* qp = qkv.data_ptr<float>();
+  at::parallel_for(0, hq * T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t h = i / T, t = i % T;
+      for (int64_t d = 0; d < D; d += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&queries[(h * padded + t) * D + d]),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(qp + t * width + h * D + d), _mm512_set1_ps(scale))));
+    }
+  });
+  at::Tensor out = at::empty({T, hq * D}, qkv.options());
+  float* op = out.data_ptr<float>();
+  const int64_t blocks = padded / 16;
+  at::parallel_for(0, hq * blocks, 1, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / blocks, b = task % blocks;
+      attend_rows(packs, queries.data() + h * padded * D, h / group, b * 16, T, start, op + h * D, hq * D);
+    }
+    _tile_release();
+  });
+  return out;
 }

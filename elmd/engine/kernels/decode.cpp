@@ -33,10 +33,6 @@
 
 namespace {
 
-// 16 floats from a float32 or a float16 KV cache (or any float32 row).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-
 // dst[0:n] = src[0:n], rounded to the cache's dtype.
 inline void store_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
 inline void store_row(const float* src, at::Half* dst, int64_t n) {
@@ -54,19 +50,6 @@ inline float dot(const float* a, const T* b, int64_t n) {
   float s = _mm512_reduce_add_ps(acc);
   for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
-}
-
-// e^x for 16 floats: 2^n * e^f with n = round(x / ln 2) and a degree-6 Taylor polynomial on
-// |f| <= ln(2) / 2 (relative error below 2e-7); _mm512_scalef_ps applies 2^n, saturating to
-// 0 or inf outside float's range.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), f);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
 }
 
 inline float exp1(float x) { return _mm512_cvtss_f32(exp16(_mm512_set1_ps(x))); }
@@ -458,6 +441,10 @@ struct NativePlan : torch::CustomClassHolder {
       const at::Tensor keys = k_caches[i].select(0, slot), values = v_caches[i].select(0, slot);
       keys.slice(1, start, span).copy_(heads.slice(0, hq, hq + kv_heads));
       values.slice(1, start, span).copy_(heads.slice(0, hq + kv_heads));
+      if (amx_attention(lin[0], D)) {
+        h = finish_layer(i, x, amx_prefill_attention(qkv, hq, keys, values, start));
+        continue;
+      }
       // A float16 cache is widened for SDPA: a copy of the span, small beside the chunk's matmuls.
       const at::Tensor y = at::scaled_dot_product_attention(
           heads.slice(0, 0, hq).unsqueeze(0), keys.slice(1, 0, span).to(at::kFloat).unsqueeze(0),
@@ -477,6 +464,12 @@ struct NativePlan : torch::CustomClassHolder {
     return add_rms_norm(x, lin[3](glu ? silu_mul(up) : at::silu(up)), norms[4 * (i + 1)], eps);
   }
 
+  // Prompt attention on AMX (amx.cpp) for layers whose matmuls already round activations to
+  // bf16 there (bf16, int8, int4 weights); float32 layers keep SDPA's float32 attention.
+  static bool amx_attention(const PlanLinear& qkv_proj, int64_t D) {
+    return qkv_proj.kind != PlanLinear::kFloat && D % 64 == 0 && amx_available();
+  }
+
   static c10::optional<at::Tensor> optional_norm(const at::Tensor& t) {
     return t.numel() > 0 ? c10::optional<at::Tensor>(t) : c10::nullopt;
   }
@@ -487,6 +480,7 @@ TORCH_LIBRARY_FRAGMENT(elmd, m) {
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor positions, int q_heads) -> Tensor");
   m.def("add_rms_norm(Tensor(a!) x, Tensor delta, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor h) -> Tensor");
+  m.def("prefill_attention(Tensor qkv, int q_heads, Tensor k_row, Tensor v_row, int start) -> Tensor");
   m.class_<NativePlan>("NativePlan")
       .def(torch::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
                        std::vector<int64_t>, double, bool, at::Tensor, at::Tensor>())
@@ -498,4 +492,5 @@ TORCH_LIBRARY_IMPL(elmd, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_mul", &silu_mul);
+  m.impl("prefill_attention", &amx_prefill_attention);
 }

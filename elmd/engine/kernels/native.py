@@ -1,7 +1,7 @@
 """The package's native CPU kernels: built on first use, or None where they cannot run.
 
 qgemv.cpp holds the weight-streaming matmuls (int8, int4, bf16), amx.cpp the int8/int4
-matmuls of prompts on AMX (used where the CPU has it), decode.cpp the fused
+matmuls and the attention of prompts on AMX (used where the CPU has it), decode.cpp the fused
 small operations between them (QK-norm + RoPE + KV write + attention, residual add +
 RMSNorm, SwiGLU) and the native plan that runs a decode step or a prompt chunk in one call.
 
