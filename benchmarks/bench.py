@@ -351,7 +351,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.child:
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch loads, as the elmd CLI does
         args.model_dir, args.quant = args.child, args.quants[0]
         print(json.dumps(run_child(args)))
         return 0
