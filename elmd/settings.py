@@ -63,12 +63,14 @@ class Settings(BaseSettings):
 
     # back-pressure
     max_concurrent_requests: int = Field(16, ge=1)  # generating at once (the backend batches them)
-    prefix_cache_bytes: int = Field(256 << 20, ge=0)  # KV of earlier conversations kept for reuse; 0: off
-    cuda_graphs: bool = False  # replay decode steps from CUDA graphs (CUDA only; not yet measured on a GPU)
-    kv_cache_dtype: Literal["auto", "float16", "float32"] = "auto"  # auto: float16 beside float32 activations on the CPU
     max_queued_requests: int = Field(64, ge=0)  # waiting beyond those; more get 429
     request_timeout: float = Field(600.0, gt=0)  # seconds from arrival to the last token
     retry_after: int = Field(1, ge=1)  # seconds suggested in Retry-After
+
+    # the PyTorch engine
+    prefix_cache_bytes: int = Field(256 << 20, ge=0)  # KV of earlier conversations kept for reuse; 0: off
+    kv_cache_dtype: Literal["auto", "float16", "float32"] = "auto"  # auto: float16 beside float32 activations on the CPU
+    cuda_graphs: bool = False  # replay decode steps from CUDA graphs (CUDA only; not yet measured on a GPU)
 
     # streaming
     sse_ping_seconds: float = Field(10.0, gt=0)  # comment keep-alives while a prompt is processed

@@ -242,7 +242,6 @@ class OpenELM(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_max_length, cfg.rope_freq_constant)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.cache_slots = 0
         self.native_plan = None  # torch.classes.elmd.NativePlan when cached steps and prompts run natively
         self.decode_graphs = None  # elmd.engine.cuda_graphs.DecodeGraphs when decode steps replay CUDA graphs
         self.kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
@@ -255,7 +254,6 @@ class OpenELM(nn.Module):
         for block in self.transformer.layers:
             a = block.attn
             a.cache = KVCache(slots, a.kv_heads, length, a.head_dim, self.kv_cache_dtype or p.dtype, p.device)
-        self.cache_slots = slots
 
     def resize_caches(self, slots: int, length: int) -> None:
         """Make the cache `slots` rows of `length` tokens, keeping what fits of the cached ones."""
@@ -267,7 +265,10 @@ class OpenELM(nn.Module):
             new.k[:rows, :, :keep] = old.k[:rows, :, :keep]
             new.v[:rows, :, :keep] = old.v[:rows, :, :keep]
             block.attn.cache = new
-        self.cache_slots = slots
+
+    @property
+    def cache_slots(self) -> int:
+        return self.transformer.layers[0].attn.cache.k.shape[0]
 
     @property
     def cache_length(self) -> int:
@@ -276,7 +277,6 @@ class OpenELM(nn.Module):
     def drop_caches(self) -> None:
         for block in self.transformer.layers:
             block.attn.cache = None
-        self.cache_slots = 0
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits: through `lm_head` when there is one (untied, or a quantized tied head),

@@ -209,8 +209,7 @@ at::Tensor activations_bf16(const In* x, int64_t M, int64_t K, int64_t padded) {
       } else if constexpr (std::is_same_v<In, at::BFloat16>) {
         std::memcpy(row, x + m * K, K * 2);
       } else {
-        for (int64_t k = 0; k < K; k += 16)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + m * K + k)));
+        for (int64_t k = 0; k < K; k += 16) store16(reinterpret_cast<at::BFloat16*>(row + k), _mm512_loadu_ps(x + m * K + k));
       }
     }
   });
@@ -302,7 +301,7 @@ AttentionPacks pack_keys_values(const T* k_row, const T* v_row, int64_t kv_heads
       const T* vr = v_row + (h * L + kb * 32) * D;
       std::fill(rows.begin() + n * D, rows.end(), 0);
       for (int64_t j = 0; j < n * D; j += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&rows[j]), (__m256i)_mm512_cvtneps_pbh(load16(kr + j)));
+        store16(reinterpret_cast<at::BFloat16*>(&rows[j]), load16(kr + j));
       for (int half = 0; half < 2; ++half)
         for (int64_t ds = 0; ds < D / 32; ++ds) {
           uint16_t* tile = p.key_tile(h, kb * 2 + half, ds);
@@ -326,12 +325,12 @@ AttentionPacks pack_keys_values(const T* k_row, const T* v_row, int64_t kv_heads
 // Rows t0 .. t0+15 of one query head (q_bf16: its rows, [row][D], pre-scaled), attending to
 // keys 0 .. start + t, 64 keys at a time; out: the head's columns of [T, hq * D].
 void attend_rows(const AttentionPacks& p, const uint16_t* q_bf16, int64_t kv_head, int64_t t0, int64_t T,
-                 int64_t start, float* out, int64_t out_stride) {
+                 int64_t start, float* out, int64_t out_stride, float* acc) {
   const int64_t D = p.D;
   alignas(64) float scores[16 * 64];
   alignas(64) uint16_t probs[16 * 64];
   float m[16], l[16];
-  std::vector<float> acc(16 * D, 0.f);  // the rows' unnormalized outputs, accumulated by the tiles
+  std::fill(acc, acc + 16 * D, 0.f);  // the rows' unnormalized outputs [16][D], accumulated by the tiles
   std::fill(m, m + 16, -INFINITY);
   std::fill(l, l + 16, 0.f);
   const int64_t last = start + std::min<int64_t>(t0 + 15, T - 1);  // the block's furthest key
@@ -385,7 +384,7 @@ void attend_rows(const AttentionPacks& p, const uint16_t* q_bf16, int64_t kv_hea
       _mm512_store_si512(probs + r * 64 + 32, (__m512i)_mm512_cvtne2ps_pbh(s[3], s[2]));
     }
     for (int64_t cg = 0; cg < D / 64; ++cg) {  // acc[:, 64 cg ..] += P V, accumulated in the tiles
-      float* a = acc.data() + cg * 64;
+      float* a = acc + cg * 64;
       _tile_loadd(0, a, D * 4);
       _tile_loadd(1, a + 16, D * 4);
       _tile_loadd(2, a + 32, D * 4);
@@ -463,8 +462,8 @@ at::Tensor amx_prefill_attention(const at::Tensor& qkv, int64_t hq, const at::Te
     for (int64_t i = begin; i < end; ++i) {
       const int64_t h = i / T, t = i % T;
       for (int64_t d = 0; d < D; d += 16)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&queries[(h * padded + t) * D + d]),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(qp + t * width + h * D + d), _mm512_set1_ps(scale))));
+        store16(reinterpret_cast<at::BFloat16*>(&queries[(h * padded + t) * D + d]),
+                _mm512_mul_ps(_mm512_loadu_ps(qp + t * width + h * D + d), _mm512_set1_ps(scale)));
     }
   });
   at::Tensor out = at::empty({T, hq * D}, qkv.options());
@@ -472,9 +471,10 @@ at::Tensor amx_prefill_attention(const at::Tensor& qkv, int64_t hq, const at::Te
   const int64_t blocks = padded / 16;
   at::parallel_for(0, hq * blocks, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
+    std::vector<float> acc(16 * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / blocks, b = task % blocks;
-      attend_rows(packs, queries.data() + h * padded * D, h / group, b * 16, T, start, op + h * D, hq * D);
+      attend_rows(packs, queries.data() + h * padded * D, h / group, b * 16, T, start, op + h * D, hq * D, acc.data());
     }
     _tile_release();
   });

@@ -34,12 +34,11 @@
 namespace {
 
 // dst[0:n] = src[0:n], rounded to the cache's dtype.
-inline void store_row(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
-inline void store_row(const float* src, at::Half* dst, int64_t n) {
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  for (; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
+  for (; i + 16 <= n; i += 16) store16(dst + i, _mm512_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
 template <typename T>
