@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     # the PyTorch engine
     prefix_cache_bytes: int = Field(256 << 20, ge=0)  # KV of earlier conversations kept for reuse; 0: off
     kv_cache_dtype: Literal["auto", "float16", "float32"] = "auto"  # auto: float16 beside float32 activations on the CPU
-    cuda_graphs: bool = False  # replay decode steps from CUDA graphs (CUDA only; not yet measured on a GPU)
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA only)
+    compile_decode: bool = False  # with cuda_graphs, capture a torch.compile'd step (minutes of compiling)
 
     # streaming
     sse_ping_seconds: float = Field(10.0, gt=0)  # comment keep-alives while a prompt is processed

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from elmd.engine.checkpoint import load_model
+from elmd.engine.cuda_graphs import compiled_step, matvec, reduction_attention
 from elmd.engine.load import load_engine
-from elmd.engine.openelm import OpenELM, OpenELMConfig
+from elmd.engine.openelm import OpenELM, OpenELMConfig, decode_attention
 from elmd.fixtures import TINY, write_checkpoint
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -64,6 +65,34 @@ def test_decode_over_the_whole_cache_matches_the_ordinary_step(tiny):
     assert torch.allclose(captured_form, ordinary, atol=1e-5)
     assert torch.allclose(one_captured_form, one, atol=1e-5)
     assert torch.allclose(one, ordinary[1:2], atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_reduction_forms_compute_the_aten_forms(batch):
+    """The compiled CUDA step's matrix-vector product and grouped-query attention (5 query
+    heads per kv head, a position mask) agree with F.linear and decode_attention."""
+    torch.manual_seed(batch)
+    x, w = torch.randn(batch, 1, 96), torch.randn(200, 96)
+    assert torch.allclose(matvec(x, w), torch.nn.functional.linear(x, w), atol=1e-4)
+    q, k, v = torch.randn(batch, 10, 1, 32), torch.randn(batch, 2, 40, 32), torch.randn(batch, 2, 40, 32)
+    mask = torch.arange(40)[None, None, None, :] <= torch.tensor([5, 39, 17][:batch])[:, None, None, None]
+    assert torch.allclose(reduction_attention(q, k, v, mask), decode_attention(q, k, v, mask), atol=1e-5)
+
+
+def test_the_compiled_step_computes_the_eager_step(tiny):
+    """compiled_step's reductions are what torch.compile traces (here Inductor's CPU code, on
+    a CUDA GPU Triton's); eagerly the same modules still run the ATen forms."""
+    model = load_model(tiny)
+    model.setup_caches(4, 64)
+    with torch.inference_mode():
+        for slot, n in zip([0, 2], [9, 30]):
+            model(torch.arange(3, 3 + n)[None], torch.arange(n)[None], torch.tensor([slot]))
+        tokens, positions, slots = torch.tensor([[7], [8]]), torch.tensor([[9], [30]]), torch.tensor([0, 2])
+        eager = model.layers_forward(tokens, positions, slots, span=64)
+        step = compiled_step(model, tune=False)
+        assert torch.allclose(model.layers_forward(tokens, positions, slots, span=64), eager)
+        compiled = step(tokens, positions, slots, span=64)
+    assert torch.allclose(compiled, eager, atol=1e-4)
 
 
 @cuda

@@ -176,6 +176,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.normalize_qk_projections
         self.cache: KVCache | None = None
+        self.decode_attention = decode_attention  # the compiled CUDA step swaps in another form
 
     def forward(self, x, cos, sin, slots, positions, mask, span):
         B, T, _ = x.shape
@@ -186,7 +187,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if slots is not None:
             k, v = self.cache.update(slots, positions, k, v, span)
-        y = decode_attention(q, k, v, mask) if T == 1 else F.scaled_dot_product_attention(
+        y = self.decode_attention(q, k, v, mask) if T == 1 else F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.q_heads != self.kv_heads
         )
         return self.out_proj(y.transpose(1, 2).reshape(B, T, self.q_heads * self.head_dim))

@@ -126,10 +126,13 @@ class TorchBackend:
         device: str = "auto",
         slots: int = 8,
         prefix_cache_bytes: int = 256 << 20,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = True,
+        compile_decode: bool = False,
         kv_cache_dtype: str = "auto",
     ):
-        """`cuda_graphs`: replay decode steps from CUDA graphs (ignored off CUDA).
+        """`cuda_graphs`: replay decode steps from CUDA graphs (ignored off CUDA); with
+        `compile_decode`, of a torch.compile'd step (cuda_graphs.compiled_step: fewer, fused
+        kernels per graph, for compiles of tens of seconds on the first steps).
         `kv_cache_dtype`: auto, float16 or float32 (see pick_kv_cache_dtype)."""
         device = pick_device(device)
         if device == "cpu":
@@ -142,9 +145,9 @@ class TorchBackend:
             use_native_plan(model)
             model.kv_cache_dtype = pick_kv_cache_dtype(kv_cache_dtype, model)
             if cuda_graphs and torch.device(device).type == "cuda":
-                from elmd.engine.cuda_graphs import DecodeGraphs
+                from elmd.engine.cuda_graphs import DecodeGraphs, compiled_step
 
-                model.decode_graphs = DecodeGraphs(model)
+                model.decode_graphs = DecodeGraphs(model, compiled_step(model) if compile_decode else None)
             return model
 
         self.scheduler = Scheduler(load, slots=slots, prefix_cache_bytes=prefix_cache_bytes)
@@ -159,6 +162,7 @@ class TorchBackend:
             vocab_size=cfg.vocab_size,
             memory_bytes=weights,
             extra={"slots": slots, "cuda_graphs": model.decode_graphs is not None,
+                   "compile_decode": model.decode_graphs is not None and compile_decode,
                    "kv_cache_dtype": str(model.transformer.layers[0].attn.cache.k.dtype).removeprefix("torch.")},
         )
 

@@ -116,7 +116,7 @@ class ModelManager:
         self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
         self._loader = loader or functools.partial(
             load_model, slots=settings.max_concurrent_requests, prefix_cache_bytes=settings.prefix_cache_bytes,
-            cuda_graphs=settings.cuda_graphs, kv_cache_dtype=settings.kv_cache_dtype,
+            cuda_graphs=settings.cuda_graphs, compile_decode=settings.compile_decode, kv_cache_dtype=settings.kv_cache_dtype,
         )
         self._resident: dict[str, _Resident] = {}
         self._loading: dict[str, asyncio.Task] = {}
