@@ -246,6 +246,7 @@ class OpenELM(nn.Module):
         self.native_plan = None  # torch.classes.elmd.NativePlan when cached steps and prompts run natively
         self.decode_graphs = None  # elmd.engine.cuda_graphs.DecodeGraphs when decode steps replay CUDA graphs
         self.kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
+        self.cache_shape = (0, 0)  # (slots, length) of every layer's KV cache, kept by the methods that make them
 
     def setup_caches(self, slots: int, length: int | None = None) -> None:
         """Allocate the KV cache: `slots` sequences of `length` tokens (default: the context),
@@ -255,6 +256,7 @@ class OpenELM(nn.Module):
         for block in self.transformer.layers:
             a = block.attn
             a.cache = KVCache(slots, a.kv_heads, length, a.head_dim, self.kv_cache_dtype or p.dtype, p.device)
+        self.cache_shape = (slots, length)
 
     def resize_caches(self, slots: int, length: int) -> None:
         """Make the cache `slots` rows of `length` tokens, keeping what fits of the cached ones."""
@@ -266,18 +268,20 @@ class OpenELM(nn.Module):
             new.k[:rows, :, :keep] = old.k[:rows, :, :keep]
             new.v[:rows, :, :keep] = old.v[:rows, :, :keep]
             block.attn.cache = new
+        self.cache_shape = (slots, length)
 
     @property
     def cache_slots(self) -> int:
-        return self.transformer.layers[0].attn.cache.k.shape[0]
+        return self.cache_shape[0]
 
     @property
     def cache_length(self) -> int:
-        return self.transformer.layers[0].attn.cache.k.shape[2]
+        return self.cache_shape[1]
 
     def drop_caches(self) -> None:
         for block in self.transformer.layers:
             block.attn.cache = None
+        self.cache_shape = (0, 0)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits: through `lm_head` when there is one (untied, or a quantized tied head),

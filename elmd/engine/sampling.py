@@ -20,19 +20,26 @@ class Sampler:
             self.generator.manual_seed(params.seed)
         else:
             self.generator.seed()
-        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # prompt + output, for repetition
-        self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)  # output only, for presence/frequency
-        if prompt_ids:
-            self.seen[torch.tensor(prompt_ids, device=device).clamp_(0, vocab_size - 1)] = True
+        # Token bookkeeping only where a penalty reads it: each write is a device op per
+        # token (two kernel launches on a GPU, ~20 us of the scheduler's host time here).
+        self.penalized_sampling = params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
+        if self.penalized_sampling:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # prompt + output, for repetition
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)  # output only, for presence/frequency
+            if prompt_ids:
+                self.seen[torch.tensor(prompt_ids, device=device).clamp_(0, vocab_size - 1)] = True
 
     def observe(self, token_id: int) -> None:
-        self.seen[token_id] = True
-        self.counts[token_id] += 1
+        if self.penalized_sampling:
+            self.seen[token_id] = True
+            self.counts[token_id] += 1
 
     def penalized(self, logits: torch.Tensor) -> torch.Tensor:
         """Repetition (CTRL-style, over prompt and output), presence and frequency (OpenAI-style,
         over the output) penalties."""
         p = self.params
+        if not self.penalized_sampling:
+            return logits
         if p.repetition_penalty != 1.0:
             scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(self.seen, scaled, logits)

@@ -168,7 +168,7 @@ class Scheduler:
         """Grow the KV cache to the rows and the length the running sequences need."""
         if not self.running:
             return
-        rows, length = self.model.cache_slots, self.model.cache_length
+        rows, length = self.model.cache_shape
         new_rows = _doubled(rows, max(s.slot for s in self.running) + 1, self.slots)
         new_length = _doubled(length, max(len(s.tokens) for s in self.running), self.max_len)
         if (new_rows, new_length) != (rows, length):
@@ -242,7 +242,7 @@ class Scheduler:
             self.running.remove(seq)
             heapq.heappush(self.free, seq.slot)
         idle = not self.running and not self.waiting
-        if idle and (self.model.cache_slots, self.model.cache_length) != (1, self.initial_len):
+        if idle and self.model.cache_shape != (1, self.initial_len):
             self.model.resize_caches(1, self.initial_len)
         seq.channel.close(finished)
 
