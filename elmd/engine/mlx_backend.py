@@ -159,7 +159,7 @@ def make_penalties(request: _Request, vocab_size: int) -> Callable[[mx.array, mx
     (mlx-lm's own processors look at the last 20 tokens only): repetition (CTRL-style) over
     prompt and output, presence and frequency (OpenAI-style) over the output."""
     p = request.params
-    if p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty:
+    if not p.penalized:
         return None
     prompt_length = len(request.prompt_ids)
     keep_raw = p.logprobs is not None

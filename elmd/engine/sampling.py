@@ -22,24 +22,21 @@ class Sampler:
             self.generator.seed()
         # Token bookkeeping only where a penalty reads it: each write is a device op per
         # token (two kernel launches on a GPU, ~20 us of the scheduler's host time here).
-        self.penalized_sampling = params.repetition_penalty != 1.0 or bool(params.presence_penalty or params.frequency_penalty)
-        if self.penalized_sampling:
+        if params.penalized:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # prompt + output, for repetition
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)  # output only, for presence/frequency
             if prompt_ids:
                 self.seen[torch.tensor(prompt_ids, device=device).clamp_(0, vocab_size - 1)] = True
 
     def observe(self, token_id: int) -> None:
-        if self.penalized_sampling:
+        if self.params.penalized:
             self.seen[token_id] = True
             self.counts[token_id] += 1
 
-    def penalized(self, logits: torch.Tensor) -> torch.Tensor:
+    def apply_penalties(self, logits: torch.Tensor) -> torch.Tensor:
         """Repetition (CTRL-style, over prompt and output), presence and frequency (OpenAI-style,
         over the output) penalties."""
         p = self.params
-        if not self.penalized_sampling:
-            return logits
         if p.repetition_penalty != 1.0:
             scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(self.seen, scaled, logits)
@@ -49,7 +46,7 @@ class Sampler:
 
     def choose(self, logits: torch.Tensor) -> int:
         p = self.params
-        logits = self.penalized(logits)
+        logits = self.apply_penalties(logits)
         if p.greedy:
             return int(torch.argmax(logits))
         # A legal but extreme temperature or repetition penalty (1e-320, 1e-300) overflows
