@@ -131,11 +131,25 @@ def child_result(cmd: list[str], crashed: str = "") -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def add_rate_options(p: argparse.ArgumentParser) -> None:
+    """The measurement's options, shared with llamacpp.py so that both engines run the same one."""
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--long-context", type=int, default=0, metavar="N",
+                   help="also prompt and decode tok/s after an N-token prompt (e.g. 1900; N + decode tokens within the context)")
+
+
+def rate_options(args) -> list[str]:
+    """add_rate_options' values, as a measuring child's command line."""
+    return ["--threads", str(args.threads), "--repeats", str(args.repeats), "--prompt-tokens", str(args.prompt_tokens),
+            "--decode-tokens", str(args.decode_tokens), "--long-context", str(args.long_context)]
+
+
 def measure_in_process(model_dir: Path, quant: str, args) -> dict:
     return child_result([sys.executable, __file__, "--child", str(model_dir), "--quants", quant, "--dtype", args.dtype,
-                         "--threads", str(args.threads), "--repeats", str(args.repeats),
-                         "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
-                         "--long-context", str(args.long_context)])
+                         *rate_options(args)])
 
 
 class OthersCpu:
@@ -336,12 +350,7 @@ def main(argv=None) -> int:
                    help="fixture shapes (270M, 450M, 1.1B, 3B), 'offline' (the packaged model), or model directories")
     p.add_argument("--quants", nargs="+", default=["none", "bf16", "int8", "int4"])
     p.add_argument("--dtype", default="auto", help="activation dtype of the torch backend")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--long-context", type=int, default=0, metavar="N",
-                   help="also prompt and decode tok/s after an N-token prompt (e.g. 1900; N + decode tokens within the context)")
+    add_rate_options(p)
     p.add_argument("--no-http", action="store_true", help="skip the daemon start and time-to-first-token runs")
     p.add_argument("--llamacpp", action="store_true",
                    help="also measure llama.cpp on the same weights, right after elmd, and print the ratios")

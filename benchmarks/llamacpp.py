@@ -22,7 +22,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -297,7 +296,7 @@ def run_child(args) -> dict:
 def measure_in_process(model_dir: Path, quant: str, args) -> dict:
     """One llama.cpp row for `model_dir` at elmd's `quant`: the GGUF built (or found) in
     args.work_dir, then measured in a fresh process with args.threads threads."""
-    from bench import child_result
+    from bench import child_result, rate_options
 
     from elmd.engine.tokenizer import Tokenizer
 
@@ -306,9 +305,7 @@ def measure_in_process(model_dir: Path, quant: str, args) -> dict:
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         return {"error": str(e)}
     cmd = [sys.executable, __file__, "--child", str(path), "--vocab", str(Tokenizer.from_dir(model_dir).vocab_size),
-           "--threads", str(args.threads), "--repeats", str(args.repeats),
-           "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
-           "--long-context", str(args.long_context)]
+           *rate_options(args)]
     # A crashed llama.cpp leaves no explanation of its own.
     result = child_result(cmd, crashed=" (a GCC 12 build of llama.cpp on an AMX CPU does this: README, Benchmarks)")
     if "error" in result:
@@ -317,14 +314,12 @@ def measure_in_process(model_dir: Path, quant: str, args) -> dict:
 
 
 def main(argv=None) -> int:
+    from bench import add_rate_options
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path, nargs="?")
     p.add_argument("--quant", default="int4", choices=sorted(GGUF_TYPES))
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--long-context", type=int, default=0, metavar="N", help="also after an N-token prompt (bench.py)")
+    add_rate_options(p)
     p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "elmd-bench")
     p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
