@@ -16,7 +16,7 @@ from torch import nn
 
 
 def make_divisible(v: float, divisor: int) -> int:
-    """Apple's rounding rule for layer widths (see docs/openelm.md)."""
+    """Apple's rounding rule for layer widths (make_divisible in their modeling_openelm.py)."""
     n = max(divisor, int(v + divisor / 2) // divisor * divisor)
     if n < 0.9 * v:
         n += divisor
@@ -258,6 +258,15 @@ class OpenELM(nn.Module):
             a.cache = KVCache(slots, a.kv_heads, length, a.head_dim, self.kv_cache_dtype or p.dtype, p.device)
         self.cache_shape = (slots, length)
 
+    def set_kv_cache_dtype(self, dtype: torch.dtype | None) -> None:
+        """Keep keys and values in `dtype` (None: the model's), converting the cached ones."""
+        self.kv_cache_dtype = dtype
+        dtype = dtype or self.transformer.norm.weight.dtype
+        for block in self.transformer.layers:
+            cache = block.attn.cache
+            if cache is not None and cache.k.dtype != dtype:
+                cache.k, cache.v = cache.k.to(dtype), cache.v.to(dtype)
+
     def resize_caches(self, slots: int, length: int) -> None:
         """Make the cache `slots` rows of `length` tokens, keeping what fits of the cached ones."""
         for block in self.transformer.layers:
@@ -269,6 +278,15 @@ class OpenELM(nn.Module):
             new.v[:rows, :, :keep] = old.v[:rows, :, :keep]
             block.attn.cache = new
         self.cache_shape = (slots, length)
+
+    def cache_bytes(self, slots: int | None = None, length: int | None = None) -> int:
+        """Bytes of the KV cache now, or at `slots` x `length` in the same dtype."""
+        if self.cache_shape == (0, 0):
+            return 0
+        caches = [block.attn.cache for block in self.transformer.layers]
+        per_token = sum(2 * c.k[0, :, 0].numel() * c.k.element_size() for c in caches)
+        rows, tokens = self.cache_shape
+        return per_token * (slots or rows) * (length or tokens)
 
     @property
     def cache_slots(self) -> int:

@@ -9,10 +9,27 @@ backends.
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Protocol
+
+if TYPE_CHECKING:
+    from elmd.engine.grammar import TokenMatcher
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match (grammar-constrained decoding, elmd/engine/grammar.py):
+    `kind` is "json_schema", "lark", "gbnf" or "regex", `source` its text (a schema as JSON)."""
+
+    kind: str
+    source: str
+
+    @classmethod
+    def json_schema(cls, schema: dict | bool) -> "Constraint":
+        return cls("json_schema", json.dumps(schema))
 
 
 @dataclass(frozen=True)
@@ -31,6 +48,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and k alternatives
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's -100..100
+    constraint: Constraint | None = None  # the output follows this grammar
 
     @property
     def greedy(self) -> bool:
@@ -63,7 +82,7 @@ class Step:
 class Finished:
     """The backend's last word on a sequence: why it stopped."""
 
-    reason: str  # "length" | "eos" | "cancelled" | "error"
+    reason: str  # "length" | "eos" | "cancelled" | "error" | "memory" (the KV cache would pass the memory budget)
     error: str | None = None
 
 
@@ -145,8 +164,27 @@ class BackendInfo:
     quant: str  # "none" | "int8" | "int4" ...
     context_length: int
     vocab_size: int
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # the weights, measured at load
+    # Runtime details; on the CPU, PyTorch's cpu_kernels, cpu_kernels_reason, cpu_kernels_building.
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CacheBytes:
+    """Memory a backend holds beside its weights: the KV cache of running sequences, and
+    the prefix cache of earlier ones kept for reuse."""
+
+    kv_cache: int
+    prefix_cache: int = 0
+
+
+def describe_cpu_kernels(state: dict) -> str | None:
+    """"aten (this CPU lacks ...)": a backend's CPU kernel path and why not the best, for the
+    daemon's log and `elmd status` (a BackendInfo's extra, or GET /health's fields); None off the CPU."""
+    if not state.get("cpu_kernels"):
+        return None
+    why = state.get("cpu_kernels_reason")
+    return state["cpu_kernels"] + (f" ({why})" if why else "")
 
 
 class Backend(Protocol):
@@ -154,8 +192,12 @@ class Backend(Protocol):
 
     info: BackendInfo
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> StepChannel:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
+               matcher: "TokenMatcher | None" = None) -> StepChannel:
         """Start generating after `prompt_ids`; steps arrive on the returned channel.
+
+        With a `matcher` (made from `params.constraint`), each token is drawn from those
+        the matcher allows, and the matcher is told each chosen token.
 
         The backend stops at `max_tokens`, at a token in `stop_ids` (unless
         `params.ignore_eos`), or when the channel is cancelled, and always ends the
@@ -165,6 +207,16 @@ class Backend(Protocol):
 
     def score(self, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
         """Log-probability of each token given those before it (len(token_ids) - 1 entries)."""
+        ...
+
+    def cache_bytes(self) -> CacheBytes:
+        """What the caches hold now (read for the metrics and the memory budget; safe to call
+        while generating, never waits for a step)."""
+        ...
+
+    def limit_cache(self, budget: Callable[[], int | None]) -> None:
+        """Keep the KV cache (and cached prefixes) within `budget()` bytes, a figure that changes as
+        other models load and grow; what cannot fit ends with Finished("memory")."""
         ...
 
     def close(self) -> None:

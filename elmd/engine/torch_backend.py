@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,11 +10,14 @@ import psutil
 import torch
 
 from elmd.engine.checkpoint import load_model, read_config
+from elmd.engine.grammar import TokenMatcher
 from elmd.engine.openelm import OpenELM
-from elmd.engine.protocol import BackendInfo, SamplingParams, StepChannel, TokenLogprob
+from elmd.engine.protocol import BackendInfo, CacheBytes, SamplingParams, StepChannel, TokenLogprob
 from elmd.engine.sampling import logprob_of
 from elmd.engine.scheduler import Scheduler
 
+log = logging.getLogger(__name__)
+CACHED_BUILD_SECONDS = 5.0  # how long a load waits for the kernels: a cached build loads in about a second
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -41,6 +45,19 @@ def pick_dtype(dtype: str, device: str, model_dim: int) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def cpu_fast_path(dtype: torch.dtype, quant: str, device: str) -> tuple[torch.dtype, str]:
+    """bf16 activations on the CPU run as float32, with one warning: the CPU's fast paths (the
+    native decode plan, its int8/int4/bf16 kernels) take float32 activations, and with bf16
+    ones a model fell back to ATen's ops at under half the speed (270M int4: 62 vs 141
+    tok/s). Unquantized weights become bf16 (`--quant bf16`), so bf16 still halves them."""
+    if device != "cpu" or dtype != torch.bfloat16:
+        return dtype, quant
+    fast_quant = "bf16" if quant == "none" else quant
+    log.warning("--dtype bfloat16 on the CPU: activations run in float32, which the CPU's fast kernels take; "
+                "weights as --quant %s", fast_quant)
+    return torch.float32, fast_quant
+
+
 def pick_kv_cache_dtype(kv_cache_dtype: str, model: OpenELM) -> torch.dtype | None:
     """`auto`: float16 where the native plan runs a float32 model, as llama.cpp's default f16
     cache: half the cache's memory, and of the bytes a long context's decode step reads (270M
@@ -60,32 +77,15 @@ def set_threads() -> None:
     torch.set_num_threads(cores)
 
 
-def stored_quant_path(model_dir: Path, quant: str) -> Path:
-    """Where a model's weights quantized as `quant` are kept, beside the originals (a name
-    that mlx-lm's `model*.safetensors` glob does not pick up)."""
-    return model_dir / f"elmd-{quant}.safetensors"
-
-
 def load_quantized_model(model_dir: Path, quant: str, dtype: torch.dtype, device: str) -> OpenELM:
-    """Load the weights quantized as `quant`: from the stored quantized file when there is
-    one, else quantize the float weights and store the result (when the directory is
-    writable) so the next load skips quantizing."""
-    from elmd.engine.quantize import load_quantized, parse_quant, quant_of, quantize_model, save_quantized
+    """The weights quantized as `quant`, from the stored file (see quant_store: written once,
+    then read without quantizing); with "none", the float weights as they are."""
+    from elmd.engine import quant_store
+    from elmd.engine.quantize import quantize_model
 
-    spec = parse_quant(quant, embedding=True)
-    stored = stored_quant_path(model_dir, quant)
-    if spec is not None and stored.exists() and quant_of(stored) == spec:
-        with torch.device("meta"):
-            model = OpenELM(read_config(model_dir))
-        model = load_quantized(model, stored, device)
-        model.rope_cos, model.rope_sin = model.rope_cos.to(device), model.rope_sin.to(device)  # built on the CPU
-        return model.eval().requires_grad_(False)
-    model = quantize_model(load_model(model_dir, dtype=dtype, device=device), quant, embedding=True)
-    if spec is not None and os.access(model_dir, os.W_OK):
-        partial = stored.with_suffix(".partial")
-        save_quantized(model, partial)
-        os.replace(partial, stored)
-    return model
+    if quant == "none":
+        return quantize_model(load_model(model_dir, dtype=dtype, device=device), quant)
+    return quant_store.load(model_dir, quant, dtype, device)
 
 
 def use_native_plan(model: OpenELM) -> bool:
@@ -96,7 +96,7 @@ def use_native_plan(model: OpenELM) -> bool:
     from elmd.engine.quantize import native_linear_args
 
     norm = model.transformer.norm.weight
-    if norm.device.type != "cpu" or norm.dtype != torch.float32 or native.load() is None:
+    if norm.device.type != "cpu" or norm.dtype != torch.float32 or native.ops() is None:
         return False
     layers = model.transformer.layers
     linears = [m for b in layers for m in (b.attn.qkv_proj, b.attn.out_proj, b.ffn.proj_1, b.ffn.proj_2)]
@@ -117,6 +117,26 @@ def use_native_plan(model: OpenELM) -> bool:
     return True
 
 
+def kv_cache_dtype_name(model: OpenELM) -> str:
+    return str(model.transformer.layers[0].attn.cache.k.dtype).removeprefix("torch.")
+
+
+def cpu_kernels(model: OpenELM, building: bool) -> dict:
+    """Which CPU kernels run `model` ("avx512" or "aten"), why not the best ones for this CPU
+    (None when they are), and whether they are still building."""
+    from elmd.engine.kernels import native
+
+    if building:
+        why = "the native kernels are building for this CPU (once, about a minute); the model moves to them when ready"
+        return {"cpu_kernels": "aten", "cpu_kernels_reason": why, "cpu_kernels_building": True}
+    path, why = native.kernel_path()
+    if why is None and model.native_plan is None:
+        dtype = str(model.transformer.norm.weight.dtype).removeprefix("torch.")
+        why = (f"{dtype} activations: the fused decode plan runs float32 models" if dtype != "float32"
+               else "the fused decode plan cannot run this model's layers")
+    return {"cpu_kernels": path, "cpu_kernels_reason": why, "cpu_kernels_building": False}
+
+
 class TorchBackend:
     def __init__(
         self,
@@ -129,16 +149,23 @@ class TorchBackend:
         cuda_graphs: bool = True,
         compile_decode: bool = False,
         kv_cache_dtype: str = "auto",
+        speculation: bool = True,
     ):
         """`cuda_graphs`: replay decode steps from CUDA graphs (ignored off CUDA); with
         `compile_decode`, of a torch.compile'd step (cuda_graphs.compiled_step: fewer, fused
         kernels per graph, for compiles of tens of seconds on the first steps).
-        `kv_cache_dtype`: auto, float16 or float32 (see pick_kv_cache_dtype)."""
+        `kv_cache_dtype`: auto, float16 or float32 (see pick_kv_cache_dtype).
+        `speculation`: prompt-lookup speculation at batch 1 (see Scheduler)."""
+        from elmd.engine.kernels import native
+
         device = pick_device(device)
+        building = False
         if device == "cpu":
             set_threads()
+            building = native.ops_after(CACHED_BUILD_SECONDS) is None and not native.build_in_background().done()
         cfg = read_config(Path(model_dir))
-        torch_dtype = pick_dtype(dtype, device, cfg.model_dim)
+        torch_dtype, quant = cpu_fast_path(pick_dtype(dtype, device, cfg.model_dim), quant, device)
+        self.name, self._kv_cache_dtype = Path(model_dir).name, kv_cache_dtype
 
         def load() -> OpenELM:
             model = load_quantized_model(Path(model_dir), quant, torch_dtype, device)
@@ -150,9 +177,10 @@ class TorchBackend:
                 model.decode_graphs = DecodeGraphs(model, compiled_step(model) if compile_decode else None)
             return model
 
-        self.scheduler = Scheduler(load, slots=slots, prefix_cache_bytes=prefix_cache_bytes)
+        self.scheduler = Scheduler(load, slots=slots, prefix_cache_bytes=prefix_cache_bytes, speculation=speculation)
         self.model = model = self.scheduler.model
-        weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+        tensors = list(model.parameters()) + list(model.buffers())
+        weights = sum(t.numel() * t.element_size() for t in tensors) - model.cache_bytes()  # the cache is counted live
         self.info = BackendInfo(
             name="torch",
             device=device,
@@ -162,12 +190,35 @@ class TorchBackend:
             vocab_size=cfg.vocab_size,
             memory_bytes=weights,
             extra={"slots": slots, "cuda_graphs": model.decode_graphs is not None,
-                   "compile_decode": model.decode_graphs is not None and compile_decode,
-                   "kv_cache_dtype": str(model.transformer.layers[0].attn.cache.k.dtype).removeprefix("torch.")},
+                   "compile_decode": model.decode_graphs is not None and compile_decode, "speculation": speculation,
+                   "kv_cache_dtype": kv_cache_dtype_name(model), **(cpu_kernels(model, building) if device == "cpu" else {})},
         )
+        if building:
+            native.build_in_background().add_done_callback(lambda _: self._use_built_kernels())
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> StepChannel:
-        return self.scheduler.submit(prompt_ids, params, stop_ids)
+    def _use_built_kernels(self) -> None:
+        """Once the background build ends: move the model to the native kernels between two
+        scheduler steps (the stored tensors are the same for both paths; a sequence in flight
+        carries on, its cached keys and values converted if the cache's dtype changes)."""
+
+        def switch() -> None:
+            from elmd.engine.quantize import choose_kernels_again
+
+            choose_kernels_again(self.model)
+            if use_native_plan(self.model):
+                self.model.set_kv_cache_dtype(pick_kv_cache_dtype(self._kv_cache_dtype, self.model))
+            self.info.extra.update(cpu_kernels(self.model, building=False), kv_cache_dtype=kv_cache_dtype_name(self.model))
+
+        try:
+            self.scheduler.call(switch)
+        except RuntimeError:  # unloaded while the kernels built
+            return
+        path, why = self.info.extra["cpu_kernels"], self.info.extra["cpu_kernels_reason"]
+        log.info("%s: now on the %s CPU kernels%s", self.name, path, f" ({why})" if why else "")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
+               matcher: TokenMatcher | None = None) -> StepChannel:
+        return self.scheduler.submit(prompt_ids, params, stop_ids, matcher)
 
     def score(self, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
         if len(token_ids) < 2:
@@ -181,6 +232,15 @@ class TorchBackend:
             return [logprob_of(logprobs[i], token_ids[i + 1], top_n) for i in range(len(token_ids) - 1)]
 
         return self.scheduler.call(score)
+
+    def cache_bytes(self) -> CacheBytes:
+        # Read from another thread: the cache's shape is set after each resize, so this
+        # figure is one step stale at worst.
+        return CacheBytes(kv_cache=self.model.cache_bytes(), prefix_cache=self.scheduler.prefix_cache.bytes)
+
+    def limit_cache(self, budget) -> None:
+        """`budget()`: bytes the KV cache and cached prefixes may take now (see Scheduler)."""
+        self.scheduler.cache_budget = budget
 
     def close(self) -> None:
         self.scheduler.stop()

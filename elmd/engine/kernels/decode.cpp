@@ -25,7 +25,6 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -37,66 +36,50 @@ namespace {
 template <typename T>
 inline void store_row(const float* src, T* dst, int64_t n) {
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) store16(dst + i, _mm512_loadu_ps(src + i));
+  for (; i + 16 <= n; i += 16) store16(dst + i, vload(src + i));
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
+  vf acc = vzero();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
-  float s = _mm512_reduce_add_ps(acc);
+  for (; i + 16 <= n; i += 16) acc = vfmadd(vload(a + i), load16(b + i), acc);
+  float s = vsum(acc);
   for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 
-inline float exp1(float x) { return _mm512_cvtss_f32(exp16(_mm512_set1_ps(x))); }
+inline float exp1(float x) { return vfirst(exp16(vset(x))); }
 
 // y[0:n] += w * v[0:n]
 template <typename T>
 inline void axpy(float w, const T* v, float* y, int64_t n) {
-  const __m512 wv = _mm512_set1_ps(w);
+  const vf wv = vset(w);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(wv, load16(v + i), _mm512_loadu_ps(y + i)));
+  for (; i + 16 <= n; i += 16) vstore(y + i, vfmadd(wv, load16(v + i), vload(y + i)));
   for (; i < n; ++i) y[i] += w * static_cast<float>(v[i]);
 }
 
 // p[0:n] = softmax(p[0:n]) in place.
 inline void softmax(float* p, int64_t n) {
-  __m512 top = _mm512_set1_ps(-INFINITY);
+  vf top = vset(-INFINITY);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(p + i));
-  float m = _mm512_reduce_max_ps(top);
+  for (; i + 16 <= n; i += 16) top = vmax(top, vload(p + i));
+  float m = vmaxval(top);
   for (; i < n; ++i) m = std::max(m, p[i]);
-  const __m512 mv = _mm512_set1_ps(m);
-  __m512 total = _mm512_setzero_ps();
+  const vf mv = vset(m);
+  vf total = vzero();
   for (i = 0; i + 16 <= n; i += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + i), mv));
-    _mm512_storeu_ps(p + i, e);
-    total = _mm512_add_ps(total, e);
+    const vf e = exp16(vsub(vload(p + i), mv));
+    vstore(p + i, e);
+    total = vadd(total, e);
   }
-  float t = _mm512_reduce_add_ps(total);
+  float t = vsum(total);
   for (; i < n; ++i) t += (p[i] = exp1(p[i] - m));
-  const __m512 inv = _mm512_set1_ps(1.f / t);
-  for (i = 0; i + 16 <= n; i += 16) _mm512_storeu_ps(p + i, _mm512_mul_ps(_mm512_loadu_ps(p + i), inv));
+  const vf inv = vset(1.f / t);
+  for (i = 0; i + 16 <= n; i += 16) vstore(p + i, vmul(vload(p + i), inv));
   for (; i < n; ++i) p[i] /= t;
-}
-
-// out[i] = the sum of a[i]'s 16 lanes, for 16 vectors at once: three rounds of adding halves
-// (within 128-bit lanes, then across them), 45 instructions instead of 16 full reductions.
-inline __m512 sum16(const __m512* a) {
-  __m512 x[8], y[4], z[2];
-  for (int i = 0; i < 8; ++i)  // lanes hold [a(2i), a(2i+1), a(2i), a(2i+1)] partial sums
-    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // 128-bit lane L holds a(4i .. 4i+3)'s sums over lane L
-    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(x[2 * i]), _mm512_castps_pd(x[2 * i + 1]));
-    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(x[2 * i]), _mm512_castps_pd(x[2 * i + 1]));
-    y[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
-  }
-  for (int i = 0; i < 2; ++i)  // then across the four 128-bit lanes, twice
-    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0x88), _mm512_shuffle_f32x4(y[2 * i], y[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
 }
 
 // One kv head's attention for its `group` query heads (queries [group, D], pre-scaled) over
@@ -111,14 +94,14 @@ void attend(const float* queries, int64_t group, const T* keys, const T* values,
   for (; j + 16 <= n; j += 16) {
     for (int64_t g = 0; g < group; ++g) {
       const float* q = queries + g * D;
-      __m512 acc[16];
+      vf acc[16];
       for (int jj = 0; jj < 16; ++jj) {
         const T* k = keys + (j + jj) * D;
-        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), load16(k));
-        for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), load16(k + 16 * c), a);
+        vf a = vmul(vload(q), load16(k));
+        for (int c = 1; c < C; ++c) a = vfmadd(vload(q + 16 * c), load16(k + 16 * c), a);
         acc[jj] = a;
       }
-      _mm512_storeu_ps(p + g * n + j, sum16(acc));
+      vstore(p + g * n + j, sum16(acc));
     }
   }
   for (; j < n; ++j)
@@ -128,13 +111,13 @@ void attend(const float* queries, int64_t group, const T* keys, const T* values,
   for (int64_t j0 = 0; j0 < n; j0 += 64) {
     const int64_t j1 = std::min(n, j0 + 64);
     for (int64_t g = 0; g < group; ++g) {
-      __m512 out[C];
-      for (int c = 0; c < C; ++c) out[c] = _mm512_loadu_ps(y + g * D + 16 * c);
+      vf out[C];
+      for (int c = 0; c < C; ++c) out[c] = vload(y + g * D + 16 * c);
       for (int64_t jj = j0; jj < j1; ++jj) {
-        const __m512 w = _mm512_set1_ps(p[g * n + jj]);
-        for (int c = 0; c < C; ++c) out[c] = _mm512_fmadd_ps(w, load16(values + jj * D + 16 * c), out[c]);
+        const vf w = vset(p[g * n + jj]);
+        for (int c = 0; c < C; ++c) out[c] = vfmadd(w, load16(values + jj * D + 16 * c), out[c]);
       }
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(y + g * D + 16 * c, out[c]);
+      for (int c = 0; c < C; ++c) vstore(y + g * D + 16 * c, out[c]);
     }
   }
 }
@@ -340,9 +323,9 @@ at::Tensor silu_mul(const at::Tensor& h) {
       float* o = op + r * w;
       int64_t i = 0;
       for (; i + 16 <= w; i += 16) {
-        const __m512 g = _mm512_loadu_ps(gate + i);
-        const __m512 sig = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        _mm512_storeu_ps(o + i, _mm512_mul_ps(sig, _mm512_loadu_ps(up + i)));
+        const vf g = vload(gate + i);
+        const vf sig = vdiv(g, vadd(vset(1.f), exp16(vsub(vzero(), g))));
+        vstore(o + i, vmul(sig, vload(up + i)));
       }
       for (; i < w; ++i) o[i] = gate[i] / (1.f + exp1(-gate[i])) * up[i];
     }
@@ -440,9 +423,11 @@ struct NativePlan : torch::CustomClassHolder {
       const at::Tensor keys = k_caches[i].select(0, slot), values = v_caches[i].select(0, slot);
       keys.slice(1, start, span).copy_(heads.slice(0, hq, hq + kv_heads));
       values.slice(1, start, span).copy_(heads.slice(0, hq + kv_heads));
-      if (amx_attention(lin[0], D)) {
-        h = finish_layer(i, x, amx_prefill_attention(qkv, hq, keys, values, start));
-        continue;
+      if constexpr (kAmxBuild) {
+        if (amx_attention(lin[0], D)) {
+          h = finish_layer(i, x, amx_prefill_attention(qkv, hq, keys, values, start));
+          continue;
+        }
       }
       // A float16 cache is widened for SDPA: a copy of the span, small beside the chunk's matmuls.
       const at::Tensor y = at::scaled_dot_product_attention(
@@ -466,7 +451,8 @@ struct NativePlan : torch::CustomClassHolder {
   // Prompt attention on AMX (amx.cpp) for layers whose matmuls already round activations to
   // bf16 there (bf16, int8, int4 weights); float32 layers keep SDPA's float32 attention.
   static bool amx_attention(const PlanLinear& qkv_proj, int64_t D) {
-    return qkv_proj.kind != PlanLinear::kFloat && D % 64 == 0 && amx_available();
+    if constexpr (kAmxBuild) return qkv_proj.kind != PlanLinear::kFloat && D % 64 == 0 && amx_available();
+    return false;
   }
 
   static c10::optional<at::Tensor> optional_norm(const at::Tensor& t) {
@@ -491,5 +477,7 @@ TORCH_LIBRARY_IMPL(elmd, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_mul", &silu_mul);
+#if defined(__AVX512F__)
   m.impl("prefill_attention", &amx_prefill_attention);
+#endif
 }

@@ -5,29 +5,62 @@ matmuls and the attention of prompts on AMX (used where the CPU has it), decode.
 small operations between them (QK-norm + RoPE + KV write + attention, residual add +
 RMSNorm, SwiGLU) and the native plan that runs a decode step or a prompt chunk in one call.
 
-They need x86-64 with AVX512-VNNI and AVX512-BF16, a C++ compiler and ninja. Where any
-is missing, elmd/engine/quantize.py falls back to ATen's own kernels, so the native
-build is only ever a speed-up. The build is cached by torch (TORCH_EXTENSIONS_DIR),
-so only the first start on a machine pays for the compile.
+Two builds of the same sources, chosen at run time by the CPU's flags: "avx512"
+(AVX512-VNNI + AVX512-BF16, with amx.cpp for CPUs with AMX) and "avx2" (AVX2 + FMA +
+F16C, with AVX-VNNI where the CPU has it); simd.h gives each its 16-lane vectors, so the
+packed weights are the same for both. ELMD_CPU_KERNELS=auto|avx512|avx2|aten forces one
+(auto: the best this CPU runs). Where no build can run (another CPU, no C++ compiler or
+ninja, a failed build) elmd/engine/quantize.py falls back to ATen's own kernels, so the
+native build is only ever a speed-up; kernel_path() says which path runs and, when it is
+not the best for this CPU, why. Builds are cached by torch (TORCH_EXTENSIONS_DIR), so
+only the first start on a machine pays for the compile; the daemon serves on ATen
+meanwhile (build_in_background) and switches once they are loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import os
 import platform
+import shutil
+import threading
+import time
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qgemv.cpp", "decode.cpp", "amx.cpp")]
-NEEDED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma"})
+KERNELS_ENV = "ELMD_CPU_KERNELS"
+CHOICES = ("auto", "avx512", "avx2", "aten")
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+    """One native build: the CPU flags it needs, its sources and its compiler flags."""
+
+    path: str
+    cpu_flags: frozenset[str]
+    sources: tuple[str, ...]
+    compiler_flags: tuple[str, ...]
+
+
 # -fopenmp: at::parallel_for is an inline OpenMP loop; without it the kernels run on one
 # thread. At run time the library binds to the libgomp torch has already loaded (same soname).
-COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16",
-                  "-mf16c", "-mfma", "-mamx-tile", "-mamx-bf16"]
+BUILDS = (  # best first
+    Build("avx512", frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma"}),
+          ("qgemv.cpp", "decode.cpp", "amx.cpp"),
+          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma", "-mamx-tile",
+           "-mamx-bf16")),
+    Build("avx2", frozenset({"avx2", "fma", "f16c"}), ("qgemv.cpp", "decode.cpp"), ("-mavx2", "-mfma", "-mf16c")),
+)
 ROWS = 16  # output rows per register in qgemv.cpp
 log = logging.getLogger(__name__)
+_selecting = threading.Lock()  # a background build at start-up and a first request may both ask
+_background: Future | None = None  # the background build, once started
+_build_lock = threading.Lock()
+_said_building = False
 
 
 def cpu_flags() -> frozenset[str]:
@@ -41,22 +74,68 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-@functools.cache
 def load():
-    """The kernels as torch ops (torch.ops.elmd), or None (wrong CPU, no compiler or ninja,
-    build failure). Registered with shape functions, so torch.compile can trace through them."""
-    if platform.machine() not in ("x86_64", "AMD64") or not NEEDED_CPU_FLAGS <= cpu_flags():
-        return None
-    try:
-        from torch.utils.cpp_extension import load as build
+    """The kernels as torch ops (torch.ops.elmd), or None where ATen's run instead (see
+    kernel_path). Registered with shape functions, so torch.compile can trace through them."""
+    with _selecting:
+        return _select()[0]
 
-        build(name="elmd_kernels", sources=[str(path) for path in SOURCES], extra_cflags=COMPILER_FLAGS,
-              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-    except Exception as e:  # no compiler, no ninja, or a compiler that lacks these intrinsics
-        log.warning("native kernels unavailable, using ATen's: %s", str(e).splitlines()[0] if str(e) else e)
-        return None
-    _register_shapes()
-    return torch.ops.elmd
+
+def kernel_path() -> tuple[str, str | None]:
+    """The CPU kernel path in use ("avx512", "avx2" or "aten"; building it on first call)
+    and, when it is not the best this CPU could run, why."""
+    with _selecting:
+        return _select()[1:]
+
+
+@functools.cache
+def _select():
+    choice = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        log.warning("%s=%s is not one of %s; using auto", KERNELS_ENV, choice, "|".join(CHOICES))
+        choice = "auto"
+    flags = cpu_flags() if platform.machine() in ("x86_64", "AMD64") else frozenset()
+    runnable = [b for b in BUILDS if b.cpu_flags <= flags]
+    if not runnable:
+        missing = ", ".join(sorted(BUILDS[-1].cpu_flags - flags))
+        return None, "aten", f"no native kernels for this CPU ({platform.machine()}, lacks {missing})"
+    best = runnable[0]
+    if choice == "aten":
+        return None, "aten", f"forced by {KERNELS_ENV}=aten"
+    if choice != "auto":
+        forced = next(b for b in BUILDS if b.path == choice)
+        if forced not in runnable:
+            missing = ", ".join(sorted(forced.cpu_flags - flags))
+            return None, "aten", f"{KERNELS_ENV}={choice}, but this CPU lacks {missing}"
+        runnable = [forced]
+    compiler = os.environ.get("CXX", "c++")  # the one torch's build runs
+    if shutil.which(compiler) is None:
+        return None, "aten", f"no C++ compiler ({compiler})"
+    failures = []
+    for build in runnable:
+        failure = _build(build, flags)
+        if failure is None:
+            _register_shapes()
+            why = "; ".join(failures) or (f"forced by {KERNELS_ENV}={choice}" if build != best else None)
+            return torch.ops.elmd, build.path, why
+        failures.append(f"{build.path} build failed: {failure}")
+        log.warning("native %s kernels unavailable: %s", build.path, failure)
+    return None, "aten", "; ".join(failures)
+
+
+def _build(build: Build, flags: frozenset[str]) -> str | None:
+    """Compiles and loads one build; returns None, or why it failed (its first line)."""
+    extra = ("-mavxvnni",) if build.path == "avx2" and "avx_vnni" in flags else ()
+    try:
+        from torch.utils.cpp_extension import load as compile_and_load
+
+        compile_and_load(name=f"elmd_kernels_{build.path}" + ("_vnni" if extra else ""),
+                         sources=[str(Path(__file__).with_name(name)) for name in build.sources],
+                         extra_cflags=["-O3", "-fopenmp", *build.compiler_flags, *extra], extra_ldflags=["-fopenmp"],
+                         is_python_module=False, verbose=False)
+    except Exception as e:  # no ninja, or a compiler that lacks these intrinsics
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
 
 
 def _register_shapes() -> None:
@@ -66,6 +145,53 @@ def _register_shapes() -> None:
     torch.library.register_fake("elmd::int8_linear")(lambda x, w, scale: rows_out(x, scale.shape[0]))
     torch.library.register_fake("elmd::int4_linear")(lambda x, w, scale, zero, group: rows_out(x, scale.shape[0] * ROWS))
     torch.library.register_fake("elmd::bf16_linear")(lambda x, w: rows_out(x, w.shape[0]))
+
+
+def build_in_background() -> Future:
+    """Run load() on a thread of its own (once per process): a first build takes about a
+    minute, which a starting daemon spends serving on ATen. The future holds load()'s result."""
+    global _background
+    with _build_lock:
+        if _background is None:
+            _background = Future()
+            threading.Thread(target=_run_build, args=(_background,), name="elmd-kernel-build", daemon=True).start()
+        return _background
+
+
+def _run_build(future: Future) -> None:
+    started = time.monotonic()
+    try:
+        ops = load()
+    except BaseException as e:  # load() reports its own failures; anything else still ends the wait
+        future.set_exception(e)
+        return
+    if ops is not None:
+        log.info("CPU kernels ready (%s) after %.0f s", kernel_path()[0], time.monotonic() - started)
+    future.set_result(ops)
+
+
+def ops_after(seconds: float):
+    """Start the background build and wait up to `seconds` for it (a cached build loads in
+    about a second; once a wait has timed out, later ones do not wait): the kernels, or None
+    while a first build runs on (said once in the log)."""
+    global _said_building
+    build = build_in_background()
+    try:
+        return build.result(timeout=0 if _said_building else seconds)
+    except FutureTimeout:
+        with _build_lock:
+            if not _said_building:
+                _said_building = True
+                log.warning("building CPU kernels for this machine (once, about a minute); serving meanwhile on ATen")
+        return None
+
+
+def ops():
+    """The kernels if they can run now: load(), except while a background build is still
+    running (then None: callers take ATen's path, never wait for the compiler)."""
+    if _background is not None and not _background.done():
+        return None
+    return load()
 
 
 def supports(out_features: int, in_features: int, group_size: int = 32) -> bool:

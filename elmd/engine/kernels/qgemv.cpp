@@ -1,4 +1,5 @@
-// Weight-streaming matmuls for small batches on x86 CPUs with AVX512-VNNI / AVX512-BF16.
+// Weight-streaming matmuls for small batches on x86 CPUs: AVX512-VNNI / AVX512-BF16, or
+// AVX2 + FMA + F16C (simd.h gives both builds their 16-lane vectors).
 //
 // Batch-1 decode reads every weight once per token, so its speed is the speed at which
 // a kernel streams weights. ATen's weight-only kernels reach about half the machine's
@@ -6,14 +7,16 @@
 // and one or two dot-product instructions per 64 bytes of weights:
 //
 // * int8 / int4 weights are multiplied with int8 activations (quantized here, per
-//   block of 32, like llama.cpp's q8_0) by VPDPBUSD, 16 output rows per register
+//   block of 32, like llama.cpp's q8_0) by VPDPBUSD (on AVX2: AVX-VNNI, or VPMADDUBSW +
+//   VPMADDWD, see simd.h), 16 output rows per register
 //   (one row per 32-bit lane, 4 consecutive k per lane), with the activation bytes
 //   broadcast. Weights are unsigned: int8 is stored +128, int4 is q in [0, 15] with
 //   w = scale * (q - 8) + zero per group (ATen's int4pack convention); the offsets are
 //   taken out with the activations' block sums, so the error stays that of a
 //   zero-centred weight.
 // * bf16 weights (unpacked, row-major as in the checkpoint) use VDPBF16PS with bf16
-//   activations, or are widened to float32 for float32 activations.
+//   activations, or are widened to float32 for float32 activations (and on AVX2, where
+//   there is no VDPBF16PS, bf16 activations are widened too).
 //
 // Layouts are produced by elmd/engine/kernels/native.py (pack_int8, pack_int4). From
 // kAmxRows rows on (prompts), int8/int4 matmuls go to amx.cpp where the CPU has AMX.
@@ -52,9 +55,9 @@ template <int T>
 constexpr int chains() { return kTile / T; }
 
 template <int C>
-inline __m512i sum_chains(const __m512i* acc) {
-  __m512i s = acc[0];
-  for (int c = 1; c < C; ++c) s = _mm512_add_epi32(s, acc[c]);
+inline vi sum_chains(const vi* acc) {
+  vi s = acc[0];
+  for (int c = 1; c < C; ++c) s = viadd(s, acc[c]);
   return s;
 }
 
@@ -112,34 +115,34 @@ inline int32_t load_i32(const int8_t* p) {
   return v;
 }
 
-// out[m, n] = scale[n] * (sum_b xscale[m, b] * dot_b(w[n] + 128, xq[m]) - offset[m])
+// out[m, n] = scale[n] * (sum_b xscale[m, b] * dot_b(w[n] + 128, xq[m]) - offset[m]), or without
+// the offset where the build's dot_int8 takes the signed weights (simd.h).
 template <int T, typename Out>
 void int8_rows(const uint8_t* w, const float* wscale, const QuantizedActivations& a, int64_t m0,
                int64_t K, int64_t N, int64_t rb, Out* out) {
   const int64_t nb = K / kBlock;
-  __m512 accf[T];
-  for (int t = 0; t < T; ++t) accf[t] = _mm512_setzero_ps();
+  vf accf[T];
+  for (int t = 0; t < T; ++t) accf[t] = vzero();
   const uint8_t* wr = w + rb * kRows * K;
   constexpr int C = chains<T>();
   for (int64_t b = 0; b < nb; ++b) {
-    __m512i acci[T][C];
+    vi acci[T][C];
     for (int t = 0; t < T; ++t)
-      for (int c = 0; c < C; ++c) acci[t][c] = _mm512_setzero_si512();
+      for (int c = 0; c < C; ++c) acci[t][c] = vizero();
     for (int c = 0; c < kBlock / 4; ++c) {
       prefetch_ahead(wr + (b * (kBlock / 4) + c) * 64);
-      const __m512i v = _mm512_loadu_si512(wr + (b * (kBlock / 4) + c) * 64);
+      const vb v = int8_weights(vload_bytes(wr + (b * (kBlock / 4) + c) * 64));
       for (int t = 0; t < T; ++t) {
         const int32_t xv = load_i32(a.q.data() + (m0 + t) * K + b * kBlock + c * 4);
-        acci[t][c % C] = _mm512_dpbusd_epi32(acci[t][c % C], v, _mm512_set1_epi32(xv));
+        acci[t][c % C] = dot_int8(acci[t][c % C], v, xv);
       }
     }
     for (int t = 0; t < T; ++t)
-      accf[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_chains<C>(acci[t])),
-                                _mm512_set1_ps(a.scale[(m0 + t) * nb + b]), accf[t]);
+      accf[t] = vfmadd(vcvt(sum_chains<C>(acci[t])), vset(a.scale[(m0 + t) * nb + b]), accf[t]);
   }
-  const __m512 s = _mm512_loadu_ps(wscale + rb * kRows);
+  const vf s = vload(wscale + rb * kRows);
   for (int t = 0; t < T; ++t) {
-    const __m512 r = _mm512_mul_ps(_mm512_sub_ps(accf[t], _mm512_set1_ps(a.offset[m0 + t])), s);
+    const vf r = vmul(kInt8DotHasOffset ? vsub(accf[t], vset(a.offset[m0 + t])) : accf[t], s);
     store16(out + (m0 + t) * N + rb * kRows, r);
   }
 }
@@ -149,42 +152,40 @@ template <int T, typename Out>
 void int4_rows(const uint8_t* w, const at::Half* wscale, const at::Half* wzero, const QuantizedActivations& a,
                int64_t m0, int64_t K, int64_t N, int64_t group, int64_t rb, Out* out) {
   const int64_t nb = K / kBlock, ng = K / group;
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  __m512 accf[T];
-  for (int t = 0; t < T; ++t) accf[t] = _mm512_setzero_ps();
+  vf accf[T];
+  for (int t = 0; t < T; ++t) accf[t] = vzero();
   const uint8_t* wr = w + rb * kRows * K / 2;
   for (int64_t g = 0; g < ng; ++g) {
     const int64_t gi = (rb * ng + g) * kRows;
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wscale + gi)));
-    const __m512 zero = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wzero + gi)));
-    __m512 accg[T];
-    for (int t = 0; t < T; ++t) accg[t] = _mm512_setzero_ps();
+    const vf s = load16(wscale + gi);
+    const vf zero = load16(wzero + gi);
+    vf accg[T];
+    for (int t = 0; t < T; ++t) accg[t] = vzero();
     constexpr int C = chains<T>();
     for (int64_t b = g * group / kBlock; b < (g + 1) * group / kBlock; ++b) {
-      __m512i acci[T][C];
+      vi acci[T][C];
       for (int t = 0; t < T; ++t)
-        for (int c = 0; c < C; ++c) acci[t][c] = _mm512_setzero_si512();
+        for (int c = 0; c < C; ++c) acci[t][c] = vizero();
       for (int c = 0; c < kBlock / 8; ++c) {
         prefetch_ahead(wr + (b * (kBlock / 8) + c) * 64);
-        const __m512i v = _mm512_loadu_si512(wr + (b * (kBlock / 8) + c) * 64);
-        const __m512i lo = _mm512_and_si512(v, low);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        const vb v = vload_bytes(wr + (b * (kBlock / 8) + c) * 64);
+        const vb lo = low_nibbles(v);
+        const vb hi = high_nibbles(v);
         for (int t = 0; t < T; ++t) {
           const int8_t* xq = a.q.data() + (m0 + t) * K + b * kBlock + c * 8;
-          __m512i& even = acci[t][(2 * c) % C];
-          even = _mm512_dpbusd_epi32(even, lo, _mm512_set1_epi32(load_i32(xq)));
-          __m512i& odd = acci[t][(2 * c + 1) % C];
-          odd = _mm512_dpbusd_epi32(odd, hi, _mm512_set1_epi32(load_i32(xq + 4)));
+          vi& even = acci[t][(2 * c) % C];
+          even = dpbusd(even, lo, load_i32(xq));
+          vi& odd = acci[t][(2 * c + 1) % C];
+          odd = dpbusd(odd, hi, load_i32(xq + 4));
         }
       }
       for (int t = 0; t < T; ++t)
-        accg[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_chains<C>(acci[t])),
-                                  _mm512_set1_ps(a.scale[(m0 + t) * nb + b]), accg[t]);
+        accg[t] = vfmadd(vcvt(sum_chains<C>(acci[t])), vset(a.scale[(m0 + t) * nb + b]), accg[t]);
     }
     for (int t = 0; t < T; ++t) {
-      const __m512 centred = _mm512_sub_ps(accg[t], _mm512_set1_ps(a.qsum8[(m0 + t) * ng + g]));
-      accf[t] = _mm512_fmadd_ps(centred, s, accf[t]);
-      accf[t] = _mm512_fmadd_ps(zero, _mm512_set1_ps(a.fsum[(m0 + t) * ng + g]), accf[t]);
+      const vf centred = vsub(accg[t], vset(a.qsum8[(m0 + t) * ng + g]));
+      accf[t] = vfmadd(centred, s, accf[t]);
+      accf[t] = vfmadd(zero, vset(a.fsum[(m0 + t) * ng + g]), accf[t]);
     }
   }
   for (int t = 0; t < T; ++t) store16(out + (m0 + t) * N + rb * kRows, accf[t]);
@@ -210,7 +211,10 @@ std::pair<at::Tensor, at::Tensor> rows_and_output(const at::Tensor& x, int64_t N
 // Measured on 270M shapes (2 threads): VNNI is faster up to ~16-24 rows, AMX from 24-32.
 constexpr int64_t kAmxRows = 32;
 
-inline bool use_amx(int64_t M) { return M >= kAmxRows && amx_available(); }
+inline bool use_amx(int64_t M) {
+  if constexpr (kAmxBuild) return M >= kAmxRows && amx_available();
+  return false;
+}
 
 }  // namespace
 
@@ -222,10 +226,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int64_t M = rows.size(0);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
-  if (use_amx(M)) {
-    at::Tensor flat = out.view({M, N});
-    amx_int8_linear(rows, w, scale, flat);
-    return out;
+  if constexpr (kAmxBuild) {
+    if (use_amx(M)) {
+      at::Tensor flat = out.view({M, N});
+      amx_int8_linear(rows, w, scale, flat);
+      return out;
+    }
   }
   with_types(rows, out, [&](auto* xp, auto* op) {
     const QuantizedActivations a = quantize_activations(xp, M, K, 0);
@@ -247,10 +253,12 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const at::Half* sp = scale.data_ptr<at::Half>();
   const at::Half* zp = zero.data_ptr<at::Half>();
-  if (use_amx(M)) {
-    at::Tensor flat = out.view({M, N});
-    amx_int4_linear(rows, w, scale, zero, group, flat);
-    return out;
+  if constexpr (kAmxBuild) {
+    if (use_amx(M)) {
+      at::Tensor flat = out.view({M, N});
+      amx_int4_linear(rows, w, scale, zero, group, flat);
+      return out;
+    }
   }
   with_types(rows, out, [&](auto* xp, auto* op) {
     const QuantizedActivations a = quantize_activations(xp, M, K, group);
@@ -266,9 +274,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 // One activation row against R weight rows: VDPBF16PS for bf16 activations; for float32
 // ones the bf16 weights are widened (a 16-bit shift) and multiplied in float32, so the
-// weights are halved without rounding the activations.
+// weights are halved without rounding the activations. AVX2 widens bf16 activations too.
+#if defined(__AVX512BF16__)
 template <int R>
-inline void bf16_dot(const uint16_t* w, int64_t K, const at::BFloat16* x, __m512* acc) {
+inline void bf16_dot(const uint16_t* w, int64_t K, const at::BFloat16* x, vf* acc) {
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x);
   for (int64_t k = 0; k < K; k += 32) {
     const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + k);
@@ -279,15 +288,16 @@ inline void bf16_dot(const uint16_t* w, int64_t K, const at::BFloat16* x, __m512
   }
 }
 
-template <int R>
-inline void bf16_dot(const uint16_t* w, int64_t K, const float* x, __m512* acc) {
+#endif
+
+template <int R, typename In>
+inline void bf16_dot(const uint16_t* w, int64_t K, const In* x, vf* acc) {
   for (int64_t k = 0; k < K; k += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + k);
+    const vf xv = std::is_same_v<In, float> ? load16(reinterpret_cast<const float*>(x + k))
+                                            : load_bf16(reinterpret_cast<const uint16_t*>(x + k));
     for (int r = 0; r < R; ++r) {
       if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * K + k), _MM_HINT_T0);
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k));
-      const __m512 wv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      acc[r] = _mm512_fmadd_ps(wv, xv, acc[r]);
+      acc[r] = vfmadd(load_bf16(w + r * K + k), xv, acc[r]);
     }
   }
 }
@@ -312,10 +322,10 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
     at::parallel_for(0, N / R, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r0 = begin * R; r0 < end * R; r0 += R) {
         for (int64_t m = 0; m < M; ++m) {
-          __m512 acc[R];
-          for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+          vf acc[R];
+          for (int r = 0; r < R; ++r) acc[r] = vzero();
           bf16_dot<R>(wp + r0 * K, K, xp + m * K, acc);
-          for (int r = 0; r < R; ++r) op[m * N + r0 + r] = static_cast<Out>(_mm512_reduce_add_ps(acc[r]));
+          for (int r = 0; r < R; ++r) op[m * N + r0 + r] = static_cast<Out>(vsum(acc[r]));
         }
       }
     });

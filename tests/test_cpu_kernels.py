@@ -1,0 +1,114 @@
+"""Which CPU kernel path runs (ELMD_CPU_KERNELS, the CPU's flags, the compiler), and each
+native build's numerics against ATen.
+
+The kernel tests of test_quantize.py and test_engine.py run in this process on the best
+path for this CPU; a native build is one library per process (one `elmd` op namespace),
+so every other path is checked in a child process started with ELMD_CPU_KERNELS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from elmd.engine.kernels import native
+
+ROOT = Path(__file__).resolve().parent.parent
+AVX2_FLAGS = ["avx2", "fma", "f16c"]
+
+
+def paths_in_child(cases: list[tuple[dict[str, str], list[str] | None]]) -> list[dict]:
+    """kernel_path() and what really runs, per case, in one child: the native libraries
+    mapped and the kernel a quantized linear layer picks. A case is the environment's
+    overrides and the CPU flags that stand in for the CPU's (None: its own). Only the last
+    case may load a native build (one per process); the others are chosen afresh."""
+    code = f"""
+import json, os
+from elmd.engine import quantize
+from elmd.engine.kernels import native
+from torch import nn
+layer = quantize.QuantizedLinear.from_float(nn.Linear(64, 32, bias=False), quantize.parse_quant("int8"))
+own_flags = native.cpu_flags
+for env, flags in {cases!r}:
+    os.environ.update(env)
+    native.cpu_flags = own_flags if flags is None else (lambda flags=flags: frozenset(flags))
+    native._select.cache_clear()
+    path, why = native.kernel_path()
+    libraries = sorted({{line.split()[-1].rsplit("/", 1)[-1] for line in open("/proc/self/maps") if "elmd_kernels" in line}})
+    print(json.dumps({{"path": path, "why": why, "kernel": layer.prepare(), "libraries": libraries}}))
+    for name in env:
+        del os.environ[name]
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={k: v for k, v in os.environ.items() if k not in ("ELMD_CPU_KERNELS", "CXX")})
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()[-len(cases):]]
+
+
+def path_in_child(env: dict[str, str], flags: list[str] | None = None) -> dict:
+    return paths_in_child([(env, flags)])[0]
+
+
+def runnable() -> list[str]:
+    flags = native.cpu_flags()
+    return [build.path for build in native.BUILDS if build.cpu_flags <= flags]
+
+
+needs_avx2 = pytest.mark.skipif("avx2" not in runnable(), reason="needs an x86 CPU with AVX2, FMA and F16C")
+
+
+@needs_avx2
+def test_avx2_forced_runs_the_avx2_build():
+    got = path_in_child({"ELMD_CPU_KERNELS": "avx2"})
+    best = runnable()[0]
+    assert got["path"] == "avx2" and got["kernel"] == "native"
+    assert got["why"] == (None if best == "avx2" else "forced by ELMD_CPU_KERNELS=avx2")
+    assert [name for name in got["libraries"] if name.endswith(".so")] in (
+        ["elmd_kernels_avx2.so"], ["elmd_kernels_avx2_vnni.so"])
+
+
+@needs_avx2
+def test_auto_takes_the_best_build_for_the_cpu_without_a_reason():
+    got = path_in_child({"ELMD_CPU_KERNELS": "auto"})
+    assert got["path"] == runnable()[0] and got["why"] is None and got["kernel"] == "native"
+
+
+@needs_avx2
+def test_a_cpu_with_only_avx2_runs_the_avx2_build():
+    assert path_in_child({"ELMD_CPU_KERNELS": "auto"}, AVX2_FLAGS)["path"] == "avx2"
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the native builds are x86's")
+def test_aten_where_forced_or_no_native_build_can_run_and_why():
+    """ELMD_CPU_KERNELS=aten, forced onto a build the CPU lacks, a CPU without AVX2, no
+    compiler: ATen's kernels, no native library loaded, and the reason."""
+    aten, forced, old_cpu, no_compiler = paths_in_child([
+        ({"ELMD_CPU_KERNELS": "aten"}, None),
+        ({"ELMD_CPU_KERNELS": "avx512"}, AVX2_FLAGS),
+        ({}, ["sse4_2", "avx"]),
+        ({"CXX": "/nonexistent/c++"}, AVX2_FLAGS),
+    ])
+    assert forced["why"] == "ELMD_CPU_KERNELS=avx512, but this CPU lacks avx512_bf16, avx512_vnni, avx512bw, avx512f, avx512vl"
+    assert old_cpu["why"].startswith("no native kernels for this CPU") and old_cpu["why"].endswith("lacks avx2, f16c, fma)")
+    assert no_compiler["why"] == "no C++ compiler (/nonexistent/c++)"
+    assert aten["why"] == "forced by ELMD_CPU_KERNELS=aten"
+    for got in (aten, forced, old_cpu, no_compiler):
+        assert got["path"] == "aten" and got["kernel"] == "aten" and got["libraries"] == []
+
+
+@pytest.mark.parametrize("path", [p for p in ("avx512", "avx2") if p in runnable()[1:]])
+def test_kernels_of_a_build_this_process_does_not_run_match_aten(path):
+    """The kernel tests, with their tolerances, in a child forced onto `path` (on this CPU
+    the best build runs them in this process)."""
+    tests = ["tests/test_quantize.py", "tests/test_engine.py::test_native_plan_decode_matches_aten_for_sequences_at_different_lengths",
+             "tests/test_engine.py::test_native_plan_prefill_matches_aten_over_prompt_chunks",
+             "tests/test_engine.py::test_native_decode_attention_matches_a_reference_over_long_spans"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], capture_output=True,
+                          text=True, timeout=1800, env={**os.environ, "ELMD_CPU_KERNELS": path}, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-4000:]
