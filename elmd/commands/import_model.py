@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from elmd.registry import QUANT_CHOICES
+
 # The file-type tags llama.cpp's tools append to GGUF names ("model.Q4_1.gguf", "model-f16.gguf").
 QUANT_SUFFIX = re.compile(r"[.-](q\d[a-z0-9_]*|iq\d[a-z0-9_]*|f16|bf16|f32)$")
 
@@ -31,6 +33,10 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weight type for a converted GGUF"
     )
+    parser.add_argument("--quant", choices=QUANT_CHOICES,
+                        help="also store the weights quantized this way, so no load has to (default: the "
+                        "default_quant of the models.yaml entry of that name, else none; int4 keeps a GGUF's Q4_1 "
+                        "blocks exactly)")
     parser.add_argument("--force", action="store_true", help="replace a model of the same name")
     parser.set_defaults(func=run)
 
@@ -50,10 +56,11 @@ def run(args: argparse.Namespace) -> int:
     source: Path = args.source.expanduser()
     try:
         name = args.name or default_name(source)
+        quant = args.quant or default_quant(name)
         if source.is_dir():
-            installed = _install_dir(source, name, args.force)
+            installed = _install_dir(source, name, quant, args.force)
         elif source.is_file():
-            installed = _install_gguf(source, name, args.dtype, args.force)
+            installed = _install_gguf(source, name, args.dtype, quant, args.force)
         else:
             raise FileNotFoundError(f"{source}: no such file or directory")
     except FileExistsError as e:
@@ -72,29 +79,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _install_gguf(source: Path, name: str, dtype: str, force: bool) -> Path:
+def default_quant(name: str) -> str:
+    """The models.yaml default_quant of a model named `name`, where the PyTorch backend runs
+    (MLX quantizes as it loads); else none."""
+    from elmd.pull import resolve_backend
+    from elmd.registry import Registry
+
+    entry = Registry.load().get(name)
+    return entry.default_quant if entry and resolve_backend("auto") == "torch" else "none"
+
+
+def _install_gguf(source: Path, name: str, dtype: str, quant: str, force: bool) -> Path:
     from elmd.convert import import_gguf
     from elmd.store import Store, sha256_file, write_manifest
 
     store = Store()
     with store.installing(name, overwrite=force) as tmp:
         print(f"converting {source} ...", file=sys.stderr)
-        import_gguf(source, tmp, dtype=dtype)
+        import_gguf(source, tmp, dtype=dtype, quant=quant, progress=True)
         write_manifest(
             tmp,
             source={"kind": "gguf-file", "path": str(source.resolve()), "sha256": sha256_file(source)},
             revision=None,
             dtype=dtype,
+            default_quant=quant,
         )
     return store.path(name)
 
 
-def _install_dir(source: Path, name: str, force: bool) -> Path:
+def _install_dir(source: Path, name: str, quant: str, force: bool) -> Path:
     from elmd.convert.checkpoint_dir import copy_checkpoint
+    from elmd.engine import quant_store
     from elmd.store import Store, write_manifest
 
     store = Store()
     with store.installing(name, overwrite=force) as tmp:
         copy_checkpoint(source, tmp)
-        write_manifest(tmp, source={"kind": "local-dir", "path": str(source.resolve())}, revision=None)
+        if quant != "none":
+            quant_store.write(tmp, quant, progress=True)
+        write_manifest(tmp, source={"kind": "local-dir", "path": str(source.resolve())}, revision=None,
+                       default_quant=quant)
     return store.path(name)

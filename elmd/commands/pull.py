@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from elmd.registry import QUANT_CHOICES
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -21,6 +23,8 @@ def register(subparsers) -> None:
     parser.add_argument("--revision", help="branch, tag or commit of the weights repo (default: models.yaml's, else main)")
     parser.add_argument("--backend", choices=("auto", "torch", "mlx"), default="auto",
                         help="which backend's source to download (default: auto)")
+    parser.add_argument("--quant", choices=QUANT_CHOICES,
+                        help="also store the weights quantized this way, so no load has to (default: the model's default_quant)")
     parser.add_argument("--force", action="store_true", help="replace the model if it is already installed")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             known = ", ".join(e.id for e in registry)
             raise PullError(f"models.yaml has no model {args.model!r} (known: {known})")
         pull(args.model, entry, Store(), revision=args.revision, progress=not args.quiet,
-             backend=args.backend, overwrite=args.force)
+             backend=args.backend, overwrite=args.force, quant=args.quant)
     except KeyboardInterrupt:
         print("\nelmd pull: interrupted; nothing was installed. Run it again to resume.", file=sys.stderr)
         return 130

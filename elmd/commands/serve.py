@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from elmd.registry import PackageSource
+from elmd.settings import SHUTDOWN_GRACE_SECONDS
 
 OFFLINE_DEFAULT = "smollm2-135m-instruct"
-SHUTDOWN_GRACE_SECONDS = 10  # in-flight requests may finish this long after SIGTERM, then are cancelled
 
 
 def register(subparsers) -> None:
@@ -25,7 +25,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--model", help="model name, or a local model directory (hub layout)")
     parser.add_argument("--backend", choices=["auto", "torch", "mlx"], help="runtime (default: auto)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], help="activation dtype (default: auto)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                        help="activation dtype (default: auto); on the CPU bfloat16 runs float32 activations with bf16 "
+                        "weights, which the CPU's fast kernels take")
     parser.add_argument("--quant", choices=["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"],
                         help="weight quantization: bf16 weights, int8 per channel, int4 per group of 32/64/128 (default: the model's)")
     parser.add_argument("--host", help="address to bind (default: 127.0.0.1)")
@@ -41,6 +43,8 @@ def register(subparsers) -> None:
     parser.add_argument("--api-key-file", help="file holding the API key clients must send (default: ELMD_API_KEY, "
                         "else the config directory's api_key file if present; see `elmd key`)")
     parser.add_argument("--max-body-bytes", type=int, help="largest request body (default: 4 MiB)")
+    parser.add_argument("--speculation", action=argparse.BooleanOptionalAction,
+                        help="prompt-lookup speculative decoding when one request generates (default: on)")
     parser.add_argument("--log-file", help="also write the log to this file (created mode 0600)")
     parser.add_argument("--log-prompts", action="store_true", default=None,
                         help="write request and response bodies (prompts, completions) to the log")
@@ -71,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         "max_concurrent_requests": args.max_concurrent_requests, "max_queued_requests": args.max_queued_requests,
         "request_timeout": args.request_timeout, "allow_origins": args.allow_origins,
         "api_key_file": args.api_key_file, "max_body_bytes": args.max_body_bytes, "log_file": args.log_file,
-        "log_prompts": args.log_prompts,
+        "log_prompts": args.log_prompts, "speculation": args.speculation,
     }  # fmt: skip
     try:
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
@@ -145,7 +149,7 @@ def startup_model(settings, registry, store):
     if isinstance(source.weights, PackageSource) and source.weights.locate() is not None:
         from elmd.pull import pull
 
-        pull(wanted, entry, store, progress=False, backend=_backend(settings.backend))
+        pull(wanted, entry, store, progress=False, backend=_backend(settings.backend), quant=settings.quant)
         return None, wanted
     if name:
         raise StartupError(f"model {wanted!r} is not installed: run `elmd pull {wanted}` first")

@@ -10,8 +10,9 @@ import sys
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "show",
-        help="show an installed model's source, revision, quantization and files",
-        description="Show an installed model's manifest: source, revision, quantization, files and their sha256.",
+        help="show an installed model's source, revision, quantization, sampling defaults and files",
+        description="Show an installed model's manifest (source, revision, quantization, files and their "
+        "sha256) and the sampling defaults models.yaml gives it.",
     )
     parser.add_argument("model", help="the model's name in the store")
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -20,6 +21,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from elmd.commands.list import describe_source
+    from elmd.registry import Registry
     from elmd.store import ModelNotFound, Store, human_size
 
     try:
@@ -28,16 +30,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"elmd show: error: {e}", file=sys.stderr)
         return 1
     manifest = model.manifest
+    entry = Registry.load().get(model.name.split(":")[0])
+    sampling = dict(entry.sampling) if entry else {}
+    default_quant = manifest.get("default_quant") or (entry.default_quant if entry else "none")
     if args.json:
         print(json.dumps({"name": model.name, "path": str(model.path), "size_bytes": model.size_bytes,
-                          "manifest": manifest}, indent=2))
+                          "default_quant": default_quant, "sampling": sampling, "manifest": manifest}, indent=2))
         return 0
     print(f"name:      {model.name}")
     print(f"path:      {model.path}")
     print(f"size:      {human_size(model.size_bytes)}")
     print(f"source:    {describe_source(manifest.get('source'))}")
     print(f"revision:  {manifest.get('revision')}")
-    print(f"quant:     {manifest.get('quant', '?')}")
+    print(f"quant:     {manifest.get('quant', '?')} (serves as {default_quant} unless --quant says otherwise)")
+    defaults = ", ".join(f"{key}={value}" for key, value in sampling.items()) or "the API's"
+    print(f"sampling:  {defaults} (when a request leaves them out)")
     print(f"created:   {manifest.get('created', '?')}")
     files = sorted(manifest.get("files", {}).items())
     print("files:")

