@@ -112,11 +112,13 @@ def mutations(valid: dict, fields: dict) -> st.SearchStrategy:
 
 
 def assert_handled(response: httpx.Response) -> None:
-    is_json = "json" in response.headers.get("content-type", "")
-    code = response.json()["error"]["code"] if response.status_code >= 400 and is_json else None
+    is_json = response.headers.get("content-type", "") == "application/json"
+    error = response.json()["error"] if response.status_code >= 400 and is_json else None
+    code = error["code"] if isinstance(error, dict) else error  # Ollama's routes: the message itself
     event(f"{response.status_code} {code or ''}")  # pytest --hypothesis-show-statistics: what the fuzzer reached
     assert response.status_code < 500, response.text[:2000]
     assert "internal_error" not in response.text, response.text[:2000]
+    assert "The server had an error" not in response.text, response.text[:2000]
 
 
 def post(client: httpx.Client, path: str, body) -> httpx.Response:
@@ -154,7 +156,52 @@ def test_tokenizer_endpoints_never_fail_or_hang(fuzz_server, path, body):
     assert_handled(post(fuzz_server, path, body))
 
 
-PATHS = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"]
+ITEM = st.fixed_dictionaries({"role": ROLES | JSON}, optional={
+    "type": st.sampled_from(["message", "function_call_output", "reasoning", ""]) | JSON,
+    "content": st.one_of(st.text(max_size=200), st.lists(st.fixed_dictionaries(
+        {"type": st.sampled_from(["input_text", "output_text", "input_image", ""])},
+        optional={"text": st.one_of(st.text(max_size=60), JSON)}), max_size=4), JSON)})
+RESPONSES_FIELDS = {**{k: SHARED_FIELDS[k] for k in ("model", "temperature", "top_p", "stream", "seed", "stop",
+                                                      "keep_alive", "metadata", "unknown_extra")},
+                    "input": field(st.text(max_size=300) | st.lists(ITEM, max_size=6)),
+                    "instructions": field(st.text(max_size=100)),
+                    "max_output_tokens": field(st.integers(min_value=1, max_value=70)),
+                    "previous_response_id": field(st.sampled_from(["resp_x", ""])), "store": field(st.booleans()),
+                    "text": field(st.just({"format": {"type": "text"}})), "tools": JSON, "tool_choice": JSON,
+                    "reasoning": JSON, "include": JSON, "truncation": JSON}
+VALID_RESPONSE = {"model": MODEL, "input": "Hello", "max_output_tokens": 8}
+OPTIONS = st.fixed_dictionaries({}, optional={
+    "num_predict": field(st.integers(min_value=-2, max_value=70)), "temperature": SHARED_FIELDS["temperature"],
+    "top_p": SHARED_FIELDS["top_p"], "top_k": SHARED_FIELDS["top_k"], "min_p": SHARED_FIELDS["min_p"],
+    "repeat_penalty": SHARED_FIELDS["repetition_penalty"], "seed": SHARED_FIELDS["seed"],
+    "stop": field(st.lists(st.text(max_size=5), max_size=20)), "num_ctx": field(st.integers(1, 10**6)),
+    "mirostat": JSON, "num_thread": JSON, "unknown": JSON})
+OLLAMA_FIELDS = {"model": SHARED_FIELDS["model"], "stream": SHARED_FIELDS["stream"], "keep_alive": SHARED_FIELDS["keep_alive"],
+                 "options": field(OPTIONS), "format": JSON, "think": JSON, "images": JSON, "system": JSON, "raw": JSON,
+                 "messages": field(st.lists(MESSAGE, max_size=8)), "prompt": field(st.text(max_size=300)),
+                 "unknown_extra": JSON}
+VALID_OLLAMA_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "options": {"num_predict": 8}}
+VALID_OLLAMA_GENERATE = {"model": MODEL, "prompt": "Hello", "options": {"num_predict": 8}}
+
+
+@FUZZ
+@given(body=st.one_of(mutations(VALID_RESPONSE, RESPONSES_FIELDS), mutations(VALID_RESPONSE, RESPONSES_FIELDS), JSON))
+def test_responses_never_fail_or_hang(fuzz_server, body):
+    assert_handled(post(fuzz_server, "/v1/responses", body))
+
+
+@FUZZ
+@given(path_body=st.one_of(
+    st.tuples(st.just("/api/chat"), mutations(VALID_OLLAMA_CHAT, OLLAMA_FIELDS)),
+    st.tuples(st.just("/api/generate"), mutations(VALID_OLLAMA_GENERATE, OLLAMA_FIELDS)),
+    st.tuples(st.sampled_from(["/api/chat", "/api/generate", "/api/show"]), JSON)))
+def test_ollama_routes_never_fail_or_hang(fuzz_server, path_body):
+    path, body = path_body
+    assert_handled(post(fuzz_server, path, body))
+
+
+PATHS = ["/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize", "/v1/responses", "/api/chat",
+         "/api/generate"]
 VALID_TEXT = json.dumps(VALID_CHAT)
 
 

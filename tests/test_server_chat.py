@@ -31,7 +31,8 @@ def chat_body(**extra) -> dict:
 
 def raw_body(**extra) -> dict:
     body = chat_body(**extra)
-    return {**body, **body.pop("extra_body", {})}
+    extras = body.pop("extra_body", {})  # popped first: the raw body must not carry the SDK's `extra_body` key
+    return {**body, **extras}
 
 
 def prompt_tokens(server, messages) -> int:
@@ -175,16 +176,27 @@ def test_chat_logprobs(client):
         assert token.token == token.top_logprobs[0].token and token.logprob == pytest.approx(token.top_logprobs[0].logprob)
 
 
-def test_sampling_parameters_and_metadata_are_accepted(client):
-    completion = client.chat.completions.create(
-        model=TINY_MODEL,
-        messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}],
-        max_completion_tokens=4,
-        temperature=0.7, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5, seed=1,
-        user="someone", metadata={"k": "v"}, store=False, response_format={"type": "text"},
-        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2, "keep_alive": "5m"},
-    )  # fmt: skip
-    assert completion.usage.completion_tokens <= 4
+def test_sampling_parameters_and_metadata_are_accepted_and_applied(client, server):
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+
+    def create(**sampling):
+        return client.chat.completions.create(
+            model=TINY_MODEL, messages=[{"role": "user", "content": parts}], max_completion_tokens=6,
+            user="someone", metadata={"k": "v"}, store=False, response_format={"type": "text"},
+            extra_body={"ignore_eos": True, "keep_alive": "5m", **sampling.pop("extra", {})}, **sampling,
+        )  # fmt: skip
+
+    sampled = dict(temperature=0.7, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5, seed=1,
+                   extra={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.2})
+    first, again = create(**sampled), create(**sampled)
+    assert first.usage.completion_tokens == 6 and first.choices[0].finish_reason == "length"
+    assert first.choices[0].message.content == again.choices[0].message.content  # the seed is applied
+    # the parts are one message, one per line; top_k=1 is greedy whatever the temperature
+    assert first.usage.prompt_tokens == prompt_tokens(server, [{"role": "user", "content": "Hi\nthere"}])
+    greedy = create(temperature=0).choices[0].message.content
+    assert create(temperature=1.5, seed=3, extra={"top_k": 1}).choices[0].message.content == greedy
+    # penalties change the distribution: with a strong repetition penalty, greedy text differs
+    assert create(temperature=0, extra={"repetition_penalty": 5.0}).choices[0].message.content != greedy
 
 
 def test_greedy_is_deterministic(client):

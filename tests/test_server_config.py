@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -103,22 +102,3 @@ def test_keep_alive_durations_as_ollama_accepts_them(value, seconds):
 def test_bad_durations_are_refused(value):
     with pytest.raises(ValueError):
         parse_duration(value)
-
-
-@pytest.mark.slow
-def test_the_wheel_ships_models_yaml(tmp_path):
-    """Built from a copy, so setuptools' build/ folder never lands in the checkout."""
-    import shutil
-    import subprocess
-    import sys
-
-    source = tmp_path / "src"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md", "models.yaml"):
-        shutil.copy2(REPO / name, source / name, follow_symlinks=False)
-    shutil.copytree(REPO / "elmd", source / "elmd", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(source)], check=True, timeout=300)
-    (wheel,) = (tmp_path / "dist").glob("elmd-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        assert archive.read("elmd/models.yaml") == (REPO / "elmd" / "models.yaml").read_bytes()

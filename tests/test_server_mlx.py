@@ -32,6 +32,8 @@ def mlx_server(tiny_checkpoint):
 def test_models_report_the_mlx_backend(mlx_server):
     card = httpx.get(f"{mlx_server.v1}/models/{TINY_MODEL}").json()
     assert card["loaded"] and card["backend"] == "mlx"
+    health = httpx.get(f"{mlx_server.base_url}/health").json()
+    assert health["cpu_kernels"] is None  # no PyTorch CPU model is loaded
 
 
 def test_chat_stream_equals_non_stream(mlx_server):
@@ -66,3 +68,33 @@ def test_errors_are_the_same(mlx_server):
                       json={"model": TINY_MODEL, "messages": USER, "max_tokens": 2, "stream": True}) as stream:
         events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and json.loads(events[0])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_metrics_read_the_mlx_backend(mlx_server):
+    from test_metrics import scrape, value
+
+    before = value(scrape(mlx_server.base_url), "elmd_generation_tokens_total", model=TINY_MODEL)
+    usage = openai.OpenAI(base_url=mlx_server.v1, api_key="unused", max_retries=0).chat.completions.create(
+        model=TINY_MODEL, messages=USER, max_tokens=3).usage
+    samples = scrape(mlx_server.base_url)
+    assert value(samples, "elmd_generation_tokens_total", model=TINY_MODEL) - before == usage.completion_tokens
+    assert value(samples, "elmd_model_memory_bytes", model=TINY_MODEL) > 0
+    assert ("elmd_kv_cache_bytes", (("model", TINY_MODEL),)) in samples  # MLX's batch cache (0 when idle)
+    assert value(samples, "elmd_prefix_cache_bytes", model=TINY_MODEL) == 0  # mlx-lm keeps none here
+
+
+def test_constrained_output_and_logit_bias(mlx_server):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["a", "bc"]}},
+              "required": ["ok", "tag"], "additionalProperties": False}
+    body = {"model": TINY_MODEL, "messages": USER, "max_tokens": 30, "seed": 1,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}}
+    reply = httpx.post(f"{mlx_server.v1}/chat/completions", json=body, timeout=120).json()
+    validate(reply, "CreateChatCompletionResponse")
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    value = json.loads(reply["choices"][0]["message"]["content"])
+    assert isinstance(value["ok"], bool) and value["tag"] in ("a", "bc") and set(value) == {"ok", "tag"}
+    engine = mlx_server.manager.loaded()[TINY_MODEL]
+    forced = httpx.post(f"{mlx_server.v1}/completions", timeout=120, json={
+        "model": TINY_MODEL, "prompt": "Hi", "max_tokens": 3, "temperature": 1.0, "logprobs": 0,
+        "logit_bias": {"300": 100}}).json()
+    assert forced["choices"][0]["logprobs"]["tokens"] == [engine.tokenizer.token_text(300)] * 3

@@ -29,7 +29,8 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 from mlx_lm.utils import load_model
 
-from elmd.engine.protocol import BackendInfo, Finished, SamplingParams, Step, StepChannel, TokenLogprob
+from elmd.engine.grammar import TokenMatcher
+from elmd.engine.protocol import BackendInfo, CacheBytes, Finished, SamplingParams, Step, StepChannel, TokenLogprob
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 GROUP_SIZES = (32, 64, 128)
@@ -113,6 +114,7 @@ class _Request:
     prompt_ids: list[int]
     max_tokens: int
     stop_ids: frozenset[int]
+    matcher: TokenMatcher | None = None
     raw_logits: deque = field(default_factory=deque)  # penalized requests with logprobs: the unpenalized logits, oldest first
 
 
@@ -181,12 +183,42 @@ def make_penalties(request: _Request, vocab_size: int) -> Callable[[mx.array, mx
     return penalize
 
 
+def make_constraint(request: _Request, vocab_size: int) -> Callable[[mx.array, mx.array], mx.array] | None:
+    """A logits processor for `logit_bias` and the grammar: the matcher is told the tokens
+    generated since its last call (mlx-lm passes the whole context), then forbidden tokens
+    get -inf."""
+    p = request.params
+    if not p.logit_bias and request.matcher is None:
+        return None
+    bias = None
+    if p.logit_bias:
+        ids, values = zip(*p.logit_bias)
+        bias = mx.zeros((vocab_size,), dtype=mx.float32).at[mx.array(ids)].add(mx.array(values, dtype=mx.float32))
+    seen = len(request.prompt_ids)
+
+    def constrain(context: mx.array, logits: mx.array) -> mx.array:
+        nonlocal seen
+        logits = logits.astype(mx.float32)
+        if bias is not None:
+            logits = logits + bias
+        if request.matcher is not None:
+            for token in context[seen:].tolist():
+                request.matcher.consume(token)
+            seen = context.size
+            logits = mx.where(mx.array(request.matcher.allowed()), logits, -mx.inf)
+        return logits
+
+    return constrain
+
+
 class MLXBackend:
     def __init__(self, model_dir: str | Path, dtype: str = "auto", quant: str = "none", max_batch: int = 32):
         model_dir = Path(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         parse_quant(quant)  # refuse an unknown name before starting the worker
         self._max_batch = max_batch
+        self._kv_bytes = 0  # the KV cache's size after the last step, kept by the worker
+        self._cache_budget: Callable[[], int | None] = lambda: None
         self._vocab_size = config["vocab_size"]
         self._jobs: queue.SimpleQueue[_Request | Callable[[], None] | None] = queue.SimpleQueue()
         loaded: queue.SimpleQueue = queue.SimpleQueue()
@@ -250,6 +282,7 @@ class MLXBackend:
                     running.pop(uid).channel.close(Finished("cancelled"))
             if running:
                 self._step(running)
+            self._kv_bytes = self._generator.prompt_cache_nbytes if running else 0
 
     def _step(self, running: dict[int, _Request]) -> None:
         """One decode step for the batch (and at most one prefill chunk for newcomers)."""
@@ -272,13 +305,18 @@ class MLXBackend:
         if request.max_tokens <= 0:
             request.channel.close(Finished("length"))
             return
-        penalties = make_penalties(request, self._vocab_size)
-        stops = [] if request.params.ignore_eos else [[token] for token in sorted(request.stop_ids)]
+        budget = self._cache_budget()
+        if budget is not None and self._kv_bytes > budget:  # mlx-lm grows its caches itself: refuse newcomers
+            request.channel.close(Finished("memory", error=f"The KV cache already takes {self._kv_bytes >> 20} MiB, more "
+                                           f"than the {max(budget, 0) >> 20} MiB the memory budget leaves this model."))
+            return
+        processors = [make_penalties(request, self._vocab_size), make_constraint(request, self._vocab_size)]
+        stops = [] if request.params.ignore_eos and request.matcher is None else [[token] for token in sorted(request.stop_ids)]
         (uid,) = self._generator.insert(
             [request.prompt_ids],
             max_tokens=[request.max_tokens],
             samplers=[make_sampler(request.params)],
-            logits_processors=[[penalties] if penalties else []],
+            logits_processors=[[p for p in processors if p is not None]],
             stop_sequences=[StopSequences(stops)],
         )
         running[uid] = request
@@ -300,11 +338,13 @@ class MLXBackend:
 
     # ---- the contract ---------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> StepChannel:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
+               matcher: TokenMatcher | None = None) -> StepChannel:
         self._check_open()
         channel = StepChannel()
         room = self.info.context_length - len(prompt_ids)
-        self._jobs.put(_Request(channel, params, list(prompt_ids), min(params.max_tokens, room), frozenset(stop_ids)))
+        self._jobs.put(_Request(channel, params, list(prompt_ids), min(params.max_tokens, room), frozenset(stop_ids),
+                                matcher))
         return channel
 
     def score(self, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
@@ -315,6 +355,15 @@ class MLXBackend:
     def kv_cache_bytes(self) -> int:
         """Bytes of KV cache the running and waiting requests hold (0 when idle)."""
         return self._on_worker(lambda: self._generator.prompt_cache_nbytes)
+
+    def cache_bytes(self) -> CacheBytes:
+        # The size after the last step, kept by the worker: never waits for a step (the
+        # memory budget of another model's worker reads it). mlx-lm keeps no prefix cache.
+        return CacheBytes(kv_cache=self._kv_bytes)
+
+    def limit_cache(self, budget: Callable[[], int | None]) -> None:
+        """`budget()`: bytes the KV cache may take now; past it, new requests are refused."""
+        self._cache_budget = budget
 
     def _on_worker(self, work: Callable[[], object]):
         """Run `work` on the worker thread between two decode steps and return its result."""

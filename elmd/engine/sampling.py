@@ -2,19 +2,24 @@
 
 Each sequence owns a `Sampler` with its parameters, its own seeded generator and its
 token counts, so sequences that share a batch never influence each other: a seeded
-request gives the same tokens alone or beside others.
+request gives the same tokens alone or beside others. A constrained sequence's sampler
+also holds its grammar matcher: tokens the grammar forbids get no probability.
 """
 
 from __future__ import annotations
 
 import torch
 
+from elmd.engine.grammar import TokenMatcher
 from elmd.engine.protocol import SamplingParams, TokenLogprob
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device="cpu"):
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab_size: int, device="cpu",
+                 matcher: TokenMatcher | None = None):
         self.params = params
+        self.matcher = matcher
+        self.bias = logit_bias(params, vocab_size, device)
         self.generator = torch.Generator(device=device)
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -47,6 +52,11 @@ class Sampler:
     def choose(self, logits: torch.Tensor) -> int:
         p = self.params
         logits = self.apply_penalties(logits)
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.matcher is not None:
+            allowed = torch.from_numpy(self.matcher.allowed()).to(logits.device, non_blocking=True)
+            logits = logits.masked_fill(~allowed, float("-inf"))
         if p.greedy:
             return int(torch.argmax(logits))
         # A legal but extreme temperature or repetition penalty (1e-320, 1e-300) overflows
@@ -70,9 +80,21 @@ class Sampler:
         (before penalties and temperature) when asked."""
         token = self.choose(logits)
         self.observe(token)
+        if self.matcher is not None:
+            self.matcher.consume(token)
         if self.params.logprobs is None:
             return token, None
         return token, logprob_of(torch.log_softmax(logits, dim=-1), token, self.params.logprobs)
+
+
+def logit_bias(params: SamplingParams, vocab_size: int, device="cpu") -> torch.Tensor | None:
+    """OpenAI's logit_bias as a dense [V] tensor added to the logits (None without one)."""
+    if not params.logit_bias:
+        return None
+    ids, values = zip(*params.logit_bias)
+    bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+    bias[torch.tensor(ids, device=device)] = torch.tensor(values, dtype=torch.float32, device=device)
+    return bias
 
 
 def logprob_of(logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprob:

@@ -1,4 +1,5 @@
-"""OpenAI's error object for every failure: `{"error": {"message", "type", "param", "code"}}`.
+"""OpenAI's error object for every failure: `{"error": {"message", "type", "param", "code"}}`,
+or Ollama's `{"error": "message"}` on Ollama's routes (`/api/...`).
 
 Validation failures become 400 naming the parameter (not FastAPI's 422 body), unknown
 routes and methods keep their status in the same shape, and anything unexpected is a
@@ -14,11 +15,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from elmd.engine.engine import MemoryBudgetError
 from elmd.server.schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger("elmd.server")
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict"}
+OLLAMA_PREFIX = "/api/"
 
 
 class APIError(Exception):
@@ -41,8 +44,13 @@ class APIError(Exception):
     def body(self) -> dict:
         return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)).model_dump()
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def ollama_body(self) -> dict:
+        return {"error": self.message}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error in the shape of the API that `path` belongs to."""
+        body = self.ollama_body() if path.startswith(OLLAMA_PREFIX) else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -74,6 +82,10 @@ def too_many_requests(retry_after: int) -> APIError:
 
 def unavailable(message: str, retry_after: int, code: str = "server_overloaded") -> APIError:
     return APIError(503, message, type="server_error", code=code, headers={"Retry-After": str(retry_after)})
+
+
+def over_memory_budget(exc: MemoryBudgetError) -> APIError:
+    return APIError(503, str(exc), type="server_error", code="insufficient_memory")
 
 
 def timed_out(retry_after: int) -> APIError:
@@ -116,19 +128,24 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+        return exc.response(request.url.path)
+
+    @app.exception_handler(MemoryBudgetError)
+    async def _memory_budget(request: Request, exc: MemoryBudgetError) -> JSONResponse:
+        return over_memory_budget(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return _validation_error(exc).response(request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = {404: f"Unknown URL: {request.method} {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})).response()
+        return APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})).response(request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return APIError(500, "The server had an error while processing your request.", type="server_error", code="internal_error").response()
+        return APIError(500, "The server had an error while processing your request.", type="server_error",
+                        code="internal_error").response(request.url.path)

@@ -5,12 +5,13 @@ while watching the deadline and the client."""
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, TypeVar
+from typing import Awaitable, Protocol, TypeVar
 
 from starlette.requests import Request
 
 from elmd.engine.engine import ContextLengthError, Engine
-from elmd.engine.protocol import SamplingParams
+from elmd.engine.grammar import GrammarError
+from elmd.engine.protocol import Constraint, SamplingParams
 from elmd.server.errors import APIError, invalid, timed_out, unsupported
 from elmd.server.manager import Lease
 from elmd.server.schemas import PromptTokensDetails, Usage, _Generation
@@ -19,7 +20,10 @@ T = TypeVar("T")
 
 
 def reject_unsupported(body: _Generation) -> None:
-    """400 for a feature elmd does not implement or a contradictory combination, by name."""
+    """400 for a parameter nobody defined (OpenAI's wording), a feature elmd does not
+    implement or a contradictory combination, by name."""
+    for name in body.unrecognized_params():
+        raise invalid(f"Unrecognized request argument supplied: {name}", param=name)
     names = body.unsupported_params()
     if names:
         raise unsupported(names[0])
@@ -27,9 +31,49 @@ def reject_unsupported(body: _Generation) -> None:
         raise invalid(message, param=param)
 
 
-def choice_params(engine: Engine, body: _Generation, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+class SamplingRequest(Protocol):
+    """What `choice_params` reads from a request: chat and completions bodies, a Responses
+    request and Ollama's options all have these fields."""
+
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    min_p: float | None
+    repetition_penalty: float | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    seed: int | None
+    ignore_eos: bool | None
+    n: int
+
+    def stops(self) -> list[str]: ...
+
+
+def logit_bias(engine: Engine, body: SamplingRequest) -> tuple[tuple[int, float], ...] | None:
+    """`logit_bias` as (token id, bias) pairs; a 400 for a key that is not a token id."""
+    requested = getattr(body, "logit_bias", None)  # chat and completions have it
+    if not requested:
+        return None
+    vocab = engine.backend.info.vocab_size
+    pairs = []
+    for key, bias in requested.items():
+        if not (key.isdigit() and int(key) < vocab):
+            raise invalid(f"Invalid key in 'logit_bias': {key!r} is not a token id of this model (0 to {vocab - 1}).",
+                          param="logit_bias", code="invalid_value")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+def choice_params(engine: Engine, body: SamplingRequest, max_tokens: int, logprobs: int | None,
+                  constraint: Constraint | None = None) -> list[SamplingParams]:
     """One SamplingParams per choice. With a seed, choice i uses seed + i, so the choices
     differ from each other yet the whole response is reproducible."""
+    bias = logit_bias(engine, body)
+    if constraint is not None:
+        try:
+            engine.grammar()
+        except GrammarError as exc:
+            raise invalid(f"This model cannot constrain its output: {exc}", code="unsupported_parameter") from None
     try:
         return [
             engine.params(
@@ -45,6 +89,8 @@ def choice_params(engine: Engine, body: _Generation, max_tokens: int, logprobs: 
                 stop=body.stops() or None,
                 logprobs=logprobs,
                 ignore_eos=body.ignore_eos,
+                logit_bias=bias,
+                constraint=constraint,
             )
             for i in range(body.n)
         ]
@@ -52,12 +98,14 @@ def choice_params(engine: Engine, body: _Generation, max_tokens: int, logprobs: 
         raise invalid(f"Invalid sampling parameters: {exc}") from None
 
 
-def check_context(engine: Engine, prompt_ids: list[int], max_tokens: int, param: str) -> None:
-    """400 naming `max_tokens` when it alone does not fit the context, else `param` (the
-    prompt) when both together do not."""
+def check_context(engine: Engine, prompt_ids: list[int], max_tokens: int, param: str,
+                  max_tokens_param: str = "max_tokens") -> None:
+    """400 naming `max_tokens_param` when it alone does not fit the context, else `param`
+    (the prompt) when both together do not."""
     if max_tokens >= engine.context_length:
-        raise APIError(400, f"'max_tokens' is {max_tokens}, but this model's context holds {engine.context_length} "
-                       "tokens in all (prompt and completion).", param="max_tokens", code="context_length_exceeded")
+        raise APIError(400, f"'{max_tokens_param}' is {max_tokens}, but this model's context holds "
+                       f"{engine.context_length} tokens in all (prompt and completion).", param=max_tokens_param,
+                       code="context_length_exceeded")
     try:
         engine.check_length(prompt_ids, max_tokens)
     except ContextLengthError as exc:

@@ -11,31 +11,50 @@ from fastapi import APIRouter, Depends, Request
 
 from elmd.engine.engine import Chunk, Engine
 from elmd.engine.protocol import TokenLogprob
-from elmd.server import generation
+from elmd.server import generation, tools
 from elmd.server.deps import get_manager
 from elmd.server.errors import invalid, unsupported
 from elmd.server.manager import ModelManager
 from elmd.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
-                                 ChatCompletionRequest, ChatDelta, ChatMessage, ChoiceLogprobs, TokenLogprobInfo,
-                                 TopLogprob)
+                                 ChatCompletionRequest, ChatDelta, ChatMessage, ChoiceLogprobs, FunctionCallDelta,
+                                 TextPart, TokenLogprobInfo, ToolCallDelta, TopLogprob)
 from elmd.server.streaming import merge, sse_response
+from elmd.server.structured import request_constraint
 
 router = APIRouter()
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template takes them: known roles, text content only."""
+def template_messages(messages: list[ChatMessage], body: ChatCompletionRequest | None = None) -> list[dict]:
+    """Messages as the chat template takes them: known roles, text content only; tool
+    calls, tool results and the request's tools in the generic format (elmd/server/tools.py)."""
     out = []
+    names: dict[str, str] = {}  # tool_call_id -> function name, for the results
+    with_tools = body is not None and tools.uses_tools(body)
     for i, message in enumerate(messages):
+        if message.role == "tool":
+            out.append({"role": "user", "content": tools.render_result(message, _text(message, i), names, i)})
+            continue
         if message.role not in ROLES:
-            if message.role in ("tool", "function"):
+            if message.role == "function":
                 raise unsupported(f"messages[{i}].role")
             raise invalid(f"Invalid value for 'messages[{i}].role': {message.role!r}.", param=f"messages[{i}].role")
-        if message.tool_calls or message.function_call:
-            raise unsupported(f"messages[{i}].tool_calls" if message.tool_calls else f"messages[{i}].function_call")
-        out.append({"role": ROLES[message.role], "content": _text(message, i)})
+        if message.function_call:
+            raise unsupported(f"messages[{i}].function_call")
+        if message.tool_calls:
+            names.update((call.id, call.function.name) for call in message.tool_calls)
+            content = tools.render_calls(message)
+        elif message.role == "assistant" and with_tools:
+            content = tools.render_answer(_text(message, i))
+        else:
+            content = _text(message, i)
+        out.append({"role": ROLES[message.role], "content": content})
+    if with_tools:
+        if out[0]["role"] == "system":
+            out[0]["content"] += "\n\n" + tools.system_prompt(body)
+        else:
+            out.insert(0, {"role": "system", "content": tools.system_prompt(body)})
     return out
 
 
@@ -47,13 +66,17 @@ def _text(message: ChatMessage, i: int) -> str:
         raise invalid(f"Missing required parameter: 'messages[{i}].content'.", param=f"messages[{i}].content")
     if isinstance(content, str):
         return content
+    return joined_text(content, f"messages[{i}].content")
+
+
+def joined_text(parts: list[TextPart], param: str, types: tuple[str, ...] = ("text",)) -> str:
+    """The text of content parts, one per line; 400 naming any part of another kind."""
     texts = []
-    for j, part in enumerate(content):
-        if part.type != "text":
-            raise unsupported(f"messages[{i}].content[{j}].type")
+    for j, part in enumerate(parts):
+        if part.type not in types:
+            raise unsupported(f"{param}[{j}].type")
         if part.text is None:
-            raise invalid(f"Missing required parameter: 'messages[{i}].content[{j}].text'.",
-                          param=f"messages[{i}].content[{j}].text")
+            raise invalid(f"Missing required parameter: '{param}[{j}].text'.", param=f"{param}[{j}].text")
         texts.append(part.text)
     return "\n".join(texts)
 
@@ -74,7 +97,9 @@ def token_logprobs(engine: Engine, logprobs: list[TokenLogprob], top: int) -> li
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
-    messages = template_messages(body.messages)
+    with_tools = tools.uses_tools(body)
+    constraint = tools.tool_constraint(body) if with_tools else request_constraint(body)
+    messages = template_messages(body.messages, body)
     lease = await manager.lease(body.model, body.keep_alive_seconds())
     try:
         engine = lease.engine
@@ -82,12 +107,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
         max_tokens = body.requested_max_tokens() or generation.default_max_tokens(engine, prompt_ids)
         generation.check_context(engine, prompt_ids, max_tokens, "messages")
         top = body.top_logprobs or 0
-        params = generation.choice_params(engine, body, max_tokens, top if body.logprobs else None)
+        params = generation.choice_params(engine, body, max_tokens, top if body.logprobs else None, constraint)
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
                     system_fingerprint=f"elmd-{engine.backend.info.name}")
         if body.stream:
             streams = [engine.astream(prompt_ids, p, reply=True) for p in params]
-            events = _stream(engine, streams, meta, body, len(prompt_ids), top, lease.deadline)
+            stream = _stream_tool_calls if with_tools else _stream
+            events = stream(engine, streams, meta, body, len(prompt_ids), top, lease.deadline)
             return sse_response(events, lease, manager.settings.sse_ping_seconds)
     except BaseException:
         lease.release()
@@ -97,15 +123,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
         results = await generation.until_done(request, work, lease, manager.settings.retry_after)
     finally:
         lease.release()
-    choices = [
-        ChatChoice(
+    choices = []
+    for i, r in enumerate(results):
+        reply = tools.parse_reply(r.text, r.finish_reason) if with_tools else tools.ToolReply(r.text, None, r.finish_reason)
+        choices.append(ChatChoice(
             index=i,
-            message=AssistantMessage(content=r.text),
+            message=AssistantMessage(content=reply.content, tool_calls=reply.tool_calls),
             logprobs=ChoiceLogprobs(content=token_logprobs(engine, r.logprobs, top)) if body.logprobs else None,
-            finish_reason=r.finish_reason,
-        )
-        for i, r in enumerate(results)
-    ]
+            finish_reason=reply.finish_reason,
+        ))
     usage = generation.usage(len(prompt_ids), sum(r.usage.completion_tokens for r in results),
                              max(r.usage.cached_tokens for r in results))
     return ChatCompletion(**meta, choices=choices, usage=usage)
@@ -130,3 +156,46 @@ async def _stream(engine: Engine, streams: list[AsyncIterator[Chunk]], meta: dic
             yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(), finish_reason=piece.finish_reason)])
     if body.include_usage():
         yield chunk([], generation.usage(prompt_tokens, completion_tokens, cached))
+
+
+async def _stream_tool_calls(engine: Engine, streams: list[AsyncIterator[Chunk]], meta: dict, body: ChatCompletionRequest,
+                             prompt_tokens: int, top: int, deadline: float) -> AsyncIterator[ChatCompletionChunk]:
+    """A reply under `tools`, framed as OpenAI streams it. An answer (`{"response": ...}`)
+    streams as content as it is written; calls are sent once their JSON is complete, as a
+    first delta with the role and each call's id and name, then the arguments; then
+    `finish_reason`."""
+    def chunk(i: int, delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(**meta, choices=[ChatChunkChoice(index=i, delta=delta, finish_reason=finish_reason)])
+
+    texts, sent = [""] * len(streams), [None] * len(streams)  # sent: the answer's text streamed so far, once it is one
+    completion_tokens, cached = 0, 0
+    async for i, piece in merge(streams, deadline):
+        texts[i] += piece.text
+        if sent[i] is None and texts[i].startswith(tools.ANSWER_PREFIX):
+            sent[i] = ""
+            yield chunk(i, ChatDelta(role="assistant", content=""))
+        if piece.finish_reason is None:
+            if sent[i] is not None:
+                answer = tools.parse_reply(texts[i], "length").content
+                if len(answer) > len(sent[i]):
+                    yield chunk(i, ChatDelta(content=answer[len(sent[i]):]))
+                    sent[i] = answer
+            continue
+        completion_tokens += piece.usage.completion_tokens
+        cached = max(cached, piece.usage.cached_tokens)
+        reply = tools.parse_reply(texts[i], piece.finish_reason)
+        if reply.tool_calls is None:
+            if sent[i] is None:
+                yield chunk(i, ChatDelta(role="assistant", content=""))
+            rest = reply.content[len(sent[i] or ""):] if reply.content.startswith(sent[i] or "") else ""
+            if rest:
+                yield chunk(i, ChatDelta(content=rest))
+        for k, call in enumerate(reply.tool_calls or []):
+            header = ToolCallDelta(index=k, id=call.id, type="function",
+                                   function=FunctionCallDelta(name=call.function.name, arguments=""))
+            yield chunk(i, ChatDelta(role="assistant", tool_calls=[header]) if k == 0 else ChatDelta(tool_calls=[header]))
+            arguments = ToolCallDelta(index=k, function=FunctionCallDelta(arguments=call.function.arguments))
+            yield chunk(i, ChatDelta(tool_calls=[arguments]))
+        yield chunk(i, ChatDelta(), reply.finish_reason)
+    if body.include_usage():
+        yield ChatCompletionChunk(**meta, choices=[], usage=generation.usage(prompt_tokens, completion_tokens, cached))

@@ -20,6 +20,7 @@ from elmd.server.errors import invalid
 from elmd.server.manager import ModelManager
 from elmd.server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
 from elmd.server.streaming import merge, sse_response
+from elmd.server.structured import request_constraint
 
 router = APIRouter()
 
@@ -117,6 +118,7 @@ def _echoed(prompt: _Prompt, body: CompletionRequest) -> tuple[str, list[int], l
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
+    constraint = request_constraint(body)
     raw_prompts = body.prompts()
     if not raw_prompts:
         raise invalid("'prompt' must not be empty.", param="prompt")
@@ -125,7 +127,7 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
         engine = lease.engine
         max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         prompts = [await _prepare(engine, body, p, max_tokens) for p in raw_prompts]
-        params = generation.choice_params(engine, body, max_tokens, body.logprobs)
+        params = generation.choice_params(engine, body, max_tokens, body.logprobs, constraint)
         meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
                     system_fingerprint=f"elmd-{engine.backend.info.name}")
         jobs = [(k * body.n + i, prompt, p) for k, prompt in enumerate(prompts) for i, p in enumerate(params)]

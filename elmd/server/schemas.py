@@ -2,12 +2,13 @@
 
 Requests are validated strictly (a string where a number belongs is a 400 naming the
 field, never a silent coercion). Fields a client may send that elmd does not implement
-are declared too, so that `unsupported_params` can name them instead of ignoring them.
+are declared too, so that `unsupported_params` can name them instead of ignoring them;
+a top-level field nobody declared is refused as OpenAI refuses it (`unrecognized_params`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
@@ -19,9 +20,26 @@ from elmd.settings import parse_duration
 
 
 class _Request(BaseModel):
-    # Unknown fields are ignored like other local servers do (clients such as
-    # lm-evaluation-harness pass extra generation kwargs through).
+    # Unknown fields inside a message or an option object are ignored (clients echo back
+    # assistant messages with fields such as `annotations`); at the top level of a
+    # generation request they are kept, to be refused by name.
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    def unrecognized_params(self) -> list[str]:
+        """Top-level fields that are neither OpenAI's nor a documented extension (kept only
+        by requests that allow extra fields, to refuse them; others ignore them)."""
+        return list(self.model_extra or {})
+
+
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class TextPart(_Request):
@@ -33,8 +51,8 @@ class ChatMessage(_Request):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
-    tool_calls: Any = None
-    tool_call_id: Any = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
     function_call: Any = None
 
 
@@ -43,34 +61,60 @@ class StreamOptions(_Request):
     include_obfuscation: bool | None = None
 
 
-class _Generation(_Request):
-    """The fields the chat and completions requests share."""
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
 
-    model: str
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    # extras that local servers accept
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    ignore_eos: bool | None = None  # vLLM's: generate exactly max_tokens (benchmarks)
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
+
+
+class _KeepAlive(_Request):
     keep_alive: str | int | float | None = None  # Ollama's: seconds or "5m"; negative: forever
-    # harmless metadata, accepted and not used
-    user: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
-    # not implemented: present and meaningful -> 400 naming the field
-    logit_bias: dict[str, Any] | None = None
+
+    @field_validator("keep_alive")
+    @classmethod
+    def _duration(cls, value: str | int | float | None) -> str | int | float | None:
+        parse_duration(value)  # a ValueError here is a 400 naming keep_alive
+        return value
+
+    def keep_alive_seconds(self) -> tuple[bool, float | None]:
+        """(whether the request set keep_alive, seconds or None for forever)."""
+        if "keep_alive" not in self.model_fields_set or self.keep_alive is None:
+            return False, None
+        return True, parse_duration(self.keep_alive)
+
+
+class _Stops(_Request):
+    stop: str | list[str] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -87,19 +131,52 @@ class _Generation(_Request):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def keep_alive_seconds(self) -> tuple[bool, float | None]:
-        """(whether the request set keep_alive, seconds or None for forever)."""
-        if "keep_alive" not in self.model_fields_set or self.keep_alive is None:
-            return False, None
-        return True, parse_duration(self.keep_alive)
+
+class _Generation(_KeepAlive, _Stops):
+    """The fields the chat and completions requests share. Fields beyond OpenAI's are the
+    extensions elmd implements (see README); any other is refused by name."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # extras that local servers accept
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool | None = None  # vLLM's: generate exactly max_tokens (benchmarks)
+    json_schema: dict[str, Any] | None = None  # llama.cpp's: the output follows this JSON schema
+    grammar: str | None = None  # llama.cpp's: the output follows this GBNF (or Lark) grammar
+    logit_bias: LogitBias | None = None
+    # harmless metadata, accepted and not used
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def unsupported_params(self) -> list[str]:
-        return ["logit_bias"] if self.logit_bias else []
+        return []
+
+    def constraint_params(self) -> list[str]:
+        """The fields that constrain the output; at most one may be set."""
+        return [name for name in ("json_schema", "grammar") if getattr(self, name) is not None]
 
     def invalid_params(self) -> list[tuple[str, str]]:
+        constrained = self.constraint_params()
+        if len(constrained) > 1:
+            return [(constrained[1], f"'{constrained[1]}' cannot be combined with '{constrained[0]}'.")]
         return []
 
 
@@ -109,13 +186,13 @@ class ChatCompletionRequest(_Generation):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # not implemented: present and meaningful -> 400 naming the field
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    # not implemented: present and meaningful -> 400 naming the field
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None
     prediction: Any = None
@@ -127,23 +204,34 @@ class ChatCompletionRequest(_Generation):
         """(param, message) for combinations that single fields cannot reject."""
         if self.top_logprobs and not self.logprobs:
             return [("top_logprobs", "'top_logprobs' requires 'logprobs': true.")]
-        return []
+        if self.response_format is not None and self.response_format.type == "json_schema" \
+                and self.response_format.json_schema is None:
+            return [("response_format.json_schema", "Missing required parameter: 'response_format.json_schema'.")]
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            return [("tool_choice", "'tool_choice' is only allowed when 'tools' are specified.")]
+        if isinstance(self.tool_choice, NamedToolChoice) and \
+                self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+            return [("tool_choice", f"Invalid value for 'tool_choice': no function named "
+                                    f"'{self.tool_choice.function.name}' in 'tools'.")]
+        return super().invalid_params()
+
+    def constraint_params(self) -> list[str]:
+        names = super().constraint_params()
+        if self.response_format is not None and self.response_format.type != "text":
+            names.append("response_format")
+        if self.tools and self.tool_choice != "none":
+            names.append("tools")
+        return names
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def unsupported_params(self) -> list[str]:
         names = super().unsupported_params()
-        if self.tools:
-            names.append("tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            names.append("tool_choice")
         if self.functions:
             names.append("functions")
         if self.function_call not in (None, "none", "auto"):
             names.append("function_call")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            names.append("response_format")
         if self.audio is not None:
             names.append("audio")
         if self.modalities is not None and self.modalities != ["text"]:
@@ -220,6 +308,17 @@ class _DropNone(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
+class _OmitNone(_Response):
+    """Serializes without the fields named in `omit_none` while they are None: fields OpenAI
+    leaves out rather than sending as null."""
+
+    omit_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None or k not in self.omit_none}
+
+
 class PromptTokensDetails(_Response):
     cached_tokens: int = 0
 
@@ -249,10 +348,19 @@ class ChoiceLogprobs(_Response):
     refusal: list[TokenLogprobInfo] | None = None
 
 
-class AssistantMessage(_Response):
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(_OmitNone):
+    omit_none = ("tool_calls",)
+
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Response):
@@ -272,9 +380,22 @@ class ChatCompletion(_Response):
     usage: Usage
 
 
+class FunctionCallDelta(_DropNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_DropNone):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
 class ChatDelta(_DropNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Response):
@@ -323,12 +444,11 @@ class ModelCard(_Response):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    # elmd's additions: what a client (or `elmd ps`) needs to know about residency
+    # elmd's additions: what a client (or `elmd status`) needs to know about residency
     loaded: bool
     context_length: int | None = None
     backend: str | None = None
-    memory_bytes: int | None = None
-    memory_bytes: int | None = None  # weights and buffers of a loaded model (`elmd status`)
+    memory_bytes: int | None = None  # what a loaded model holds now: weights, KV cache, cached prefixes (`elmd status`)
 
 
 class ModelList(_Response):
@@ -341,6 +461,11 @@ class Health(_Response):
     loaded: list[str]
     loading: list[str]
     error: str | None = None
+    # The CPU kernels the loaded CPU models run on ("avx512", "avx2", "aten"; None: no CPU
+    # model loaded), why not the best ones for this CPU, and whether those are still building.
+    cpu_kernels: str | None = None
+    cpu_kernels_reason: str | None = None
+    cpu_kernels_building: bool = False
 
 
 class TokenizeResponse(_Response):

@@ -1,6 +1,7 @@
-"""Server-sent events as OpenAI sends them: one `data: {json}` event per chunk, then
-`data: [DONE]`; comment pings (`: ping`) keep the connection alive while a long prompt
-is processed. A failure after the stream has started is reported as an error event."""
+"""Streamed responses. Server-sent events as OpenAI sends them: one `data: {json}` event
+per chunk, then `data: [DONE]`; comment pings (`: ping`) keep the connection alive while
+a long prompt is processed. Newline-delimited JSON as Ollama sends it. A failure after
+the stream has started is reported in the stream, in the API's own error shape."""
 
 from __future__ import annotations
 
@@ -8,14 +9,18 @@ import asyncio
 import json
 import logging
 import time
-from typing import AsyncIterator, TypeVar
+from typing import AsyncIterator, Callable, TypeVar
 
+import anyio
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
+from starlette.responses import StreamingResponse
 
-from elmd.server.errors import APIError, timed_out
+from elmd.engine.engine import MemoryBudgetError
+from elmd.server.errors import APIError, over_memory_budget, timed_out
 from elmd.server.manager import Lease
+from elmd.settings import SHUTDOWN_GRACE_SECONDS
 
 log = logging.getLogger("elmd.server")
 
@@ -24,40 +29,82 @@ _END = object()
 SEP = "\n"  # as OpenAI frames events (sse-starlette defaults to CRLF)
 
 
-def sse_response(events: AsyncIterator[BaseModel], lease: Lease, ping_seconds: float) -> EventSourceResponse:
+def sse_response(events: AsyncIterator[BaseModel], lease: Lease, ping_seconds: float, *,
+                 error: Callable[[APIError], BaseModel | dict] | None = None, named: bool = False,
+                 done: bool = True) -> EventSourceResponse:
     """Stream `events` to the client; the lease is released when the stream ends, fails
-    or the client goes away (the background task covers a client gone before the start)."""
+    or the client goes away (the background task covers a client gone before the start).
+    Chat and completions send OpenAI's error object on failure and end with `[DONE]`; the
+    Responses API names each event by its `type`, reports failures as its own error event
+    (`error`) and sends no `[DONE]` (`named=True, done=False`). On SIGTERM the stream goes on
+    for the daemon's shutdown grace period (sse-starlette would otherwise cut every stream at
+    once), so an answer in flight can finish."""
     return EventSourceResponse(
-        _frames(events, lease),
+        _frames(guarded(events, lease, error or APIError.body), named, done),
         ping=ping_seconds,
         sep=SEP,
         background=BackgroundTask(lease.release),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        shutdown_event=anyio.Event(),
+        shutdown_grace_period=SHUTDOWN_GRACE_SECONDS - 0.5,  # ends before uvicorn cancels the connection
     )
 
 
-async def _frames(events: AsyncIterator[BaseModel], lease: Lease) -> AsyncIterator[ServerSentEvent]:
+def ndjson_response(events: AsyncIterator[BaseModel], lease: Lease | None,
+                    error: Callable[[APIError], BaseModel | dict]) -> StreamingResponse:
+    """Stream `events` as newline-delimited JSON (Ollama's streaming), one object per line;
+    the lease (if the stream holds one) is released as with `sse_response`."""
+
+    async def lines() -> AsyncIterator[str]:
+        checked = guarded(events, lease, error)
+        try:
+            async for event in checked:
+                yield _json(event) + "\n"
+        finally:
+            await checked.aclose()  # at once, when the client goes away, not when collected
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson",
+                             background=BackgroundTask(lease.release) if lease else None)
+
+
+async def guarded(events: AsyncIterator[BaseModel], lease: Lease | None,
+                  error: Callable[[APIError], BaseModel | dict]) -> AsyncIterator[BaseModel | dict]:
+    """`events`, then `error(exc)` if they fail (a timeout, an APIError, anything else as
+    a 500 whose detail goes to the log only); the lease is released either way."""
     # No per-event wait_for: a client that goes away cancels this generator's task, and
     # the cancellation must unwind the event generator in place (the deadline lives in `merge`).
     try:
         async for event in events:
-            yield ServerSentEvent(data=event.model_dump_json(), sep=SEP)
+            yield event
     except asyncio.TimeoutError:
-        yield _error_event(timed_out(1))
+        yield error(timed_out(1))
     except APIError as exc:
-        yield _error_event(exc)
+        yield error(exc)
+    except MemoryBudgetError as exc:
+        yield error(over_memory_budget(exc))
     except Exception:
         log.exception("stream failed")
-        yield _error_event(APIError(500, "The server had an error while processing your request.",
-                                    type="server_error", code="internal_error"))
+        yield error(APIError(500, "The server had an error while processing your request.",
+                             type="server_error", code="internal_error"))
     finally:
         await events.aclose()
-        lease.release()
-    yield ServerSentEvent(data="[DONE]", sep=SEP)
+        if lease is not None:
+            lease.release()
 
 
-def _error_event(exc: APIError) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(exc.body()), sep=SEP)
+async def _frames(events: AsyncIterator[BaseModel | dict], named: bool, done: bool) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for event in events:
+            name = (event.get("type") if isinstance(event, dict) else getattr(event, "type", None)) if named else None
+            yield ServerSentEvent(data=_json(event), event=name, sep=SEP)
+    finally:
+        await events.aclose()  # at once, when the client goes away, not when collected
+    if done:
+        yield ServerSentEvent(data="[DONE]", sep=SEP)
+
+
+def _json(event: BaseModel | dict) -> str:
+    return json.dumps(event) if isinstance(event, dict) else event.model_dump_json()
 
 
 async def merge(streams: list[AsyncIterator[T]], deadline: float) -> AsyncIterator[tuple[int, T]]:
