@@ -64,14 +64,19 @@ def openai_client(url: str) -> "openai.OpenAI":
     )
 
 
-def get_json(url: str, path: str) -> tuple[int, dict]:
-    """GET a daemon endpoint: (status code, JSON body)."""
+def get(url: str, path: str) -> httpx.Response:
+    """GET a daemon endpoint, with the key when there is one."""
     key = api_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        response = httpx.get(f"{url}{path}", headers=headers, timeout=5.0)
+        return httpx.get(f"{url}{path}", headers=headers, timeout=5.0)
     except httpx.TransportError:
         raise DaemonUnreachable(url) from None
+
+
+def get_json(url: str, path: str) -> tuple[int, dict]:
+    """GET a daemon endpoint: (status code, JSON body)."""
+    response = get(url, path)
     try:
         return response.status_code, response.json()
     except ValueError:

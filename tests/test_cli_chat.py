@@ -64,6 +64,42 @@ def test_status_reports_the_loaded_model_and_its_memory(daemon):
     assert card["loaded"] and card["memory_bytes"] > 0
 
 
+def test_status_shows_what_the_daemon_has_been_doing(daemon):
+    """The figures come from GET /metrics, as a Prometheus server would scrape them."""
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sdk = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0)
+    for _ in range(3):
+        sdk.chat.completions.create(model=daemon.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                    extra_body={"ignore_eos": True})
+    samples = [s for f in text_string_to_metric_families(httpx.get(f"{daemon.url}/metrics").text) for s in f.samples]
+    requests = sum(s.value for s in samples if s.name == "elmd_requests_total")
+    generations = sum(s.value for s in samples if s.name == "elmd_time_to_first_token_seconds_count")
+
+    activity = json.loads(elmd(daemon, "status", "--json").stdout)["activity"]
+    assert activity["requests"] == requests + 3  # that scrape, then status's own /health and /v1/models
+    assert activity["generations"] == generations >= 3
+    assert activity["tokens_per_second"] >= 12 / 60
+    assert 0 < activity["ttft_p50"] <= activity["ttft_p95"]
+    assert activity["running"] == activity["queued"] == 0
+
+    shown = elmd(daemon, "status").stdout
+    assert re.search(r"^requests: \d+ since start \(\d+ with an error status\), 0 generating, 0 queued$", shown, re.M), shown
+    assert re.search(r"^generated: \d+\.\d tokens/s over the last minute$", shown, re.M), shown
+    assert re.search(rf"^time to first token: p50 \d+ ms, p95 \d+ ms \({int(generations)} generations\)$", shown, re.M)
+
+
+def test_ttft_quantiles_are_read_from_the_histogram_as_promql_does():
+    from elmd.commands.status import quantile
+
+    buckets = [(0.1, 5.0), (0.5, 10.0), (float("inf"), 10.0)]
+    assert quantile(0.5, buckets) == pytest.approx(0.1)
+    assert quantile(0.95, buckets) == pytest.approx(0.46)  # 0.1 + 0.4 * (9.5 - 5) / 5
+    assert quantile(0.5, [(0.1, 0.0), (float("inf"), 4.0)]) == 0.1  # past the last finite bound
+    assert quantile(0.5, [(0.1, 0.0), (float("inf"), 0.0)]) is None
+
+
 def test_status_finds_a_daemon_configured_for_every_address(daemon):
     """ELMD_HOST=0.0.0.0 is where a daemon listens, not an address to connect to."""
     result = elmd(daemon, "status", ELMD_HOST="0.0.0.0")

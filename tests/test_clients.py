@@ -1,5 +1,5 @@
 """The example programs in clients/ run, unchanged, against a live daemon process: Python
-with the official openai SDK, curl, and Node with the official openai npm package. The
+with the official openai SDK, curl, and Node with the official openai and ollama npm packages. The
 tiny model's answers are gibberish, so the checks are about the stream, not the words."""
 
 from __future__ import annotations
@@ -69,19 +69,25 @@ def test_curl_client_fails_loudly_on_an_error(daemon):
 
 @pytest.fixture(scope="module")
 def node_client() -> None:
-    """The Node client with its dependency (the official `openai` package) installed."""
+    """The Node clients with their dependencies (the official `openai` and `ollama` packages) installed."""
     if not shutil.which("node") or not shutil.which("npm"):
         pytest.skip("node and npm are not installed")
-    if (NODE_CLIENT / "node_modules" / "openai").is_dir():
+    if all((NODE_CLIENT / "node_modules" / package).is_dir() for package in ("openai", "ollama")):
         return
     install = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_CLIENT,
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     if install.returncode != 0 and NETWORK_ERRORS.search(install.stdout + install.stderr):
-        pytest.skip(f"npm cannot reach its registry to install `openai`: {install.stderr.strip()[-300:]}")
+        pytest.skip(f"npm cannot reach its registry to install the clients: {install.stderr.strip()[-300:]}")
     assert install.returncode == 0, install.stdout + install.stderr
 
 
 def test_node_openai_package_client(daemon, node_client):
     result = run_client(["node", "chat.mjs", "Why is the sky blue?"], client_env(daemon), cwd=NODE_CLIENT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_node_ollama_package_client(daemon, node_client):
+    result = run_client(["node", "ollama_chat.mjs", "Why is the sky blue?"], client_env(daemon), cwd=NODE_CLIENT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()

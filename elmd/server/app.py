@@ -8,8 +8,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from elmd import __version__
-from elmd.server import errors, routes_chat, routes_completions, routes_models, routes_tokenize, security
+from elmd.server import (errors, metrics, page, routes_chat, routes_completions, routes_models, routes_ollama,
+                         routes_ollama_models, routes_responses, routes_tokenize, security)
 from elmd.server.manager import ModelManager
+from elmd.server.response_store import ResponseStore
 from elmd.settings import Settings
 
 
@@ -30,8 +32,11 @@ def create_app(settings: Settings, manager: ModelManager, preload: str | None = 
     app = FastAPI(title="elmd", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.manager = manager
+    app.state.responses = ResponseStore()
     errors.install(app)
     security.install(app, settings)
-    for module in (routes_models, routes_chat, routes_completions, routes_tokenize):
+    metrics.install(app, manager)  # after security: its request counter runs first, so refusals count too
+    for module in (routes_models, routes_chat, routes_completions, routes_tokenize, routes_responses, routes_ollama,
+                   routes_ollama_models, page):
         app.include_router(module.router)
     return app

@@ -1,5 +1,6 @@
 """GET /v1/models, /v1/models/{id}: what this daemon can serve and what is loaded;
-GET /health: 200 when a model is ready (or none is loading), 503 while loading."""
+GET /health: 200 when a model is ready (or none is loading), 503 while loading; which CPU
+kernels the loaded models run on."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _card(manager: ModelManager, spec: ModelSpec) -> ModelCard:
         loaded=engine is not None,
         context_length=engine.context_length if engine else spec.context_length,
         backend=engine.backend.info.name if engine else None,
-        memory_bytes=engine.backend.info.memory_bytes if engine else None,
+        memory_bytes=engine.resident_bytes() if engine else None,
     )
 
 
@@ -40,7 +41,7 @@ async def get_model(model_id: str, manager: ModelManager = Depends(get_manager))
 async def health(manager: ModelManager = Depends(get_manager)):
     loaded, loading, errors = sorted(manager.loaded()), manager.loading(), manager.errors()
     if loaded:
-        return Health(status="ok", loaded=loaded, loading=loading)
+        return Health(status="ok", loaded=loaded, loading=loading, **manager.cpu_kernels())
     if loading:
         return JSONResponse(Health(status="loading", loaded=[], loading=loading).model_dump(), status_code=503)
     if errors:

@@ -1,0 +1,201 @@
+"""Ollama's generation endpoints: POST /api/chat and POST /api/generate, streamed as
+newline-delimited JSON by default (`stream: false` for one object), `options` mapped to
+the same sampling parameters as OpenAI's, `keep_alive` as on every route.
+
+The same engine, sampling and streaming plumbing as /v1/chat/completions; only the shapes
+differ. A request with no messages (or an empty prompt) loads the model, or with
+`keep_alive: 0` unloads it, as Ollama's does."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
+
+from elmd.engine.engine import Chunk, Engine
+from elmd.server import generation, structured
+from elmd.server.deps import get_manager
+from elmd.server.errors import APIError, invalid, unsupported
+from elmd.server.manager import Lease, ModelManager
+from elmd.server.routes_chat import ROLES
+from elmd.server.schemas_ollama import (OllamaChatMessage, OllamaChatRequest, OllamaChatResponse,
+                                        OllamaGenerateRequest, OllamaGenerateResponse, _OllamaGeneration)
+from elmd.server.streaming import merge, ndjson_response
+
+router = APIRouter()
+
+NS = 1_000_000_000
+
+
+def timestamp(seconds: float | None = None) -> str:
+    """RFC 3339 in UTC, as Ollama writes `created_at`."""
+    moment = datetime.fromtimestamp(time.time() if seconds is None else seconds, timezone.utc)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def model_id(manager: ModelManager, name: str) -> str:
+    """The model a request names; Ollama's clients add `:latest` to untagged names."""
+    bare = name.removesuffix(":latest")
+    if bare != name:
+        try:
+            manager.spec(name)
+        except APIError:
+            return bare
+    return name
+
+
+@dataclass
+class _Clock:
+    """Ollama's counters for one request: load, prompt and generation times (ns)."""
+
+    start: float = field(default_factory=time.monotonic)
+    loaded: float = 0.0
+    first_token: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def timings(self) -> dict:
+        end = time.monotonic()
+        first = self.first_token or end
+        return dict(
+            total_duration=int((end - self.start) * NS),
+            load_duration=int((self.loaded - self.start) * NS),
+            prompt_eval_count=self.prompt_tokens - self.cached_tokens,
+            prompt_eval_duration=int((first - self.loaded) * NS),
+            eval_count=self.completion_tokens,
+            eval_duration=int((end - first) * NS),
+        )
+
+
+# A route's shape: (text, done, done_reason, timings) -> its response object.
+Shape = Callable[..., BaseModel]
+
+
+def no_images(param: str) -> APIError:
+    return APIError(400, f"'{param}' is not supported: elmd's models read text only, not images.", param=param,
+                    code="unsupported_parameter")
+
+
+def chat_messages(body: OllamaChatRequest) -> list[dict]:
+    """Messages as the chat template takes them: known roles, text only."""
+    out = []
+    for i, message in enumerate(body.messages):
+        if message.images:
+            raise no_images(f"messages[{i}].images")
+        if message.tool_calls or message.role == "tool":
+            raise unsupported(f"messages[{i}].tool_calls" if message.tool_calls else f"messages[{i}].role")
+        if message.role not in ROLES:
+            raise invalid(f"Invalid value for 'messages[{i}].role': {message.role!r}.", param=f"messages[{i}].role")
+        out.append({"role": ROLES[message.role], "content": message.content})
+    return out
+
+
+@router.post("/api/chat", response_model=None)
+async def chat(body: OllamaChatRequest, request: Request, manager: ModelManager = Depends(get_manager)):
+    generation.reject_unsupported(body)
+    messages = chat_messages(body)
+    model = model_id(manager, body.model)
+
+    def shape(text: str, done: bool, done_reason: str | None = None, **timings) -> OllamaChatResponse:
+        return OllamaChatResponse(model=body.model, created_at=timestamp(), message=OllamaChatMessage(content=text),
+                                  done=done, done_reason=done_reason, **timings)
+
+    if not messages:
+        return await _load_or_unload(manager, model, body, shape)
+    return await _generate(request, manager, model, body, lambda engine: engine.tokenizer.encode_chat(messages),
+                           "messages", shape)
+
+
+@router.post("/api/generate", response_model=None)
+async def generate(body: OllamaGenerateRequest, request: Request, manager: ModelManager = Depends(get_manager)):
+    generation.reject_unsupported(body)
+    if body.images:
+        raise no_images("images")
+    model = model_id(manager, body.model)
+
+    def shape(text: str, done: bool, done_reason: str | None = None, **timings) -> OllamaGenerateResponse:
+        return OllamaGenerateResponse(model=body.model, created_at=timestamp(), response=text, done=done,
+                                      done_reason=done_reason, **timings)
+
+    def prompt_ids(engine: Engine) -> list[int]:
+        if body.raw:
+            return engine.tokenizer.encode(body.prompt)
+        system = [{"role": "system", "content": body.system}] if body.system else []
+        return engine.tokenizer.encode_chat(system + [{"role": "user", "content": body.prompt}])
+
+    if not body.prompt:
+        return await _load_or_unload(manager, model, body, shape)
+    return await _generate(request, manager, model, body, prompt_ids, "prompt", shape)
+
+
+async def _load_or_unload(manager: ModelManager, model: str, body: _OllamaGeneration, shape: Shape) -> BaseModel:
+    manager.spec(model)  # 404 for an unknown model
+    given, seconds = body.keep_alive_seconds()
+    if given and seconds == 0:
+        await manager.unload(model)
+        return shape("", True, "unload")
+    lease = await manager.lease(model, (given, seconds))
+    lease.release()
+    return shape("", True, "load")
+
+
+async def _generate(request: Request, manager: ModelManager, model: str, body: _OllamaGeneration,
+                    prompt_ids: Callable[[Engine], list[int]], param: str, shape: Shape):
+    clock = _Clock()
+    lease = await manager.lease(model, body.keep_alive_seconds())
+    clock.loaded = time.monotonic()
+    try:
+        engine = lease.engine
+        ids = prompt_ids(engine)
+        options = body.sampling()
+        wanted = options.num_predict
+        max_tokens = wanted if wanted is not None and wanted > 0 else generation.default_max_tokens(engine, ids)
+        generation.check_context(engine, ids, max_tokens, param, max_tokens_param="options.num_predict")
+        constraint = structured.ollama_format_constraint(body.format)
+        [params] = generation.choice_params(engine, options, max_tokens, None, constraint)
+        clock.prompt_tokens = len(ids)
+        chunks = engine.astream(ids, params, reply=True)
+        if body.stream:
+            return ndjson_response(_stream(chunks, clock, lease, shape), lease, error=APIError.ollama_body)
+    except BaseException:
+        lease.release()
+        raise
+    try:
+        text, reason = await generation.until_done(request, _collect(chunks, clock, lease), lease,
+                                                   manager.settings.retry_after)
+    finally:
+        lease.release()
+    return shape(text, True, reason, **clock.timings())
+
+
+async def _pieces(chunks: AsyncIterator[Chunk], clock: _Clock, lease: Lease) -> AsyncIterator[Chunk]:
+    """The generation's chunks within the request's deadline, timed for Ollama's counters."""
+    async for _, chunk in merge([chunks], lease.deadline):
+        if not clock.first_token:
+            clock.first_token = time.monotonic()
+        if chunk.usage is not None:
+            clock.completion_tokens, clock.cached_tokens = chunk.usage.completion_tokens, chunk.usage.cached_tokens
+        yield chunk
+
+
+async def _collect(chunks: AsyncIterator[Chunk], clock: _Clock, lease: Lease) -> tuple[str, str]:
+    text, reason = [], "stop"
+    async for chunk in _pieces(chunks, clock, lease):
+        text.append(chunk.text)
+        reason = chunk.finish_reason or reason
+    return "".join(text), reason
+
+
+async def _stream(chunks: AsyncIterator[Chunk], clock: _Clock, lease: Lease, shape: Shape) -> AsyncIterator[BaseModel]:
+    """One object per piece of text, then the last (`done: true`) with the counters."""
+    reason = "stop"
+    async for chunk in _pieces(chunks, clock, lease):
+        if chunk.text:
+            yield shape(chunk.text, False)
+        reason = chunk.finish_reason or reason
+    yield shape("", True, reason, **clock.timings())

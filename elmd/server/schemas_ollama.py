@@ -1,0 +1,240 @@
+"""Request and response bodies of Ollama's API (`/api/...`), as its docs (docs/api.md) and
+its official clients define them.
+
+Ollama ignores `options` it does not know (clients such as Open WebUI pass a user's whole
+parameter set), and so does elmd; options that change sampling in a way elmd cannot
+reproduce (mirostat, tail-free and typical sampling) are refused by name instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import ConfigDict, Field
+
+from elmd.server.limits import MAX_MESSAGES, SEED_RANGE
+from elmd.server.schemas import _DropNone, _KeepAlive, _Request, _Response, _Stops
+
+# --------------------------------------------------------------------------- requests
+
+
+class OllamaOptions(_Stops):
+    """`options`: the sampling parameters elmd maps (names as Ollama's), runtime settings
+    that have no meaning here (num_thread, num_gpu, use_mmap, ...) ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    num_predict: int | None = None  # -1: until the context is full, as -2
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    num_ctx: int | None = Field(None, ge=1)  # the model's context is fixed; accepted, not used
+    # not implemented: a value that changes sampling -> 400 naming the option
+    mirostat: int | None = None
+    tfs_z: float | None = None
+    typical_p: float | None = None
+
+    n: ClassVar[int] = 1
+    ignore_eos: ClassVar[None] = None
+
+    @property
+    def repetition_penalty(self) -> float | None:
+        return self.repeat_penalty
+
+    def unsupported_params(self) -> list[str]:
+        names = []
+        if self.mirostat:
+            names.append("options.mirostat")
+        for name in ("tfs_z", "typical_p"):
+            if getattr(self, name) not in (None, 1, 1.0):
+                names.append(f"options.{name}")
+        return names
+
+
+class OllamaMessage(_Request):
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+    thinking: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_name: str | None = None
+    tool_call_id: str | None = None  # Open WebUI sends it on tool results
+
+
+class _OllamaGeneration(_KeepAlive):
+    """What /api/chat and /api/generate share."""
+
+    model: str = Field(min_length=1)
+    stream: bool = True
+    options: OllamaOptions | None = None
+    format: str | dict[str, Any] | None = None
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    metadata: dict[str, Any] | None = None  # Open WebUI's own bookkeeping; not used
+
+    def sampling(self) -> OllamaOptions:
+        return self.options or OllamaOptions()
+
+    def unsupported_params(self) -> list[str]:
+        names = self.tool_params() + self.sampling().unsupported_params()
+        if self.think not in (None, False):
+            names.append("think")
+        if self.logprobs or self.top_logprobs:
+            names.append("logprobs")
+        return names
+
+    def invalid_params(self) -> list[tuple[str, str]]:
+        return []
+
+    def tool_params(self) -> list[str]:
+        """Tool calling: refused on this API (OpenAI's chat completions has it)."""
+        return []
+
+
+class OllamaChatRequest(_OllamaGeneration):
+    messages: list[OllamaMessage] = Field(default_factory=list, max_length=MAX_MESSAGES)
+    tools: list[Any] | None = None
+
+    def tool_params(self) -> list[str]:
+        return ["tools"] if self.tools else []
+
+
+class OllamaGenerateRequest(_OllamaGeneration):
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    images: list[str] | None = None
+    suffix: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+
+    def unsupported_params(self) -> list[str]:
+        names = super().unsupported_params()
+        for name in ("suffix", "template", "context"):
+            if getattr(self, name):
+                names.append(name)
+        return names
+
+
+class OllamaModelRequest(_Request):
+    """/api/show, /api/delete: a model by name (`name` is the older spelling)."""
+
+    model: str | None = None
+    name: str | None = None
+    verbose: bool | None = None
+
+    def model_name(self) -> str | None:
+        return self.model or self.name
+
+
+class OllamaPullRequest(OllamaModelRequest):
+    stream: bool = True
+    insecure: bool | None = None
+
+
+class OllamaEmbedRequest(_KeepAlive):
+    model: str
+    input: str | list[str] | None = None
+    prompt: str | None = None
+    options: dict[str, Any] | None = None
+    truncate: bool | None = None
+    dimensions: int | None = None
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class OllamaChatMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class _Timings(_DropNone):
+    """The counters Ollama reports on its last object (durations in nanoseconds)."""
+
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class OllamaChatResponse(_Timings):
+    model: str
+    created_at: str
+    message: OllamaChatMessage
+    done: bool
+    done_reason: str | None = None
+
+
+class OllamaGenerateResponse(_Timings):
+    model: str
+    created_at: str
+    response: str
+    done: bool
+    done_reason: str | None = None
+
+
+class OllamaModelDetails(_Response):
+    parent_model: str = ""
+    format: str
+    family: str
+    families: list[str]
+    parameter_size: str
+    quantization_level: str
+
+
+class OllamaModel(_Response):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: OllamaModelDetails
+
+
+class OllamaTags(_Response):
+    models: list[OllamaModel]
+
+
+class OllamaRunningModel(_Response):
+    name: str
+    model: str
+    size: int
+    digest: str
+    details: OllamaModelDetails
+    expires_at: str
+    size_vram: int
+    context_length: int
+
+
+class OllamaRunning(_Response):
+    models: list[OllamaRunningModel]
+
+
+class OllamaShow(_Response):
+    modelfile: str
+    parameters: str
+    template: str
+    details: OllamaModelDetails
+    model_info: dict[str, Any]
+    capabilities: list[str]
+    modified_at: str
+
+
+class OllamaVersion(_Response):
+    version: str
+
+
+class OllamaStatus(_Response):
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None

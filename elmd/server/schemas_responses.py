@@ -1,0 +1,218 @@
+"""Request and response bodies of OpenAI's Responses API (`/v1/responses`), in the shapes
+of OpenAI's published schemas (`Response`, `ResponseStreamEvent`).
+
+Like the chat request, fields a client may send that elmd does not implement are declared
+so that `unsupported_params` names them instead of ignoring them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from elmd.server.limits import MAX_MESSAGES, MAX_TOP_LOGPROBS, SEED_RANGE
+from elmd.server.schemas import TextPart, TokenLogprobInfo, _DropNone, _KeepAlive, _OmitNone, _Request, _Response, _Stops
+
+# --------------------------------------------------------------------------- requests
+
+LOGPROBS = "message.output_text.logprobs"  # the one `include` value elmd has something for
+
+
+class InputItem(_Request):
+    """A message item (`EasyInputMessage`, or an earlier output message sent back); other
+    item types (function calls and their outputs, references) are refused by type."""
+
+    type: str = "message"
+    role: str | None = None
+    content: str | list[TextPart] | None = None
+    id: str | None = None
+    status: str | None = None
+
+
+class TextParam(_Request):
+    format: dict[str, Any] | None = None
+    verbosity: str | None = None
+
+
+class ResponsesRequest(_KeepAlive, _Stops):
+    model: str
+    input: str | list[InputItem] = Field(max_length=MAX_MESSAGES)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stream: bool = False
+    previous_response_id: str | None = None
+    store: bool = True
+    text: TextParam | None = None
+    # extras that local servers accept (as on /v1/chat/completions), `stop` among them
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    ignore_eos: bool | None = None
+    # harmless metadata, accepted and not used
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+    stream_options: dict[str, Any] | None = None
+    max_tool_calls: int | None = None
+    parallel_tool_calls: bool | None = None
+    # not implemented: present and meaningful -> 400 naming the field
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    include: list[str] | None = None  # of its values, LOGPROBS only
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    reasoning: dict[str, Any] | None = None
+    background: bool | None = None
+    conversation: Any = None
+    prompt: Any = None
+    truncation: str | None = None
+
+    n: ClassVar[int] = 1  # one output message per response
+
+    def structured_output_params(self) -> list[str]:
+        """Tool calling: refused on this API (chat completions has it); `text.format` is
+        served (structured.text_format_constraint)."""
+        names = []
+        if self.tools:
+            names.append("tools")
+        if self.tool_choice not in (None, "none", "auto"):
+            names.append("tool_choice")
+        return names
+
+    def unsupported_params(self) -> list[str]:
+        names = self.structured_output_params()
+        if any(value != LOGPROBS for value in self.include or []):
+            names.append("include")
+        if self.truncation not in (None, "disabled"):
+            names.append("truncation")
+        for name in ("reasoning", "conversation", "prompt"):
+            if _meaningful(getattr(self, name)):
+                names.append(name)
+        if self.background:
+            names.append("background")
+        return names
+
+    def invalid_params(self) -> list[tuple[str, str]]:
+        return []
+
+    def logprobs(self) -> int | None:
+        """Alternatives per token when the output's logprobs are asked for, else None."""
+        return (self.top_logprobs or 0) if LOGPROBS in (self.include or []) else None
+
+
+def _meaningful(value: Any) -> bool:
+    """Set to something: not null, and not an object of nulls (`"reasoning": {"effort": null}`)."""
+    if isinstance(value, dict):
+        return any(v is not None for v in value.values())
+    return value is not None
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class OutputText(_Response):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[TokenLogprobInfo] = Field(default_factory=list)  # OpenAI's LogProb: chat's entries
+
+
+class OutputMessage(_Response):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[OutputText]
+
+
+class InputTokensDetails(_Response):
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+class OutputTokensDetails(_Response):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(_Response):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
+
+
+class IncompleteDetails(_Response):
+    reason: Literal["max_output_tokens", "content_filter"]
+
+
+class ResponseText(_Response):
+    format: dict[str, Any] = Field(default_factory=lambda: {"type": "text"})  # the request's, as OpenAI echoes it
+
+
+class ResponseObject(_OmitNone):
+    """OpenAI's `Response` (`usage` only once it is done)."""
+
+    omit_none = ("usage",)
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["completed", "in_progress", "incomplete", "failed"]
+    completed_at: int | None = None
+    error: None = None
+    incomplete_details: IncompleteDetails | None = None
+    instructions: str | None
+    max_output_tokens: int | None
+    top_logprobs: int | None = None
+    model: str
+    output: list[OutputMessage]
+    parallel_tool_calls: bool = True
+    previous_response_id: str | None
+    store: bool
+    temperature: float
+    top_p: float
+    text: ResponseText = Field(default_factory=ResponseText)
+    tool_choice: Literal["none", "auto"] = "auto"
+    tools: list[Any] = Field(default_factory=list)
+    truncation: Literal["disabled"] = "disabled"
+    background: bool = False
+    usage: ResponseUsage | None = None  # left out until the response is done (the schema has no null)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class DeletedResponse(_Response):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True
+
+
+class ResponseEvent(_DropNone):
+    """One streamed event; each type carries the fields OpenAI's schema gives it."""
+
+    type: str
+    sequence_number: int
+    response: ResponseObject | None = None
+    output_index: int | None = None
+    item_id: str | None = None
+    content_index: int | None = None
+    item: OutputMessage | None = None
+    part: OutputText | None = None
+    delta: str | None = None
+    text: str | None = None
+    logprobs: list[TokenLogprobInfo] | None = None
+
+
+class ResponseErrorEvent(_Response):
+    type: Literal["error"] = "error"
+    code: str | None
+    message: str
+    param: str | None
+    sequence_number: int
