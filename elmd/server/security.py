@@ -11,7 +11,7 @@ From the outside in:
   `Sec-Fetch-Site` header instead (a GET can load a model: /tokenizer_info).
 - CORS (only with --allow-origin): the named origins get Access-Control-Allow-Origin.
 - ApiKeyCheck (when a key is configured): `Authorization: Bearer KEY` on every route
-  but /health, compared in constant time; 401 in OpenAI's error shape.
+  but /health and the chat page's static files, compared in constant time; 401 in OpenAI's error shape.
 - BodySizeLimit: a body larger than `max_body_bytes` is refused with 413 before the
   app parses it (Content-Length or counted while reading a chunked body).
 """
@@ -28,10 +28,13 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from elmd import auth
+from elmd.server import page
 from elmd.server.errors import APIError
 from elmd.settings import Settings
 
-OPEN_PATHS = frozenset({"/health"})  # what a supervisor may poll without the key
+# What a supervisor may poll without the key, and the chat page's files (which hold no
+# data; the page asks for the key itself).
+OPEN_PATHS = frozenset({"/health"}) | page.PATHS
 
 
 class ExposedWithoutKey(RuntimeError):
@@ -73,7 +76,7 @@ def install(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(ApiKeyCheck, key=key)
     origins = [origin.rstrip("/").lower() for origin in settings.allow_origins]
     if origins:
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["authorization", "content-type"], max_age=600)
     app.add_middleware(OriginCheck, allowed=frozenset(origins))
     if is_loopback(settings.host):
@@ -112,7 +115,7 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, error: APIError) -> None:
-    await error.response()(scope, receive, send)
+    await error.response(scope["path"])(scope, receive, send)
 
 
 class HostCheck:
