@@ -7,6 +7,10 @@ HTTP API of a real `elmd serve`: daemon start to /health ready and time to first
 The machine's read bandwidth is measured in the same run, and each decode figure is
 printed beside the bandwidth limit (bandwidth / bytes of weights read per token).
 
+With --cpu-kernels, each elmd row is measured once per native kernel path (passed to the
+child as ELMD_CPU_KERNELS; the row names the path that really ran) and the paths' ratios
+to the first one listed are printed.
+
 With --llamacpp, llama.cpp (the `llamacpp` extra) is measured right after elmd on the same
 weights (benchmarks/llamacpp.py), and the ratios elmd / llama.cpp are printed per model
 and quantization.
@@ -15,6 +19,7 @@ and quantization.
     python benchmarks/bench.py --models 270M --quants none int4 --no-http
     python benchmarks/bench.py --models 270M --quants bf16 int8 int4 --llamacpp --no-http
     python benchmarks/bench.py --models 270M --quants int8 int4 --llamacpp --no-http --long-context 1900
+    python benchmarks/bench.py --models 270M --quants bf16 int8 int4 --no-http --cpu-kernels avx512 avx2 aten
 
 Writes results.json and results.png (with matplotlib) into --out.
 """
@@ -86,7 +91,12 @@ def run_child(args) -> dict:
 
     rates = token_rates(generate, vocab, args)
     engine.close()
+    from elmd.engine.kernels import native
+
+    kernels, why = native.kernel_path()
     return {
+        "cpu_kernels": kernels,
+        "cpu_kernels_why": why,
         "load_s": load_s,
         "weights_bytes": sum(weights.values()),  # read once per decoded token; caches excluded
         "device": info.device,
@@ -120,10 +130,10 @@ def token_rates(generate, vocab: int, args) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in rates.items() if values}
 
 
-def child_result(cmd: list[str], crashed: str = "") -> dict:
+def child_result(cmd: list[str], crashed: str = "", env: dict[str, str] | None = None) -> dict:
     """Run a measuring child; its last stdout line is its JSON result, else an error row
-    (`crashed` adds a hint when a signal killed it)."""
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    (`crashed` adds a hint when a signal killed it). `env` adds to the environment."""
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
     if done.returncode < 0:
         return {"error": f"child killed by {signal.Signals(-done.returncode).name}{crashed}"}
     if done.returncode != 0:
@@ -147,9 +157,9 @@ def rate_options(args) -> list[str]:
             "--decode-tokens", str(args.decode_tokens), "--long-context", str(args.long_context)]
 
 
-def measure_in_process(model_dir: Path, quant: str, args) -> dict:
+def measure_in_process(model_dir: Path, quant: str, args, cpu_kernels: str = "auto") -> dict:
     return child_result([sys.executable, __file__, "--child", str(model_dir), "--quants", quant, "--dtype", args.dtype,
-                         *rate_options(args)])
+                         *rate_options(args)], env={"ELMD_CPU_KERNELS": cpu_kernels})
 
 
 class OthersCpu:
@@ -197,10 +207,10 @@ def wait_ready(base: str, server: subprocess.Popen, timeout: float = 300) -> flo
     return None
 
 
-def measure_http(model_dir: Path, quant: str, args, home: Path) -> dict:
+def measure_http(model_dir: Path, quant: str, args, home: Path, cpu_kernels: str = "auto") -> dict:
     """Daemon start to /health ready, then median time to the first streamed token."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ELMD_HOME": str(home)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ELMD_HOME": str(home), "ELMD_CPU_KERNELS": cpu_kernels}
     cmd = [sys.executable, "-m", "elmd", "serve", "--model", str(model_dir), "--backend", "torch",
            "--quant", quant, "--port", str(port), "--log-level", "warning"]
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -260,19 +270,19 @@ def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
 
 def print_table(rows: list[dict], bandwidth: float) -> None:
     print(f"\nread bandwidth: {bandwidth:.1f} GB/s (median of the runs around the measurements)")
-    head = (f"{'model':24} {'quant':6} {'engine':9} {'weights':>8} {'load s':>6} {'RSS MB':>7} {'peak MB':>7} "
+    head = (f"{'model':24} {'quant':6} {'engine':9} {'kernels':7} {'weights':>8} {'load s':>6} {'RSS MB':>7} {'peak MB':>7} "
             f"{'prompt t/s':>10} {'decode t/s':>10} {'ceiling':>8} {'at size':>7} {'%':>4} {'others%':>7} {'ready s':>7} "
             f"{'TTFT ms':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:24} {r['quant']:6} {r['engine']:9} error: {r['error']}")
+            print(f"{r['model']:24} {r['quant']:6} {r['engine']:9} {r.get('cpu_kernels', '-'):7} error: {r['error']}")
             continue
         http = f"{r['ready_s']:>7.2f} {r['ttft_s'] * 1e3:>7.0f}" if "ttft_s" in r else f"{'-':>7} {'-':>7}"
         if "http_error" in r:
             http += f"  ({r['http_error']})"
-        print(f"{r['model']:24} {r['quant']:6} {r['engine']:9} {r['weights_bytes'] / 1e6:>6.0f}MB {r['load_s']:>6.2f} "
+        print(f"{r['model']:24} {r['quant']:6} {r['engine']:9} {r.get('cpu_kernels', '-'):7} {r['weights_bytes'] / 1e6:>6.0f}MB {r['load_s']:>6.2f} "
               f"{r['rss_loaded_bytes'] / 1e6:>7.0f} {r['rss_peak_bytes'] / 1e6:>7.0f} {r['prompt_tok_s']:>10.0f} "
               f"{r['decode_tok_s']:>10.1f} {r['ceiling_tok_s']:>8.0f} {r['ceiling_at_size_tok_s']:>7.0f} "
               f"{100 * r['decode_tok_s'] / r['ceiling_at_size_tok_s']:>4.0f} "
@@ -291,13 +301,36 @@ def ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         peer = peers.get((r["model"], r["quant"]))
         if r["engine"] == "elmd" and "error" not in r and peer:
-            ratio = {"model": r["model"], "quant": r["quant"], "llama_cpp_type": peer["dtype"],
+            ratio = {"model": r["model"], "quant": r["quant"], "cpu_kernels": r["cpu_kernels"], "llama_cpp_type": peer["dtype"],
                      "decode": r["decode_tok_s"] / peer["decode_tok_s"], "prompt": r["prompt_tok_s"] / peer["prompt_tok_s"]}
             if "long_decode_tok_s" in r and "long_decode_tok_s" in peer:
                 ratio["long_decode"] = r["long_decode_tok_s"] / peer["long_decode_tok_s"]
                 ratio["long_prompt"] = r["long_prompt_tok_s"] / peer["long_prompt_tok_s"]
             out.append(ratio)
     return out
+
+
+def kernel_ratios(rows: list[dict]) -> list[dict]:
+    """Each elmd row's decode and prompt tok/s over the first kernel path measured for its
+    model and quantization (the first of --cpu-kernels), in the same run."""
+    first: dict[tuple[str, str], dict] = {}
+    out = []
+    for r in rows:
+        if r["engine"] != "elmd" or "error" in r:
+            continue
+        base = first.setdefault((r["model"], r["quant"]), r)
+        out.append({"model": r["model"], "quant": r["quant"], "cpu_kernels": r["cpu_kernels"], "over": base["cpu_kernels"],
+                    "decode": r["decode_tok_s"] / base["decode_tok_s"], "prompt": r["prompt_tok_s"] / base["prompt_tok_s"]})
+    return out
+
+
+def print_kernel_ratios(table: list[dict]) -> None:
+    print("\nkernel paths, same weights, same run: tok/s over the first path's")
+    head = f"{'model':24} {'quant':6} {'kernels':7} {'over':7} {'decode':>7} {'prompt':>7}"
+    print(head)
+    print("-" * len(head))
+    for t in table:
+        print(f"{t['model']:24} {t['quant']:6} {t['cpu_kernels']:7} {t['over']:7} {t['decode']:>6.2f}x {t['prompt']:>6.2f}x")
 
 
 def print_long_context(rows: list[dict], tokens: int) -> None:
@@ -313,12 +346,12 @@ def print_long_context(rows: list[dict], tokens: int) -> None:
 def print_ratios(table: list[dict]) -> None:
     print("\nelmd / llama.cpp, same weights, same run (>= 1.0: elmd is faster)")
     long = any("long_decode" in t for t in table)
-    head = f"{'model':24} {'quant':6} {'llama.cpp':9} {'decode':>7} {'prompt':>7}" + (f" {'long decode':>11} {'long prompt':>11}" if long else "")
+    head = f"{'model':24} {'quant':6} {'kernels':7} {'llama.cpp':9} {'decode':>7} {'prompt':>7}" + (f" {'long decode':>11} {'long prompt':>11}" if long else "")
     print(head)
     print("-" * len(head))
     for t in table:
         extra = f" {t['long_decode']:>10.2f}x {t['long_prompt']:>10.2f}x" if "long_decode" in t else ""
-        print(f"{t['model']:24} {t['quant']:6} {t['llama_cpp_type']:9} {t['decode']:>6.2f}x {t['prompt']:>6.2f}x{extra}")
+        print(f"{t['model']:24} {t['quant']:6} {t['cpu_kernels']:7} {t['llama_cpp_type']:9} {t['decode']:>6.2f}x {t['prompt']:>6.2f}x{extra}")
 
 
 def chart(rows: list[dict], path: Path) -> Path | None:
@@ -351,6 +384,8 @@ def main(argv=None) -> int:
     p.add_argument("--quants", nargs="+", default=["none", "bf16", "int8", "int4"])
     p.add_argument("--dtype", default="auto", help="activation dtype of the torch backend")
     add_rate_options(p)
+    p.add_argument("--cpu-kernels", nargs="+", default=["auto"], choices=["auto", "avx512", "avx2", "aten"],
+                   help="native CPU kernel paths to measure elmd on, each in its own child (ELMD_CPU_KERNELS)")
     p.add_argument("--no-http", action="store_true", help="skip the daemon start and time-to-first-token runs")
     p.add_argument("--llamacpp", action="store_true",
                    help="also measure llama.cpp on the same weights, right after elmd, and print the ratios")
@@ -375,14 +410,16 @@ def main(argv=None) -> int:
     rows = []
     for label, path in models.items():
         for quant in args.quants:
-            with OthersCpu() as others:
-                row = {"model": label, "quant": quant, "engine": "elmd", "path": str(path),
-                       **measure_in_process(path, quant, args)}
-            row["others_cpu_pct"] = others.pct
-            bandwidths.append(read_bandwidth_gbs())
-            if "error" not in row and not args.no_http:
-                row.update(measure_http(path, quant, args, args.work_dir / "home"))
-            measured = [row]
+            measured = []
+            for kernels in args.cpu_kernels:
+                with OthersCpu() as others:
+                    row = {"model": label, "quant": quant, "engine": "elmd", "path": str(path),
+                           **measure_in_process(path, quant, args, kernels)}
+                row["others_cpu_pct"] = others.pct
+                bandwidths.append(read_bandwidth_gbs())
+                if "error" not in row and not args.no_http:
+                    row.update(measure_http(path, quant, args, args.work_dir / "home", kernels))
+                measured.append(row)
             if args.llamacpp:
                 with OthersCpu() as others:
                     peer = {"model": label, "quant": quant, "engine": "llama.cpp", "path": str(path),
@@ -406,6 +443,9 @@ def main(argv=None) -> int:
         print_long_context(rows, args.long_context)
     result = {"read_bandwidth_gbs": bandwidth, "bandwidth_runs_gbs": bandwidths, "threads": args.threads,
               "machine": os.uname().machine, "cpus": os.cpu_count(), "rows": rows}
+    if len(args.cpu_kernels) > 1:
+        result["kernel_ratios"] = kernel_ratios(rows)
+        print_kernel_ratios(result["kernel_ratios"])
     if args.llamacpp:
         result["llama_cpp_version"] = llamacpp.version()
         result["elmd_over_llama_cpp"] = ratios(rows)

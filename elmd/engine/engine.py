@@ -2,16 +2,23 @@
 
 Backends produce token ids; this layer turns them into text once, for every backend:
 incremental detokenization, stop strings that may span tokens (never emitted), EOS,
-and the usage counts the API reports.
+and the usage counts the API reports. Whoever watches generations (the service's metrics)
+sees each one start, each token, and its end, through `Engine.watch`.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterable, Iterator
+from typing import AsyncIterator, Callable, Iterable, Iterator, Protocol
 
+from elmd.engine.grammar import GrammarCompiler, TokenMatcher
 from elmd.engine.protocol import Backend, Finished, SamplingParams, Step, StepChannel, TokenLogprob
 from elmd.engine.tokenizer import Tokenizer
+
+
+class MemoryBudgetError(RuntimeError):
+    """The KV cache this generation needs would pass the daemon's memory budget."""
 
 
 class ContextLengthError(ValueError):
@@ -51,6 +58,23 @@ class Completion:
     logprobs: list[TokenLogprob]
     finish_reason: str
     usage: Usage
+
+
+class GenerationWatch(Protocol):
+    """One generation as an observer sees it: a call per generated token, then one at the end
+    (finished, stopped or cancelled), with the prompt tokens the backend reused."""
+
+    def token(self) -> None: ...
+
+    def end(self, cached_tokens: int) -> None: ...
+
+
+class _Unwatched:
+    def token(self) -> None:
+        pass
+
+    def end(self, cached_tokens: int) -> None:
+        pass
 
 
 class StopMatcher:
@@ -102,6 +126,16 @@ class Engine:
         self.backend = backend
         self.tokenizer = tokenizer
         self.defaults = defaults or {}  # per-model sampling defaults from models.yaml
+        self._grammar: GrammarCompiler | None = None  # made on the first constrained request
+        self._grammar_lock = threading.Lock()
+        # Called with a generation's prompt length as it starts; the service sets it to count
+        # tokens and time them, so every route that generates is measured in one place.
+        self.watch: Callable[[int], GenerationWatch] = lambda prompt_tokens: _Unwatched()
+
+    def resident_bytes(self) -> int:
+        """What the model holds now: its weights, KV cache and cached prefixes."""
+        caches = self.backend.cache_bytes()
+        return self.backend.info.memory_bytes + caches.kv_cache + caches.prefix_cache
 
     @property
     def context_length(self) -> int:
@@ -120,13 +154,28 @@ class Engine:
         if not prompt_ids or len(prompt_ids) + max_tokens > self.context_length:
             raise ContextLengthError(len(prompt_ids), max_tokens, self.context_length)
 
+    def grammar(self) -> GrammarCompiler:
+        """This model's grammar compiler (built on first use). Raises GrammarError when the
+        model cannot be constrained (a tokenizer without tokenizer.json)."""
+        with self._grammar_lock:
+            if self._grammar is None:
+                self._grammar = GrammarCompiler(self.tokenizer, self.backend.info.vocab_size)
+            return self._grammar
+
+    def matcher(self, params: SamplingParams) -> TokenMatcher | None:
+        """A new matcher for `params.constraint` (None without one). Raises GrammarError."""
+        return None if params.constraint is None else self.grammar().matcher(params.constraint)
+
     def _start(self, prompt_ids: list[int], params: SamplingParams) -> StepChannel:
         self.check_length(prompt_ids, params.max_tokens)
-        return self.backend.submit(list(prompt_ids), params, self.tokenizer.eos_ids)
+        matcher = self.matcher(params)
+        if matcher is None:  # backends written before constraints keep working unchanged
+            return self.backend.submit(list(prompt_ids), params, self.tokenizer.eos_ids)
+        return self.backend.submit(list(prompt_ids), params, self.tokenizer.eos_ids, matcher)
 
     def _text(self, prompt_ids: list[int], params: SamplingParams, channel: StepChannel, reply: bool) -> "_TextAssembler":
         """The state machine shared by the sync and async streams."""
-        return _TextAssembler(self.tokenizer, params, prompt_ids, channel, reply)
+        return _TextAssembler(self.tokenizer, params, prompt_ids, channel, reply, self.watch(len(prompt_ids)))
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, reply: bool = False) -> Iterator[Chunk]:
         """Generate, yielding text as it becomes final. Closing the iterator cancels.
@@ -145,6 +194,7 @@ class Engine:
             yield text.finish(channel.finished)
         finally:
             channel.cancel()
+            text.watch.end(channel.cached_tokens)
 
     async def astream(self, prompt_ids: list[int], params: SamplingParams, reply: bool = False) -> AsyncIterator[Chunk]:
         """The asyncio twin of `stream`; `aclose()` (a client gone) cancels within one step."""
@@ -160,6 +210,7 @@ class Engine:
             yield text.finish(channel.finished)
         finally:
             channel.cancel()
+            text.watch.end(channel.cached_tokens)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, reply: bool = False) -> Completion:
         return _collect(list(self.stream(prompt_ids, params, reply)))
@@ -187,8 +238,10 @@ class Engine:
 class _TextAssembler:
     """Turns backend steps into text chunks: detokenize, cut at stop strings, count."""
 
-    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_ids: list[int], channel: StepChannel, reply: bool):
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, prompt_ids: list[int], channel: StepChannel, reply: bool,
+                 watch: GenerationWatch):
         self.channel = channel
+        self.watch = watch
         self.detok = tokenizer.detokenizer(context=prompt_ids)
         self.stops = StopMatcher(params.stop)
         self.prompt_tokens = len(prompt_ids)
@@ -208,6 +261,7 @@ class _TextAssembler:
 
     def step(self, step: Step) -> Chunk | None:
         self.completion_tokens += 1
+        self.watch.token()
         logprobs = [step.logprob] if step.logprob is not None else []
         if step.token_id in self.eos_ids:
             return None  # the EOS token itself is counted, never shown; Finished follows
@@ -220,6 +274,8 @@ class _TextAssembler:
     def finish(self, finished: Finished | None) -> Chunk:
         if finished is not None and finished.reason == "error":
             raise RuntimeError(finished.error or "generation failed")
+        if finished is not None and finished.reason == "memory":
+            raise MemoryBudgetError(finished.error)
         tail, hit = self.stops.feed(self._strip(self.detok.flush()))
         tail = tail if hit else tail + self.stops.flush()
         reason = "length" if finished is not None and finished.reason == "length" and not hit else "stop"

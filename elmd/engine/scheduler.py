@@ -24,10 +24,12 @@ from typing import Callable
 
 import torch
 
+from elmd.engine.grammar import TokenMatcher
 from elmd.engine.openelm import OpenELM
 from elmd.engine.prefix_cache import PrefixCache
 from elmd.engine.protocol import Finished, SamplingParams, Step, StepChannel
 from elmd.engine.sampling import Sampler
+from elmd.engine.speculation import PromptLookup
 
 
 @dataclass
@@ -37,10 +39,17 @@ class Sequence:
     stop_ids: frozenset[int]
     tokens: list[int]  # prompt, then generated tokens
     prompt_len: int
+    matcher: TokenMatcher | None = None  # the grammar's allowed tokens, for a constrained sequence
     sampler: Sampler | None = None  # made on the worker when the sequence is admitted
+    lookup: PromptLookup | None = None  # when it speculates
     slot: int = -1
     filled: int = 0  # tokens whose keys and values are in the slot
     generated: int = 0
+
+
+def _over_budget(needed: int, budget: int) -> str:
+    return (f"The KV cache would need {needed >> 20} MiB, more than the {max(budget, 0) >> 20} MiB the memory "
+            "budget leaves this model (ELMD_MEMORY_BUDGET_BYTES); retry with a shorter prompt or fewer requests at once.")
 
 
 def _doubled(size: int, needed: int, limit: int) -> int:
@@ -56,11 +65,20 @@ class Scheduler:
     # slots and the context; both shrink back when the daemon goes idle. So memory follows
     # use: one long conversation holds one row, not one per slot.
     INITIAL_CACHE_TOKENS = 256
+    # Speculation runs while this many sequences decode or fewer. Each would verify its guess
+    # in a pass of its own (the native plan runs multi-token passes one sequence at a time),
+    # and two such passes cost more than one batched plain step: ATen on a CPU spends 2x a
+    # plain step on a pass of 2-9 tokens.
+    SPECULATION_MAX_BATCH = 1
 
     def __init__(self, load_model: Callable[[], OpenELM], slots: int, prefill_chunk: int = 256,
-                 prefix_cache_bytes: int = 0):
+                 prefix_cache_bytes: int = 0, speculation: bool = False):
         """Start the worker, load the model on it with `load_model`, and return once it is
-        ready (raising what the load raised)."""
+        ready (raising what the load raised). `speculation`: prompt-lookup speculation
+        (elmd/engine/speculation.py) for sequences that decode alone."""
+        self.speculation = speculation
+        self.proposed_tokens = 0  # speculated tokens verified, and of them accepted
+        self.accepted_tokens = 0
         self.slots = slots
         self.free = list(range(slots))  # a heap: the lowest free slot is taken first
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -68,6 +86,9 @@ class Scheduler:
         self.jobs: collections.deque[tuple[Callable, Future]] = collections.deque()
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        # Bytes the KV cache and cached prefixes may take now (None: no limit); the daemon
+        # sets it to its memory budget less what its other models and these weights hold.
+        self.cache_budget: Callable[[], int | None] = lambda: None
         self._wake = threading.Condition()
         self._stopping = False
         loaded: Future = Future()
@@ -83,9 +104,10 @@ class Scheduler:
         self.model: OpenELM = model
 
     # -- called from any thread ------------------------------------------------------
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> StepChannel:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
+               matcher: TokenMatcher | None = None) -> StepChannel:
         channel = StepChannel()
-        seq = Sequence(channel, params, stop_ids, list(prompt_ids), len(prompt_ids))
+        seq = Sequence(channel, params, stop_ids, list(prompt_ids), len(prompt_ids), matcher)
         with self._wake:
             self.waiting.append(seq)
             self._wake.notify()
@@ -106,10 +128,6 @@ class Scheduler:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=30)
-
-    @property
-    def active(self) -> int:
-        return len(self.running) + len(self.waiting)
 
     # -- the worker ------------------------------------------------------------------
     def _loop(self, load_model: Callable[[], OpenELM], loaded: Future) -> None:
@@ -161,17 +179,38 @@ class Scheduler:
         if prefilling is not None:
             self._prefill_chunk(prefilling)
         decoding = [s for s in self.running if s.generated > 0 and s.filled == len(s.tokens) - 1]
-        if decoding:
+        if len(decoding) <= self.SPECULATION_MAX_BATCH and any(s.lookup for s in decoding):
+            for seq in decoding:
+                self._speculate(seq)
+        elif decoding:
             self._decode(decoding)
 
+    def _speculates(self, seq: Sequence) -> bool:
+        """Whether `seq` decodes with prompt-lookup proposals: not under a grammar, whose
+        matcher takes one token at a time after the mask it computed ahead."""
+        return self.speculation and seq.matcher is None
+
     def _ensure_cache(self) -> None:
-        """Grow the KV cache to the rows and the length the running sequences need."""
-        if not self.running:
-            return
-        rows, length = self.model.cache_shape
-        new_rows = _doubled(rows, max(s.slot for s in self.running) + 1, self.slots)
-        new_length = _doubled(length, max(len(s.tokens) for s in self.running), self.max_len)
-        if (new_rows, new_length) != (rows, length):
+        """Grow the KV cache to the rows and the length the running sequences need, within
+        the memory budget: past it, growth stops doubling, cached prefixes are dropped, and
+        then the sequence that needs the growth ends with Finished("memory")."""
+        while self.running:
+            rows, length = self.model.cache_shape
+            need_rows = max(s.slot for s in self.running) + 1
+            need_length = max(len(s.tokens) for s in self.running)
+            new_rows, new_length = _doubled(rows, need_rows, self.slots), _doubled(length, need_length, self.max_len)
+            if (new_rows, new_length) == (rows, length):
+                return
+            budget = self.cache_budget()
+            if budget is not None and self.model.cache_bytes(new_rows, new_length) + self.prefix_cache.bytes > budget:
+                new_rows, new_length = max(rows, need_rows), max(length, need_length)
+                self.prefix_cache.shrink(budget - self.model.cache_bytes(new_rows, new_length))
+                if self.model.cache_bytes(new_rows, new_length) > budget:
+                    grows_length = need_length > length
+                    victim = max(self.running, key=lambda s: len(s.tokens) if grows_length else s.slot)
+                    self._finish(victim, Finished("memory", error=_over_budget(self.model.cache_bytes(new_rows, new_length), budget)),
+                                 keep=False)
+                    continue
             self.model.resize_caches(new_rows, new_length)
 
     def _admit(self) -> None:
@@ -185,7 +224,9 @@ class Scheduler:
                     seq.channel.close(Finished("length"))
                     continue
                 seq.slot = heapq.heappop(self.free)
-                seq.sampler = Sampler(seq.params, seq.tokens, self.model.cfg.vocab_size, self.device)
+                seq.sampler = Sampler(seq.params, seq.tokens, self.model.cfg.vocab_size, self.device, seq.matcher)
+                if self._speculates(seq):
+                    seq.lookup = PromptLookup()
                 self.running.append(seq)
                 self._reuse_prefix(seq)
 
@@ -221,6 +262,31 @@ class Scheduler:
             seq.filled += 1
             self._emit(seq, logits[i])
 
+    def _speculate(self, seq: Sequence) -> None:
+        """A decode step that also verifies the lookup's guess: one pass over [last token +
+        guess] gives logits at every position, and the sequence's sampler walks them as plain
+        steps would, one token each, keeping guessed tokens while it picks them and stopping
+        at the first it does not (keeping its own pick). Exact for any sampling: a guess
+        drawn without the model's logits is a point-mass draft, for which speculative
+        rejection sampling is this walk (logits differ from a plain step's by float rounding
+        only: the pass multiplies several positions at once). Positions past the first miss
+        leave keys and values beyond `filled`, which later steps overwrite."""
+        room = min(self.model.cache_length - len(seq.tokens), seq.params.max_tokens - seq.generated - 1)
+        proposal = seq.lookup.propose(seq.tokens, room) if room > 0 else []
+        tokens = torch.tensor([[seq.tokens[-1], *proposal]], device=self.device)
+        positions = torch.arange(seq.filled, seq.filled + len(proposal) + 1, device=self.device)[None]
+        slots = torch.tensor([seq.slot], device=self.device)
+        logits = self.model(tokens, positions, slots, span=seq.filled + len(proposal) + 1)[0].float()
+        self.proposed_tokens += len(proposal)
+        for accepted in range(len(proposal) + 1):
+            seq.filled += 1
+            self._emit(seq, logits[accepted])
+            if seq not in self.running or accepted == len(proposal) or seq.tokens[-1] != proposal[accepted]:
+                break
+            self.accepted_tokens += 1  # before the step that may close the channel, so readers see it
+        if seq in self.running:
+            seq.lookup.record(proposal, accepted, seq.tokens[-1])
+
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample the next token, report it, and finish the sequence if it is time."""
         if seq.channel.cancelled:
@@ -230,7 +296,7 @@ class Scheduler:
         seq.tokens.append(token)
         seq.generated += 1
         seq.channel.put(Step(token, logprob))
-        if token in seq.stop_ids and not seq.params.ignore_eos:
+        if (token in seq.stop_ids and not seq.params.ignore_eos) or (seq.matcher is not None and seq.matcher.done):
             self._finish(seq, Finished("eos"))
         elif seq.generated >= seq.params.max_tokens or len(seq.tokens) >= self.max_len:
             self._finish(seq, Finished("length"))
@@ -244,6 +310,9 @@ class Scheduler:
         idle = not self.running and not self.waiting
         if idle and self.model.cache_shape != (1, self.initial_len):
             self.model.resize_caches(1, self.initial_len)
+        budget = self.cache_budget()
+        if budget is not None:  # cached prefixes take what the running sequences leave
+            self.prefix_cache.shrink(budget - self.model.cache_bytes())
         seq.channel.close(finished)
 
     def _slot_kv(self, slot: int, n: int):

@@ -1,0 +1,226 @@
+"""Prompt-lookup speculation (elmd/engine/speculation.py, Scheduler._speculate): the output
+is exactly plain decoding's, token for token, logprob for logprob, seeded samples and
+finish reasons included, while proposals are really accepted.
+
+Two real checkpoints: the tiny random one, whose greedy reply to a repetitive prompt falls
+into a loop the lookup predicts, and a scripted one (tests/scripted_checkpoint.py) whose
+reply is copied from the prompt, sampled at a temperature where about one token in twenty
+leaves the script, so the seeded generator's every draw matters.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import pytest
+from openai import OpenAI
+
+from elmd.engine.load import load_engine
+from elmd.engine.protocol import SamplingParams
+from elmd.engine.speculation import FIRST_PROPOSAL, MAX_PROPOSAL, PromptLookup
+from elmd.fixtures import write_checkpoint
+from scripted_checkpoint import write_scripted_checkpoint
+
+REPLY = "Alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec romeo."
+LOOPING_PROMPT = [5, 6, 7, 8, 9, 10] * 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("tiny"), "tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    return write_scripted_checkpoint(tmp_path_factory.mktemp("scripted"), REPLY)
+
+
+@contextmanager
+def engines(checkpoint):
+    """The same checkpoint with speculation on and off."""
+    on = load_engine(checkpoint, backend="torch", dtype="float32", slots=2, speculation=True)
+    off = load_engine(checkpoint, backend="torch", dtype="float32", slots=2, speculation=False)
+    try:
+        yield on, off
+    finally:
+        on.close()
+        off.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tiny):
+    with engines(tiny) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def scripted_engines(scripted):
+    with engines(scripted) as pair:
+        yield pair
+
+
+def run(engine, prompt_ids: list[int], params: SamplingParams):
+    """Every step the backend reports, and how it finished."""
+    channel = engine.backend.submit(prompt_ids, params, engine.tokenizer.eos_ids)
+    return list(channel), channel.finished
+
+
+def assert_same(a, b) -> None:
+    """The same tokens and finish; logprobs equal up to float rounding (a verifying pass
+    multiplies several positions at once, which sums in another order than one)."""
+    (steps_a, finished_a), (steps_b, finished_b) = a, b
+    assert [s.token_id for s in steps_a] == [s.token_id for s in steps_b]
+    assert finished_a == finished_b
+    for x, y in zip(steps_a, steps_b):
+        if x.logprob is None or y.logprob is None:
+            assert x.logprob is y.logprob
+            continue
+        assert x.logprob.logprob == pytest.approx(y.logprob.logprob, abs=1e-4)
+        assert [i for i, _ in x.logprob.top] == [i for i, _ in y.logprob.top]
+        assert [v for _, v in x.logprob.top] == pytest.approx([v for _, v in y.logprob.top], abs=1e-4)
+
+
+def accepted(engine) -> int:
+    return engine.backend.scheduler.accepted_tokens
+
+
+# -- the lookup ----------------------------------------------------------------------
+
+
+def test_lookup_copies_what_followed_the_longest_latest_match():
+    def propose(tokens, room=MAX_PROPOSAL):
+        lookup = PromptLookup()
+        lookup.length = MAX_PROPOSAL
+        return lookup.propose(tokens, room)
+
+    assert propose([1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 3], room=3) == [5, 6, 7]  # "3": the latest match wins
+    assert propose([1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 2, 3]) == [5, 6, 7, 2, 3]  # "2 3" (no earlier "7 2 3")
+    assert propose([1, 2, 3, 4, 5, 2, 3, 9, 1, 2, 3]) == [4, 5, 2, 3, 9, 1, 2, 3]  # "1 2 3" beats the later "2 3"
+    assert propose([1, 2, 3, 8]) == []  # 8 never occurred before
+
+
+def test_lookup_length_starts_at_zero_and_follows_acceptance():
+    lookup = PromptLookup()
+    tokens = [1, 2, 3, 1, 2]
+    assert lookup.propose(tokens, room=8) == []  # length 0: no pass spent on a guess yet
+    assert lookup.guess[0] == 3
+    lookup.record([], 0, sampled=3)  # right once
+    lookup.record([], 0, sampled=4)  # then wrong: the run starts over
+    lookup.record([], 0, sampled=3)
+    assert lookup.length == 0
+    lookup.record([], 0, sampled=3)  # right twice in a row: guesses are verified from now on
+    assert lookup.length == FIRST_PROPOSAL
+    assert lookup.propose(tokens, room=2) == [3, 1]  # never past the room left
+    lookup.record([3, 1, 2, 3], 4, sampled=3)
+    assert lookup.length == min(2 * FIRST_PROPOSAL, MAX_PROPOSAL)  # doubles after a full accept
+    lookup.record([3, 1, 2, 3], 2, sampled=3)
+    assert lookup.length == min(2 * FIRST_PROPOSAL, MAX_PROPOSAL)  # stays after a partial one
+    lookup.record([3, 1, 2, 3], 0, sampled=7)
+    assert lookup.length == 0  # none accepted: back to plain steps
+
+
+# -- exactness on the engine ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 37])
+def test_greedy_output_is_the_same_with_and_without_and_proposals_are_accepted(tiny_engines, max_tokens):
+    on, off = tiny_engines
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=3)
+    before = accepted(on)
+    with_, finished = run(on, LOOPING_PROMPT, params)
+    assert_same((with_, finished), run(off, LOOPING_PROMPT, params))
+    assert len(with_) == max_tokens and finished.reason == "length"
+    if max_tokens > 10:
+        assert accepted(on) > before  # some tokens came from accepted proposals
+
+
+def test_unrelated_greedy_output_is_the_same(tiny_engines):
+    on, off = tiny_engines
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    for prompt in ([11, 500, 23, 901, 77], list(range(100, 160))):
+        assert_same(run(on, prompt, params), run(off, prompt, params))
+
+
+def test_the_context_limit_ends_at_the_same_token(tiny_engines):
+    on, off = tiny_engines
+    context = on.context_length
+    prompt = (LOOPING_PROMPT * context)[: context - 20]
+    params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    before = accepted(on)
+    steps, finished = run(on, prompt, params)
+    assert_same((steps, finished), run(off, prompt, params))
+    assert len(prompt) + len(steps) == context and finished.reason == "length"
+    assert accepted(on) > before
+
+
+def test_seeded_samples_logprobs_penalties_and_eos_are_the_same(scripted_engines):
+    on, off = scripted_engines
+    prompt = on.tokenizer.encode_chat([{"role": "user", "content": f"Repeat after me: {REPLY}"}])
+    before, left_script, eos = accepted(on), 0, 0
+    for seed in range(8):
+        params = SamplingParams(max_tokens=40, temperature=5.0, seed=seed, logprobs=2, presence_penalty=0.3)
+        with_, finished = run(on, prompt, params)
+        assert_same((with_, finished), run(off, prompt, params))
+        text = on.tokenizer.decode([s.token_id for s in with_])
+        left_script += not REPLY.startswith(text.strip())
+        eos += finished.reason == "eos"
+    assert accepted(on) - before >= 8 * 5  # proposals copied from the prompt were accepted
+    assert left_script and eos  # some samples left the script (randomness mattered), some ended at EOS
+
+
+def test_cancelling_mid_reply_stops_it_and_the_engine_goes_on(tiny_engines):
+    on, off = tiny_engines
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    channel = on.backend.submit(LOOPING_PROMPT, params, on.tokenizer.eos_ids)
+    received = []
+    for step in channel:
+        received.append(step.token_id)
+        if len(received) == 3:
+            channel.cancel()
+    assert channel.finished.reason == "cancelled"
+    assert len(received) < params.max_tokens
+    again = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    assert_same(run(on, LOOPING_PROMPT, again), run(off, LOOPING_PROMPT, again))
+
+
+def test_batched_sequences_take_plain_steps_and_stay_exact(tiny_engines):
+    on, off = tiny_engines
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    prompts = [LOOPING_PROMPT, [40, 41, 42] * 5, [7, 8] * 9]
+    alone = [run(off, p, params) for p in prompts]
+    together = [None] * len(prompts)
+
+    def one(i):
+        together[i] = run(on, prompts[i], params)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(together, alone):
+        assert_same(a, b)
+
+
+# -- through the API -----------------------------------------------------------------
+
+
+def test_streamed_chat_is_the_same_with_the_setting_off(start_server, scripted):
+    question = [{"role": "user", "content": f"Repeat after me: {REPLY}"}]
+    replies = []
+    for speculation in (True, False):
+        running = start_server(scripted, speculation=speculation, keep_alive=-1)
+        client = OpenAI(base_url=running.v1, api_key="unused")
+        stream = client.chat.completions.create(model="tiny-openelm", messages=question, temperature=2.0, seed=5,
+                                                max_tokens=30, stream=True, logprobs=True, top_logprobs=2)
+        chunks = [c for c in stream if c.choices]
+        replies.append(("".join(c.choices[0].delta.content or "" for c in chunks),
+                        [lp.model_dump() for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.content],
+                        chunks[-1].choices[0].finish_reason))
+        engine = running.manager.loaded()["tiny-openelm"]
+        assert engine.backend.scheduler.speculation is speculation
+        assert (engine.backend.scheduler.accepted_tokens > 0) is speculation
+    assert replies[0][0] == replies[1][0] and replies[0][2] == replies[1][2]
+    assert [lp["token"] for lp in replies[0][1]] == [lp["token"] for lp in replies[1][1]]
+    assert replies[0][0].startswith("Alpha bravo charlie")
