@@ -59,11 +59,12 @@ def stop(process: subprocess.Popen) -> int:
 
 
 @contextmanager
-def running_daemon(checkpoint: Path, root: Path) -> Iterator[Daemon]:
-    """Serve `checkpoint` (its folder name is the model id) with ELMD_HOME = root/elmd."""
+def running_daemon(checkpoint: Path, root: Path, **extra_env: str) -> Iterator[Daemon]:
+    """Serve `checkpoint` (its folder name is the model id) with ELMD_HOME = root/elmd and
+    `extra_env`; its log is root/daemon.log."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELMD_")}
-    env.update(ELMD_HOME=str(root / "elmd"), ELMD_PORT=str(port), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env.update(ELMD_HOME=str(root / "elmd"), ELMD_PORT=str(port), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **extra_env)
     log_path = root / "daemon.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

@@ -76,15 +76,26 @@ def test_output_is_identical_with_and_without_the_prefix_cache(start_server, tin
     assert cached_on > 0 and cached_off == 0
 
 
-def test_clients_disconnecting_mid_stream_free_their_memory_and_the_daemon_keeps_answering(live):
+WALK_AWAY = {  # a long stream on each API, and how to count its events
+    "/v1/completions": ({"model": TINY_MODEL, "prompt": "word " * 400, "max_tokens": 1500, "stream": True,
+                         "ignore_eos": True}, "data: "),
+    "/v1/responses": ({"model": TINY_MODEL, "input": "word " * 400, "max_output_tokens": 1500, "stream": True,
+                       "ignore_eos": True}, "data: "),
+    "/api/generate": ({"model": TINY_MODEL, "prompt": "word " * 400, "raw": True,
+                       "options": {"num_predict": 1500, "seed": 1}}, "{"),
+}
+
+
+@pytest.mark.parametrize("path", WALK_AWAY)
+def test_clients_disconnecting_mid_stream_free_their_memory_and_the_daemon_keeps_answering(live, path):
     baseline = _kv_bytes(live)
-    body = {"model": TINY_MODEL, "prompt": "word " * 400, "max_tokens": 1500, "stream": True, "ignore_eos": True}
+    body, event = WALK_AWAY[path]
 
     async def walk_away(client: httpx.AsyncClient) -> None:
-        async with client.stream("POST", f"{live.v1}/completions", json=body) as r:
+        async with client.stream("POST", f"{live.base_url}{path}", json=body) as r:
             seen = 0
             async for line in r.aiter_lines():
-                seen += line.startswith("data: ")
+                seen += line.startswith(event)
                 if seen >= 3:
                     return  # the client goes away mid-stream
 

@@ -68,7 +68,9 @@ def test_cross_site_requests_without_an_origin_are_refused(start_server, tiny_ch
     for site in ("cross-site", "same-site"):
         response = httpx.get(f"{running.base_url}/tokenizer_info", headers={"Sec-Fetch-Site": site})
         assert_error(response, 403, "origin_not_allowed")
-    assert httpx.get(f"{running.base_url}/health").json() == {"status": "ok", "loaded": [], "loading": [], "error": None}
+    assert httpx.get(f"{running.base_url}/health").json() == {"status": "ok", "loaded": [], "loading": [], "error": None,
+                                                                  "cpu_kernels": None, "cpu_kernels_reason": None,
+                                                                  "cpu_kernels_building": False}
     typed_in_the_address_bar = httpx.get(f"{running.base_url}/tokenizer_info", headers={"Sec-Fetch-Site": "none"},
                                          timeout=60)
     assert typed_in_the_address_bar.status_code == 200

@@ -85,7 +85,9 @@ def test_a_hub_checkout_gets_its_models_yaml_defaults(tmp_path, tiny_checkpoint)
 @pytest.mark.slow
 def test_fresh_install_serves_the_offline_default(tmp_path):
     """No --model, empty store, no network: the SmolLM2 GGUF shipped in a Python package is
-    installed into the store and served; a real model answers a factual prompt."""
+    installed into the store and served; a real model answers a factual prompt. (Asked "What
+    is the capital of France?", the 135M model's first token is a near-tie between "The" and
+    "L", which the kernels' rounding decides: "L'Étoile, la ..." on the AVX2 int4/int8 kernels.)"""
     with elmd_serve(tmp_path / "home") as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
@@ -93,7 +95,7 @@ def test_fresh_install_serves_the_offline_default(tmp_path):
                                                max_tokens=4, temperature=0)
         assert "Paris" in completion.choices[0].text
         chunks = list(client.chat.completions.create(
-            model="smollm2-135m-instruct", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Name the capital city of France."}],
             max_tokens=12, temperature=0, stream=True))
         assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert (tmp_path / "home" / "data" / "models" / "smollm2-135m-instruct" / "config.json").is_file()

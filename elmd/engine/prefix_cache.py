@@ -61,7 +61,11 @@ class PrefixCache:
             return
         self.entries[key] = kv
         self.bytes += size
-        while self.bytes > self.max_bytes:
+        self.shrink(self.max_bytes)
+
+    def shrink(self, max_bytes: int) -> None:
+        """Evict least recently used entries until they take at most `max_bytes`."""
+        while self.entries and self.bytes > max_bytes:
             _, evicted = self.entries.popitem(last=False)
             self.bytes -= self._size(evicted)
 

@@ -6,7 +6,9 @@
   requests to another; concurrent requests for a loading model wait for the same load.
 - An idle model unloads after its keep-alive (the setting, or the last request's
   Ollama-style `keep_alive`); a memory budget and a count cap resident models, evicting
-  the least recently used idle one to make room.
+  the least recently used idle one to make room. The budget counts what each model holds
+  as it grows (weights, KV cache, cached prefixes), and each backend keeps its cache within
+  what the budget leaves it.
 - Back-pressure: at most `max_concurrent_requests` run and `max_queued_requests` wait;
   beyond that a request gets 429 with Retry-After, and one that waits past its deadline
   gets 503 with Retry-After.
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import time
@@ -24,13 +27,14 @@ from typing import TYPE_CHECKING, Callable
 
 import psutil
 
+from elmd.engine.protocol import describe_cpu_kernels
 from elmd.registry import Registry
 from elmd.server.errors import APIError, model_not_found, too_many_requests, unavailable
 from elmd.settings import Settings
 from elmd.store import InvalidModelName, Store, StoredModel
 
 if TYPE_CHECKING:
-    from elmd.engine.engine import Engine
+    from elmd.engine.engine import Engine, GenerationWatch
 
 log = logging.getLogger("elmd.server")
 
@@ -62,10 +66,13 @@ class ModelSpec:
 class _Resident:
     spec: ModelSpec
     engine: "Engine"
-    memory_bytes: int
     keep_alive: float | None
     active: int = 0
     last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.engine.resident_bytes()
 
 
 class Lease:
@@ -117,6 +124,7 @@ class ModelManager:
         self._loader = loader or functools.partial(
             load_model, slots=settings.max_concurrent_requests, prefix_cache_bytes=settings.prefix_cache_bytes,
             cuda_graphs=settings.cuda_graphs, compile_decode=settings.compile_decode, kv_cache_dtype=settings.kv_cache_dtype,
+            speculation=settings.speculation,
         )
         self._resident: dict[str, _Resident] = {}
         self._loading: dict[str, asyncio.Task] = {}
@@ -125,6 +133,11 @@ class ModelManager:
         self._slots: asyncio.Semaphore | None = None
         self._waiting = 0
         self._tasks: set[asyncio.Task] = set()
+        self.loads: collections.Counter[str] = collections.Counter()  # successful loads per model
+        self.unloads: collections.Counter[str] = collections.Counter()
+        # Given a model id and a prompt length, watches one generation (set by the metrics);
+        # every engine this manager loads reports to it.
+        self.generation_watch: Callable[[str, int], "GenerationWatch"] | None = None
 
     # ------------------------------------------------------------------ resolution
 
@@ -187,6 +200,7 @@ class ModelManager:
             self._slots.release()
             raise
         resident.active += 1
+        await self._fit_budget(resident)
         return Lease(self, resident, keep_alive, deadline)
 
     async def engine(self, model_id: str) -> "Engine":
@@ -250,13 +264,25 @@ class ModelManager:
                            type="server_error", code="model_load_failed") from None
         finally:
             self._loading.pop(spec.id, None)
-            estimate = self._loading_bytes.pop(spec.id, 0)
+            self._loading_bytes.pop(spec.id, None)
         self._errors.pop(spec.id, None)
-        memory = engine.backend.info.memory_bytes or estimate
-        resident = _Resident(spec, engine, memory, self.settings.keep_alive)
+        if self.generation_watch is not None:
+            engine.watch = functools.partial(self.generation_watch, spec.id)
+        self.loads[spec.id] += 1
+        resident = _Resident(spec, engine, self.settings.keep_alive)
         self._resident[spec.id] = resident
-        log.info("loaded %s (%s, %.1f MB) in %.2fs", spec.id, engine.backend.info.name, memory / 1e6, time.monotonic() - started)
+        engine.backend.limit_cache(functools.partial(self._cache_budget, resident))
+        kernels = describe_cpu_kernels(engine.backend.info.extra)
+        log.info("loaded %s (%s, %.1f MB%s) in %.2fs", spec.id, engine.backend.info.name, resident.memory_bytes / 1e6,
+                 f", CPU kernels: {kernels}" if kernels else "", time.monotonic() - started)
         return resident
+
+    def _cache_budget(self, resident: _Resident) -> int:
+        """Bytes `resident`'s KV cache and cached prefixes may take now: the budget less its
+        weights, the other models' current size, and the models being loaded."""
+        others = sum(r.memory_bytes for r in list(self._resident.values()) if r is not resident)
+        loading = sum(list(self._loading_bytes.values()))
+        return self.memory_budget() - resident.engine.backend.info.memory_bytes - others - loading
 
     def memory_budget(self) -> int:
         if self.settings.memory_budget_bytes is not None:
@@ -283,11 +309,33 @@ class ModelManager:
             log.info("unloading %s to make room for %s", victim.spec.id, spec.id)
             await self._unload(victim)
 
+    async def _fit_budget(self, resident: _Resident) -> None:
+        """Unload idle models, least recently used first, while the resident ones (grown
+        since they loaded) pass the budget, so that `resident`'s cache has room to grow."""
+        while sum(r.memory_bytes for r in self._resident.values()) > self.memory_budget():
+            idle = [r for r in self._resident.values() if r.active == 0 and r is not resident]
+            if not idle:
+                return  # the busy ones' caches are held within what is left by their backends
+            victim = min(idle, key=lambda r: r.last_used)
+            log.info("unloading %s: the resident models have grown past the memory budget", victim.spec.id)
+            await self._unload(victim)
+
     async def _unload(self, resident: _Resident) -> None:
         if self._resident.get(resident.spec.id) is resident:
             del self._resident[resident.spec.id]
             await asyncio.to_thread(resident.engine.close)
+            self.unloads[resident.spec.id] += 1
             log.info("unloaded %s", resident.spec.id)
+
+    async def unload(self, model_id: str) -> None:
+        """Unload a resident model now, or as soon as its running requests finish (Ollama's
+        `keep_alive: 0` on a request that generates nothing)."""
+        resident = self._resident.get(model_id)
+        if resident is None:
+            return
+        resident.keep_alive = 0
+        if resident.active == 0:
+            await self._unload(resident)
 
     async def _unload_if_idle(self, resident: _Resident) -> None:
         if resident.active == 0:
@@ -338,10 +386,28 @@ class ModelManager:
     def loaded(self) -> dict[str, "Engine"]:
         return {model_id: r.engine for model_id, r in self._resident.items()}
 
-    def memory_bytes(self, model_id: str) -> int | None:
-        """What a resident model takes (weights and KV cache); None when not loaded."""
-        resident = self._resident.get(model_id)
-        return resident.memory_bytes if resident else None
+    def expires_at(self, model_id: str) -> float | None:
+        """When a resident model unloads unless another request comes (as time.time());
+        None: never (keep_alive -1)."""
+        resident = self._resident[model_id]
+        if resident.keep_alive is None:
+            return None
+        idle_since = time.monotonic() if resident.active else resident.last_used
+        return time.time() + idle_since + resident.keep_alive - time.monotonic()
+
+    def queued(self) -> int:
+        """Requests waiting for a generation slot."""
+        return self._waiting
+
+    def cpu_kernels(self) -> dict:
+        """Health's CPU kernel fields: the path of the loaded CPU models (one choice per
+        process), the reason one of them is not on the best path, and whether it is building."""
+        states = [r.engine.backend.info.extra for r in self._resident.values()]
+        states = [s for s in states if "cpu_kernels" in s]
+        state = next((s for s in states if s["cpu_kernels_reason"]), states[0] if states else None)
+        if state is None:
+            return {}
+        return {key: state[key] for key in ("cpu_kernels", "cpu_kernels_reason", "cpu_kernels_building")}
 
     def loading(self) -> list[str]:
         return list(self._loading)
