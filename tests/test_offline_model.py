@@ -174,4 +174,4 @@ def test_quantized_perplexity_stays_within_the_gates_on_the_torch_backend(smollm
     assert abs(scores["bf16"] - scores["none"]) <= 0.01 * scores["none"]
     assert scores["int8"] <= 1.02 * scores["none"]
     assert scores["int4"] <= 1.10 * scores["none"]
-    assert (model / "elmd-int4.safetensors").exists()
+    assert (model / "elmd-int4-g32.safetensors").exists()

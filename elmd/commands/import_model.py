@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from elmd.registry import QUANT_CHOICES
+from elmd.choices import QUANTS
 
 # The file-type tags llama.cpp's tools append to GGUF names ("model.Q4_1.gguf", "model-f16.gguf").
 QUANT_SUFFIX = re.compile(r"[.-](q\d[a-z0-9_]*|iq\d[a-z0-9_]*|f16|bf16|f32)$")
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weight type for a converted GGUF"
     )
-    parser.add_argument("--quant", choices=QUANT_CHOICES,
+    parser.add_argument("--quant", choices=QUANTS,
                         help="also store the weights quantized this way, so no load has to (default: the "
                         "default_quant of the models.yaml entry of that name, else none; int4 keeps a GGUF's Q4_1 "
                         "blocks exactly)")
@@ -82,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
 def default_quant(name: str) -> str:
     """The models.yaml default_quant of a model named `name`, where the PyTorch backend runs
     (MLX quantizes as it loads); else none."""
-    from elmd.pull import resolve_backend
+    from elmd.choices import pick_backend
     from elmd.registry import Registry
 
     entry = Registry.load().get(name)
-    return entry.default_quant if entry and resolve_backend("auto") == "torch" else "none"
+    return entry.default_quant if entry and pick_backend("auto") == "torch" else "none"
 
 
 def _install_gguf(source: Path, name: str, dtype: str, quant: str, force: bool) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from elmd.registry import QUANT_CHOICES
+from elmd.choices import BACKENDS, QUANTS
 
 
 def register(subparsers) -> None:
@@ -21,9 +21,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("model", help="a model id from models.yaml, e.g. openelm-270m-instruct")
     parser.add_argument("--revision", help="branch, tag or commit of the weights repo (default: models.yaml's, else main)")
-    parser.add_argument("--backend", choices=("auto", "torch", "mlx"), default="auto",
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="which backend's source to download (default: auto)")
-    parser.add_argument("--quant", choices=QUANT_CHOICES,
+    parser.add_argument("--quant", choices=QUANTS,
                         help="also store the weights quantized this way, so no load has to (default: the model's default_quant)")
     parser.add_argument("--force", action="store_true", help="replace the model if it is already installed")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

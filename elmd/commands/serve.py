@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+from elmd.choices import BACKENDS, DTYPES, QUANTS
 from elmd.registry import PackageSource
 from elmd.settings import SHUTDOWN_GRACE_SECONDS
 
@@ -24,11 +25,11 @@ def register(subparsers) -> None:
         "package if needed.",
     )
     parser.add_argument("--model", help="model name, or a local model directory (hub layout)")
-    parser.add_argument("--backend", choices=["auto", "torch", "mlx"], help="runtime (default: auto)")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--backend", choices=BACKENDS, help="runtime (default: auto)")
+    parser.add_argument("--dtype", choices=DTYPES,
                         help="activation dtype (default: auto); on the CPU bfloat16 runs float32 activations with bf16 "
                         "weights, which the CPU's fast kernels take")
-    parser.add_argument("--quant", choices=["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"],
+    parser.add_argument("--quant", choices=QUANTS,
                         help="weight quantization: bf16 weights, int8 per channel, int4 per group of 32/64/128 (default: the model's)")
     parser.add_argument("--host", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (default: 8356; 0 picks a free one)")
@@ -171,6 +172,6 @@ def _is_directory_argument(value: str, store) -> bool:
 
 
 def _backend(backend: str) -> str:
-    from elmd.pull import resolve_backend
+    from elmd.choices import pick_backend
 
-    return resolve_backend(backend)
+    return pick_backend(backend)

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import platform
-import sys
 from pathlib import Path
 
+from elmd.choices import pick_backend
 from elmd.engine.engine import Engine
 from elmd.engine.tokenizer import Tokenizer
-
-BACKENDS = ("auto", "torch", "mlx")
-
-
-def pick_backend(backend: str = "auto") -> str:
-    """MLX on Apple silicon, PyTorch everywhere else; either can be forced."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    return "mlx" if sys.platform == "darwin" and platform.machine() == "arm64" else "torch"
-
 
 def load_engine(
     model_dir: str | Path,

@@ -30,8 +30,9 @@ Tensors = Iterable[tuple[str, "torch.Tensor | dict[str, torch.Tensor]"]]
 
 
 def stored_path(model_dir: str | Path, quant: str) -> Path:
-    """Where `quant`'s weights are kept (a name that mlx-lm's `model*.safetensors` glob skips)."""
-    return Path(model_dir) / f"elmd-{quant}.safetensors"
+    """Where `quant`'s weights are kept, named by what they hold (int4 and int4-g32 share
+    one file), a name that mlx-lm's `model*.safetensors` glob skips."""
+    return Path(model_dir) / f"elmd-{parse_quant(quant).name}.safetensors"
 
 
 def skeleton(model_dir: str | Path, spec: QuantSpec) -> tuple[OpenELM, dict[str, tuple[int, ...]]]:

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elmd.choices import QUANTS
 from elmd.engine.kernels import native
 
 GROUP_SIZES = (32, 64, 128)
-QUANT_CHOICES = ("none", "bf16", "int8", "int4", *(f"int4-g{g}" for g in GROUP_SIZES))
 METADATA_KEY = "elmd.quant"
 
 
@@ -81,7 +81,7 @@ def parse_quant(quant: str | QuantSpec, embedding: bool = False) -> QuantSpec | 
     group = 32 if quant == "int4" else int(quant[6:]) if quant.startswith("int4-g") and quant[6:].isdigit() else 0
     if group in GROUP_SIZES:
         return QuantSpec("int4", group, embedding, head="int8")
-    raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
+    raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
 
 
 def _flat(matmul2d):
