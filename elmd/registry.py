@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from elmd import paths
 from elmd.choices import Dtype, Quant, Runtime
@@ -61,6 +61,22 @@ class ModelSource(BaseModel):
     tokenizer: Source
 
 
+class SamplingDefaults(BaseModel):
+    """The sampling parameters a model's `sampling` may set, in the API's ranges: checked when
+    models.yaml is read, so a typo stops `elmd serve` at start instead of failing requests."""
+
+    model_config = ConfigDict(extra="forbid")
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: list[str] | None = None
+
+
 class ModelEntry(BaseModel):
     """One model of models.yaml."""
 
@@ -71,9 +87,14 @@ class ModelEntry(BaseModel):
     default_quant: Quant = "none"
     dtype: Dtype = "auto"  # activations, unless the operator chooses
     chat_template: str | None = None
-    sampling: dict = Field(default_factory=dict)
+    sampling: dict = Field(default_factory=dict)  # SamplingDefaults' fields that are set
     source: ModelSource
     sources: dict[Runtime, ModelSource] = Field(default_factory=dict)
+
+    @field_validator("sampling")
+    @classmethod
+    def _known_sampling(cls, sampling: dict) -> dict:
+        return SamplingDefaults.model_validate(sampling).model_dump(exclude_none=True)
 
     @model_validator(mode="after")
     def _valid_id(self) -> "ModelEntry":

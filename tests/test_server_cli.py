@@ -66,6 +66,16 @@ def test_serve_refuses_models_it_cannot_serve(tmp_path):
     assert not_a_model.returncode == 1 and "no config.json" in not_a_model.stderr
 
 
+def test_a_typo_in_models_yaml_sampling_stops_serve_at_start(tmp_path):
+    (tmp_path / "home" / "config").mkdir(parents=True)
+    (tmp_path / "home" / "config" / "models.yaml").write_text(
+        "models:\n  - id: smollm2-135m-instruct\n    architecture: llama\n    context_length: 8192\n"
+        "    sampling: {temprature: 0.2}\n"
+        "    source: {weights: {hub: a/b}, tokenizer: {hub: a/b}}\n")
+    result = run_serve(tmp_path / "home")
+    assert result.returncode == 2 and "temprature" in result.stderr and "models.yaml" in result.stderr, result.stderr
+
+
 def test_a_hub_checkout_gets_its_models_yaml_defaults(tmp_path, tiny_checkpoint):
     import shutil
 

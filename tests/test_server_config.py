@@ -68,6 +68,10 @@ def test_user_file_adds_and_overrides(home):
          "    source: {weights: {hub: a/b}, tokenizer: {hub: a/b}}\n", "model ../escape"),
         ("models:\n  - id: ok\n    architecture: gpt2\n    context_length: 1\n"
          "    source: {weights: {hub: a/b}, tokenizer: {hub: a/b}}\n", "model ok"),
+        ("models:\n  - id: typo\n    architecture: llama\n    context_length: 1\n    sampling: {temprature: 0.2}\n"
+         "    source: {weights: {hub: a/b}, tokenizer: {hub: a/b}}\n", "temprature"),
+        ("models:\n  - id: hot\n    architecture: llama\n    context_length: 1\n    sampling: {temperature: 9}\n"
+         "    source: {weights: {hub: a/b}, tokenizer: {hub: a/b}}\n", "temperature"),
     ],
 )
 def test_a_bad_user_file_is_reported_with_its_path(home, text, fragment):

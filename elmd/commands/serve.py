@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from elmd import logs
     from elmd.auth import KeyFileError
-    from elmd.registry import Registry
+    from elmd.registry import Registry, RegistryError
     from elmd.server import security
     from elmd.server.app import create_app
     from elmd.server.manager import ModelManager
@@ -88,8 +88,13 @@ def run(args: argparse.Namespace) -> int:
     except (KeyFileError, security.ExposedWithoutKey) as exc:
         print(f"elmd serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        registry = Registry.load()
+    except RegistryError as exc:  # a typo in models.yaml stops the start, not each request
+        print(f"elmd serve: {exc}", file=sys.stderr)
+        return 2
     logs.setup(args.log_level, settings.log_file)
-    registry, store = Registry.load(), Store()
+    store = Store()
     try:
         pinned, preload = startup_model(settings, registry, store)
     except StartupError as exc:
