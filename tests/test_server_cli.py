@@ -85,10 +85,10 @@ def test_a_hub_checkout_gets_its_models_yaml_defaults(tmp_path, tiny_checkpoint)
     from elmd.store import Store
 
     checkout = shutil.copytree(tiny_checkpoint, tmp_path / "OpenELM-1_1B-Instruct")
-    spec, preload = startup_model(Settings(model=str(checkout)), Registry.load(), Store(tmp_path / "store"))
-    assert preload == spec.id == "OpenELM-1_1B-Instruct" and spec.path == checkout
+    spec, preload, install = startup_model(Settings(model=str(checkout)), Registry.load(), Store(tmp_path / "store"))
+    assert preload == spec.id == "OpenELM-1_1B-Instruct" and spec.path == checkout and install is None
     assert spec.defaults == {"repetition_penalty": 1.2} and spec.context_length == 2048
-    plain, _ = startup_model(Settings(model=str(tiny_checkpoint)), Registry.load(), Store(tmp_path / "store"))
+    plain, _, _ = startup_model(Settings(model=str(tiny_checkpoint)), Registry.load(), Store(tmp_path / "store"))
     assert plain.defaults == {}
 
 
@@ -109,3 +109,7 @@ def test_fresh_install_serves_the_offline_default(tmp_path):
             max_tokens=12, temperature=0, stream=True))
         assert "Paris" in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert (tmp_path / "home" / "data" / "models" / "smollm2-135m-instruct" / "config.json").is_file()
+    # Issue 21: the conversion runs after the daemon listens, so /health can say it is loading.
+    log = (tmp_path / "home-serve.log").read_text()
+    assert "installing smollm2-135m-instruct into the store (once" in log
+    assert log.index("Uvicorn running on") < log.index("installed smollm2-135m-instruct in "), log

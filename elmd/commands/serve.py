@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import signal
 import sys
@@ -96,12 +97,12 @@ def run(args: argparse.Namespace) -> int:
     logs.setup(args.log_level, settings.log_file)
     store = Store()
     try:
-        pinned, preload = startup_model(settings, registry, store)
+        pinned, preload, install = startup_model(settings, registry, store)
     except StartupError as exc:
         print(f"elmd serve: {exc}", file=sys.stderr)
         return 1
     manager = ModelManager(settings, registry, store, pinned=pinned)
-    app = create_app(settings, manager, preload=preload)
+    app = create_app(settings, manager, preload=preload, install=install)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; SIGTERM
     # is how launchd and systemd stop a service, so it ends in exit status 0, not death by signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -115,7 +116,8 @@ class StartupError(RuntimeError):
 
 
 def startup_model(settings, registry, store):
-    """(pinned ModelSpec or None, model id to load at start or None).
+    """(pinned ModelSpec or None, model id to load at start or None, what installs that model
+    into the store first or None).
 
     A directory given by the operator is served under its folder name, with the
     models.yaml defaults of the model it is named after (a hub checkout such as
@@ -141,11 +143,11 @@ def startup_model(settings, registry, store):
             context_length=entry.context_length if entry else None,
             created=int(path.stat().st_mtime),
         )
-        return spec, spec.id
+        return spec, spec.id, None
     wanted = name or OFFLINE_DEFAULT
     try:
         if store.exists(wanted):
-            return None, wanted
+            return None, wanted, None
     except InvalidModelName as exc:
         raise StartupError(str(exc)) from None
     entry = registry.get(wanted)
@@ -155,12 +157,13 @@ def startup_model(settings, registry, store):
     if isinstance(source.weights, PackageSource) and source.weights.locate() is not None:
         from elmd.pull import pull
 
-        pull(wanted, entry, store, progress=False, backend=_backend(settings.backend), quant=settings.quant)
-        return None, wanted
+        # After the daemon listens (seconds of GGUF conversion), so /health can say so meanwhile.
+        return None, wanted, functools.partial(pull, wanted, entry, store, progress=False,
+                                               backend=_backend(settings.backend), quant=settings.quant)
     if name:
         raise StartupError(f"model {wanted!r} is not installed: run `elmd pull {wanted}` first")
     logging.getLogger("elmd.server").warning("the offline default %s is not installable here; serving installed models only", wanted)
-    return None, None
+    return None, None, None
 
 
 def _is_directory_argument(value: str, store) -> bool:

@@ -4,6 +4,7 @@ the CLI and the tests run exactly the same app."""
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from typing import Callable
 
 from fastapi import FastAPI
 
@@ -15,13 +16,14 @@ from elmd.server.response_store import ResponseStore
 from elmd.settings import Settings
 
 
-def create_app(settings: Settings, manager: ModelManager, preload: str | None = None) -> FastAPI:
+def create_app(settings: Settings, manager: ModelManager, preload: str | None = None,
+               install: Callable[[], object] | None = None) -> FastAPI:
     """The daemon's app. `preload` names a model to start loading at startup (GET /health
-    answers 503 until it is ready)."""
+    answers 503 until it is ready), after `install` (run in a thread) has put it in the store."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await manager.start(preload)
+        await manager.start(preload, install)
         try:
             yield
         finally:

@@ -2,6 +2,8 @@
 
 - A request's `model` resolves only to the model `serve` was started with or to a model
   installed in the store (with its models.yaml entry, if any); never to a path.
+- A model that `serve` installs at start (the offline default, converted from its package)
+  installs in a worker thread after the daemon listens; requests for it wait, as for a load.
 - A model loads on first use, in a worker thread, so loading one model never blocks
   requests to another; concurrent requests for a loading model wait for the same load.
 - An idle model unloads after its keep-alive (the setting, or the last request's
@@ -128,6 +130,7 @@ class ModelManager:
         )
         self._resident: dict[str, _Resident] = {}
         self._loading: dict[str, asyncio.Task] = {}
+        self._installing: dict[str, asyncio.Task] = {}
         self._loading_bytes: dict[str, int] = {}
         self._errors: dict[str, str] = {}
         self._slots: asyncio.Semaphore | None = None
@@ -150,9 +153,12 @@ class ModelManager:
         return specs
 
     def spec(self, model_id: str) -> ModelSpec:
-        """The model a request names; 404 for anything else (paths included)."""
+        """The model a request names; 404 for anything else (paths included), 503 while
+        it is being installed."""
         if self.pinned and model_id == self.pinned.id:
             return self.pinned
+        if model_id in self._installing:
+            raise unavailable(f"The model '{model_id}' is being installed.", self.settings.retry_after, "model_loading")
         try:
             if isinstance(model_id, str) and self.store.exists(model_id):
                 return self._spec_from_store(self.store.get(model_id))
@@ -192,6 +198,7 @@ class ModelManager:
     async def lease(self, model_id: str, keep_alive: tuple[bool, float | None] = (False, None)) -> Lease:
         """Wait for a generation slot and the loaded model (loading it if needed)."""
         deadline = time.monotonic() + self.settings.request_timeout
+        await self._until_installed(model_id, deadline)
         spec = self.spec(model_id)
         await self._admit(deadline)
         try:
@@ -205,8 +212,9 @@ class ModelManager:
 
     async def engine(self, model_id: str) -> "Engine":
         """The loaded engine for requests that do not generate (tokenize, detokenize)."""
-        spec = self.spec(model_id)
-        resident = await self._ensure_loaded(spec, time.monotonic() + self.settings.request_timeout)
+        deadline = time.monotonic() + self.settings.request_timeout
+        await self._until_installed(model_id, deadline)
+        resident = await self._ensure_loaded(self.spec(model_id), deadline)
         resident.last_used = time.monotonic()
         return resident.engine
 
@@ -234,6 +242,17 @@ class ModelManager:
             self._spawn(self._unload_if_idle(resident))
 
     # ------------------------------------------------------------------ loading
+
+    async def _until_installed(self, model_id: str, deadline: float) -> None:
+        task = self._installing.get(model_id)
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise unavailable(f"The model '{model_id}' is still being installed.", self.settings.retry_after,
+                                  "model_loading") from None
+            except Exception:
+                pass  # the install failed: spec() answers 404, /health names the error
 
     async def _ensure_loaded(self, spec: ModelSpec, deadline: float) -> _Resident:
         if spec.id in self._resident:
@@ -358,14 +377,35 @@ class ModelManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def start(self, preload: str | None = None) -> None:
+    async def start(self, preload: str | None = None, install: Callable[[], object] | None = None) -> None:
+        """Start the background work; `install` (run in a thread first) puts `preload` into the
+        store, so the daemon listens, and /health says it is loading, while it runs."""
         self._spawn(self._reap())
+        if install is not None:
+            self._installing[preload] = asyncio.get_running_loop().create_task(self._install(preload, install))
         if preload:
             self._spawn(self._preload(preload))
 
-    async def _preload(self, model_id: str) -> None:
+    async def _install(self, model_id: str, install: Callable[[], object]) -> None:
+        started = time.monotonic()
+        log.info("installing %s into the store (once, a few seconds); /health says loading until it is ready", model_id)
         try:
-            await self._ensure_loaded(self.spec(model_id), time.monotonic() + self.settings.request_timeout)
+            await asyncio.to_thread(install)
+        except Exception as exc:
+            log.exception("installing %s failed", model_id)
+            self._errors[model_id] = f"install failed: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._installing.pop(model_id, None)
+        log.info("installed %s in %.1fs", model_id, time.monotonic() - started)
+
+    async def _preload(self, model_id: str) -> None:
+        deadline = time.monotonic() + self.settings.request_timeout
+        try:
+            await self._until_installed(model_id, deadline)
+            if model_id in self._errors:
+                return
+            await self._ensure_loaded(self.spec(model_id), deadline)
         except APIError as exc:
             log.error("could not load %s at start: %s", model_id, exc.message)
             self._errors.setdefault(model_id, exc.message)
@@ -373,6 +413,11 @@ class ModelManager:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        for task in list(self._installing.values()):  # a thread cannot be cancelled: let it finish
+            try:
+                await task
+            except BaseException:
+                pass
         for task in list(self._loading.values()):
             try:
                 await task
@@ -410,7 +455,8 @@ class ModelManager:
         return {key: state[key] for key in ("cpu_kernels", "cpu_kernels_reason", "cpu_kernels_building")}
 
     def loading(self) -> list[str]:
-        return list(self._loading)
+        """Models being installed or loaded."""
+        return list(self._installing) + [m for m in self._loading if m not in self._installing]
 
     def errors(self) -> dict[str, str]:
         return dict(self._errors)
