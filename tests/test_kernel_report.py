@@ -56,3 +56,28 @@ def test_no_cpu_model_no_cpu_kernels(start_server):
     server = start_server()
     health = httpx.get(f"{server.base_url}/health").json()
     assert health["status"] == "ok" and health["cpu_kernels"] is None and health["cpu_kernels_reason"] is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_the_background_build_and_its_compilers_yield_the_cpus_to_requests():
+    """Issue 21: on a first start the kernel build shares two cores with the requests served
+    on ATen meanwhile; its thread, and every compiler it starts, run at a lower priority."""
+    import os
+    import threading
+
+    from elmd.engine.kernels import native
+
+    seen = {}
+
+    def build_thread():
+        native._yield_cpus_to_serving()
+        seen["thread"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen["compiler"] = int(subprocess.run(["nice"], capture_output=True, text=True, check=True).stdout)
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    worker = threading.Thread(target=build_thread)
+    worker.start()
+    worker.join()
+    lowered = min(19, before + native.BUILD_NICENESS)
+    assert seen == {"thread": lowered, "compiler": lowered}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the serving threads keep theirs

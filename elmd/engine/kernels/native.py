@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 KERNELS_ENV = "ELMD_CPU_KERNELS"
+BUILD_NICENESS = 10  # the background build's priority, below the requests it runs beside
 CHOICES = ("auto", "avx512", "avx2", "aten")
 
 
@@ -160,6 +161,7 @@ def build_in_background() -> Future:
 
 def _run_build(future: Future) -> None:
     started = time.monotonic()
+    _yield_cpus_to_serving()
     try:
         ops = load()
     except BaseException as e:  # load() reports its own failures; anything else still ends the wait
@@ -168,6 +170,16 @@ def _run_build(future: Future) -> None:
     if ops is not None:
         log.info("CPU kernels ready (%s) after %.0f s", kernel_path()[0], time.monotonic() - started)
     future.set_result(ops)
+
+
+def _yield_cpus_to_serving() -> None:
+    """Lower this thread's priority, and so that of the compilers it starts (Linux keeps a
+    nice value per thread, and a child inherits its parent thread's): requests answered on
+    ATen meanwhile keep the CPUs they need, and the build takes what is left."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BUILD_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the build runs at normal priority
+        pass
 
 
 def ops_after(seconds: float):
