@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterable, Iterator, Protocol
 
 from elmd.engine.grammar import GrammarCompiler, TokenMatcher
-from elmd.engine.protocol import Backend, Finished, SamplingParams, Step, StepChannel, TokenLogprob
+from elmd.engine.protocol import (Backend, BackendInfo, CacheBytes, Finished, SamplingParams, Step, StepChannel,
+                                  TokenLogprob)
 from elmd.engine.tokenizer import Tokenizer
 
 
@@ -131,6 +132,19 @@ class Engine:
         # Called with a generation's prompt length as it starts; the service sets it to count
         # tokens and time them, so every route that generates is measured in one place.
         self.watch: Callable[[int], GenerationWatch] = lambda prompt_tokens: _Unwatched()
+
+    @property
+    def info(self) -> BackendInfo:
+        """What the backend says of itself (runtime, device, sizes, CPU kernel path): the
+        service reads it here and never reaches into the backend."""
+        return self.backend.info
+
+    def cache_bytes(self) -> CacheBytes:
+        return self.backend.cache_bytes()
+
+    def limit_cache(self, budget: Callable[[], int | None]) -> None:
+        """Keep the KV and prefix caches within `budget()` bytes (asked as they grow)."""
+        self.backend.limit_cache(budget)
 
     def resident_bytes(self) -> int:
         """What the model holds now: its weights, KV cache and cached prefixes."""

@@ -54,7 +54,7 @@ def logit_bias(engine: Engine, body: SamplingRequest) -> tuple[tuple[int, float]
     requested = getattr(body, "logit_bias", None)  # chat and completions have it
     if not requested:
         return None
-    vocab = engine.backend.info.vocab_size
+    vocab = engine.info.vocab_size
     pairs = []
     for key, bias in requested.items():
         if not (key.isdigit() and int(key) < vocab):

@@ -290,9 +290,9 @@ class ModelManager:
         self.loads[spec.id] += 1
         resident = _Resident(spec, engine, self.settings.keep_alive)
         self._resident[spec.id] = resident
-        engine.backend.limit_cache(functools.partial(self._cache_budget, resident))
-        kernels = describe_cpu_kernels(engine.backend.info.extra)
-        log.info("loaded %s (%s, %.1f MB%s) in %.2fs", spec.id, engine.backend.info.name, resident.memory_bytes / 1e6,
+        engine.limit_cache(functools.partial(self._cache_budget, resident))
+        kernels = describe_cpu_kernels(engine.info.extra)
+        log.info("loaded %s (%s, %.1f MB%s) in %.2fs", spec.id, engine.info.name, resident.memory_bytes / 1e6,
                  f", CPU kernels: {kernels}" if kernels else "", time.monotonic() - started)
         return resident
 
@@ -301,7 +301,7 @@ class ModelManager:
         weights, the other models' current size, and the models being loaded."""
         others = sum(r.memory_bytes for r in list(self._resident.values()) if r is not resident)
         loading = sum(list(self._loading_bytes.values()))
-        return self.memory_budget() - resident.engine.backend.info.memory_bytes - others - loading
+        return self.memory_budget() - resident.engine.info.memory_bytes - others - loading
 
     def memory_budget(self) -> int:
         if self.settings.memory_budget_bytes is not None:
@@ -447,7 +447,7 @@ class ModelManager:
     def cpu_kernels(self) -> dict:
         """Health's CPU kernel fields: the path of the loaded CPU models (one choice per
         process), the reason one of them is not on the best path, and whether it is building."""
-        states = [r.engine.backend.info.extra for r in self._resident.values()]
+        states = [r.engine.info.extra for r in self._resident.values()]
         states = [s for s in states if "cpu_kernels" in s]
         state = next((s for s in states if s["cpu_kernels_reason"]), states[0] if states else None)
         if state is None:

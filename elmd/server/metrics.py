@@ -164,7 +164,7 @@ class _ManagerCollector:
                                       "Share of prompt tokens served from the prefix cache since start", labels=["model"])
         for model, engine in manager.loaded().items():
             try:
-                caches = engine.backend.cache_bytes()
+                caches = engine.cache_bytes()
             except RuntimeError:  # unloaded while this scrape ran
                 continue
             loaded.add_metric([model], engine.resident_bytes())

@@ -109,7 +109,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
         top = body.top_logprobs or 0
         params = generation.choice_params(engine, body, max_tokens, top if body.logprobs else None, constraint)
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-                    system_fingerprint=f"elmd-{engine.backend.info.name}")
+                    system_fingerprint=f"elmd-{engine.info.name}")
         if body.stream:
             streams = [engine.astream(prompt_ids, p, reply=True) for p in params]
             stream = _stream_tool_calls if with_tools else _stream

@@ -48,7 +48,7 @@ class _Piece:
 def _prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         return engine.tokenizer.encode(prompt)
-    vocab = engine.backend.info.vocab_size
+    vocab = engine.info.vocab_size
     bad = next((t for t in prompt if not 0 <= t < vocab), None)
     if bad is not None:
         raise invalid(f"Invalid token id {bad} in 'prompt' (the vocabulary has {vocab} tokens).", param="prompt")
@@ -129,7 +129,7 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
         prompts = [await _prepare(engine, body, p, max_tokens) for p in raw_prompts]
         params = generation.choice_params(engine, body, max_tokens, body.logprobs, constraint)
         meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-                    system_fingerprint=f"elmd-{engine.backend.info.name}")
+                    system_fingerprint=f"elmd-{engine.info.name}")
         jobs = [(k * body.n + i, prompt, p) for k, prompt in enumerate(prompts) for i, p in enumerate(params)]
         if body.stream:
             return sse_response(_stream(engine, body, meta, jobs, lease.deadline), lease, manager.settings.sse_ping_seconds)

@@ -22,7 +22,7 @@ def _card(manager: ModelManager, spec: ModelSpec) -> ModelCard:
         owned_by="elmd",
         loaded=engine is not None,
         context_length=engine.context_length if engine else spec.context_length,
-        backend=engine.backend.info.name if engine else None,
+        backend=engine.info.name if engine else None,
         memory_bytes=engine.resident_bytes() if engine else None,
     )
 

@@ -115,7 +115,7 @@ async def running(manager: ModelManager = Depends(get_manager)) -> OllamaRunning
         except APIError:  # removed from the store while loaded (`elmd rm`); it unloads when idle
             continue
         expires = manager.expires_at(name)
-        info = engine.backend.info
+        info = engine.info
         size = engine.resident_bytes()
         models.append(OllamaRunningModel(
             **{**_entry(spec), "size": size}, size_vram=0 if info.device in ("cpu", "mlx-cpu") else size,

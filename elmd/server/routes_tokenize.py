@@ -47,7 +47,7 @@ async def tokenize(body: TokenizeRequest, manager: ModelManager = Depends(get_ma
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, manager: ModelManager = Depends(get_manager)) -> DetokenizeResponse:
     _, engine = await _engine(manager, body.model)
-    vocab = engine.backend.info.vocab_size
+    vocab = engine.info.vocab_size
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise invalid(f"Invalid token id {bad} in 'tokens' (the vocabulary has {vocab} tokens).", param="tokens")
