@@ -127,7 +127,7 @@ def server(tiny_checkpoint, tmp_path_factory) -> Iterator[RunningServer]:
 @pytest.fixture(scope="session")
 def tok_dir(tmp_path_factory) -> Path:
     """The fixture tokenizer (LLaMA-2 layout) on its own, for tokenizer and template tests."""
-    from elmd.engine.fixture_tokenizer import write_tokenizer
+    from elmd.fixtures.tokenizer import write_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     write_tokenizer(d)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as RawTokenizer
 
-from elmd.engine.fixture_tokenizer import write_tokenizer
+from elmd.fixtures.tokenizer import write_tokenizer
 from elmd.engine.tokenizer import Tokenizer
 
 TEXTS = [
@@ -284,7 +284,7 @@ def test_agrees_with_transformers_autotokenizer(tok_dir, tok):
 def byte_level_dir(tmp_path_factory) -> Path:
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from elmd.engine import fixture_tokenizer
+    from elmd.fixtures import tokenizer as fixture_tokenizer
 
     raw = RawTokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -320,7 +320,7 @@ def test_byte_level_tokenizer(byte_level_dir):
 @pytest.fixture(scope="module")
 def spm_dir(tmp_path_factory) -> Path:
     sentencepiece = pytest.importorskip("sentencepiece")
-    from elmd.engine import fixture_tokenizer
+    from elmd.fixtures import tokenizer as fixture_tokenizer
 
     d = tmp_path_factory.mktemp("spm")
     sentencepiece.SentencePieceTrainer.train(
