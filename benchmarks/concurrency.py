@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench import free_port, wait_ready
+from common import free_port, wait_ready
 from elmd.fixtures import write_checkpoint
 
 WORDS = "river stone cloud garden lantern market violin harbor meadow comet archive pepper silver window".split()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from bench import REPO, free_port
+from common import REPO, free_port
 
 QUESTION = "Name three colors."
 

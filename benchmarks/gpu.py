@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from bench import prompt_ids  # noqa: E402
+from common import prompt_ids  # noqa: E402
 
 from elmd.engine.cuda_graphs import DecodeGraphs, compiled_step  # noqa: E402
 from elmd.engine.load import load_engine  # noqa: E402

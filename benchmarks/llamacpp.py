@@ -255,7 +255,7 @@ def run_child(args) -> dict:
     import llama_cpp
     import psutil
 
-    from bench import peak_rss_bytes, token_rates
+    from common import peak_rss_bytes, token_rates
 
     batch = max(512, args.prompt_tokens)
     t = time.perf_counter()
@@ -296,7 +296,7 @@ def run_child(args) -> dict:
 def measure_in_process(model_dir: Path, quant: str, args) -> dict:
     """One llama.cpp row for `model_dir` at elmd's `quant`: the GGUF built (or found) in
     args.work_dir, then measured in a fresh process with args.threads threads."""
-    from bench import child_result, rate_options
+    from common import child_result, rate_options
 
     from elmd.engine.tokenizer import Tokenizer
 
@@ -314,7 +314,7 @@ def measure_in_process(model_dir: Path, quant: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    from bench import add_rate_options
+    from common import add_rate_options
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_dir", type=Path, nargs="?")

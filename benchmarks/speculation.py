@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from bench import REPO, free_port, wait_ready
+from common import REPO, free_port, wait_ready
 
 PARAGRAPH = (REPO / "tests" / "data" / "english_paragraph.txt").read_text().strip()
 CODE = '''def parse_line(line):
