@@ -131,3 +131,36 @@ def wait_ready(base: str, server: subprocess.Popen, timeout: float = 300) -> flo
             pass
         time.sleep(0.02)
     return None
+
+
+class StreamedReply:
+    """One streamed chat reply as a client sees it: when it was asked, when its first and
+    last text arrived, its completion tokens (the usage chunk) and its text."""
+
+    def __init__(self, base: str, model: str, prompt: str, max_tokens: int):
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
+                "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+        self.start, self.first, self.last, self.tokens, parts = time.perf_counter(), None, None, 0, []
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("choices") and event["choices"][0]["delta"].get("content"):
+                    self.last = time.perf_counter()
+                    self.first = self.first or self.last
+                    parts.append(event["choices"][0]["delta"]["content"])
+                if event.get("usage"):
+                    self.tokens = event["usage"]["completion_tokens"]
+        self.text = "".join(parts)
+
+    @property
+    def ttft_s(self) -> float:
+        return (self.first or self.start) - self.start
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens after the first over their span (0 for a reply of one token)."""
+        span = (self.last - self.first) if self.first and self.last else 0.0
+        return (self.tokens - 1) / span if span > 0 and self.tokens > 1 else 0.0

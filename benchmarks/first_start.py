@@ -25,32 +25,13 @@ from pathlib import Path
 
 import httpx
 
-from common import REPO, free_port
+from common import REPO, StreamedReply, free_port
 
 QUESTION = "Name three colors."
 
 
-def chat(base: str, max_tokens: int) -> dict:
-    """One streamed greedy chat reply: seconds to its first token, decode tok/s after it."""
-    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    start, first, last, text, tokens = time.perf_counter(), None, None, [], 0
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk["choices"]:
-                if choice["delta"].get("content"):
-                    now = time.perf_counter()
-                    first = first or now
-                    last = now
-                    text.append(choice["delta"]["content"])
-    decode = (tokens - 1) / (last - first) if first and last and last > first and tokens > 1 else None
-    return {"ttft_s": (first or start) - start, "decode_tok_s": decode, "tokens": tokens, "text": "".join(text)}
+def chat(base: str, max_tokens: int) -> StreamedReply:
+    return StreamedReply(base, "smollm2-135m-instruct", QUESTION, max_tokens)
 
 
 def health(base: str) -> dict | None:
@@ -76,15 +57,15 @@ def start(home: Path, extensions: Path, max_tokens: int, wait_for_kernels: bool)
         first = chat(base, max_tokens)
         result["first_answer_s"] = time.perf_counter() - t0
         state = health(base) or {}
-        result.update(first_ttft_s=first["ttft_s"], first_decode_tok_s=first["decode_tok_s"],
-                      first_kernels=state.get("cpu_kernels"), first_text=first["text"])
+        result.update(first_ttft_s=first.ttft_s, first_decode_tok_s=first.decode_tok_s,
+                      first_kernels=state.get("cpu_kernels"), first_text=first.text)
         while wait_for_kernels and (health(base) or {}).get("cpu_kernels_building"):
             if time.perf_counter() - t0 > 1800:
                 raise RuntimeError("the kernels did not finish building in 30 min")
             time.sleep(0.5)
         result["full_speed_s"] = time.perf_counter() - t0
         replies = [chat(base, max_tokens) for _ in range(3)]
-        result.update(decode_tok_s=max(r["decode_tok_s"] or 0 for r in replies),
+        result.update(decode_tok_s=max(r.decode_tok_s for r in replies),
                       kernels=(health(base) or {}).get("cpu_kernels"))
     finally:
         server.terminate()

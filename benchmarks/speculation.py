@@ -30,10 +30,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import psutil
 
-from common import REPO, free_port, wait_ready
+from common import REPO, StreamedReply, free_port, wait_ready
 
 PARAGRAPH = (REPO / "tests" / "data" / "english_paragraph.txt").read_text().strip()
 CODE = '''def parse_line(line):
@@ -93,24 +92,9 @@ def decode(daemon, prompt: str, max_tokens: int) -> tuple[float, float, int, str
     streamed greedy chat reply."""
     base, process = daemon
     cpu = cpu_seconds(process)
-    body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
-    first = last = None
-    tokens, text = 0, []
-    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("choices") and event["choices"][0]["delta"].get("content"):
-                last = time.perf_counter()
-                first = first or last
-                text.append(event["choices"][0]["delta"]["content"])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    per_cpu_second = tokens / (cpu_seconds(process) - cpu)
-    return (tokens - 1) / (last - first) if last > first else 0.0, per_cpu_second, tokens, "".join(text)
+    reply = StreamedReply(base, "smollm2-135m-instruct", prompt, max_tokens)
+    per_cpu_second = reply.tokens / (cpu_seconds(process) - cpu)
+    return reply.decode_tok_s, per_cpu_second, reply.tokens, reply.text
 
 
 def in_process(model: Path, max_tokens: int) -> list[dict]:
