@@ -49,6 +49,9 @@ class EchoBackend:
     def cache_bytes(self) -> CacheBytes:
         return CacheBytes(kv_cache=0)
 
+    def speculated_tokens(self) -> tuple[int, int]:
+        return 0, 0
+
     def limit_cache(self, budget) -> None:
         pass  # it holds no cache
 

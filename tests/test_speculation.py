@@ -21,6 +21,7 @@ from elmd.engine.protocol import SamplingParams
 from elmd.engine.speculation import FIRST_PROPOSAL, MAX_PROPOSAL, PromptLookup
 from elmd.fixtures import write_checkpoint
 from scripted_checkpoint import write_scripted_checkpoint
+from test_metrics import scrape, value
 
 REPLY = "Alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa quebec romeo."
 LOOPING_PROMPT = [5, 6, 7, 8, 9, 10] * 4
@@ -221,6 +222,11 @@ def test_streamed_chat_is_the_same_with_the_setting_off(start_server, scripted):
         engine = running.manager.loaded()["tiny-openelm"]
         assert engine.backend.scheduler.speculation is speculation
         assert (engine.backend.scheduler.accepted_tokens > 0) is speculation
+        samples = scrape(running.base_url)  # /metrics reports what the scheduler counted
+        proposed = value(samples, "elmd_speculative_tokens_proposed_total", model="tiny-openelm")
+        accepted = value(samples, "elmd_speculative_tokens_accepted_total", model="tiny-openelm")
+        assert (proposed, accepted) == (engine.backend.scheduler.proposed_tokens, engine.backend.scheduler.accepted_tokens)
+        assert (accepted > 0) is speculation and proposed >= accepted
     assert replies[0][0] == replies[1][0] and replies[0][2] == replies[1][2]
     assert [lp["token"] for lp in replies[0][1]] == [lp["token"] for lp in replies[1][1]]
     assert replies[0][0].startswith("Alpha bravo charlie")

@@ -273,7 +273,7 @@ def _int4_tensors(rows: np.ndarray) -> dict:
 
     from elmd.engine.kernels import native
 
-    n, k = rows.shape[0], rows.shape[1] * 32 // 34
+    k = rows.shape[1] * 32 // 34  # columns: k codes, then k / 32 scales and k / 32 zeros
     values = torch.from_numpy(rows)
     scale, zero = values[:, k:k + k // 32].half(), values[:, k + k // 32:].half()
     return {"weight": native.pack_int4(values[:, :k].to(torch.uint8).contiguous()),

@@ -142,6 +142,10 @@ class Engine:
     def cache_bytes(self) -> CacheBytes:
         return self.backend.cache_bytes()
 
+    def speculated_tokens(self) -> tuple[int, int]:
+        """(proposed, accepted) speculative tokens since load (see Backend.speculated_tokens)."""
+        return self.backend.speculated_tokens()
+
     def limit_cache(self, budget: Callable[[], int | None]) -> None:
         """Keep the KV and prefix caches within `budget()` bytes (asked as they grow)."""
         self.backend.limit_cache(budget)

@@ -361,6 +361,9 @@ class MLXBackend:
         # memory budget of another model's worker reads it). mlx-lm keeps no prefix cache.
         return CacheBytes(kv_cache=self._kv_bytes)
 
+    def speculated_tokens(self) -> tuple[int, int]:
+        return 0, 0  # MLX does not speculate yet
+
     def limit_cache(self, budget: Callable[[], int | None]) -> None:
         """`budget()`: bytes the KV cache may take now; past it, new requests are refused."""
         self._cache_budget = budget

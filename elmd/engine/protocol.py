@@ -214,6 +214,11 @@ class Backend(Protocol):
         while generating, never waits for a step)."""
         ...
 
+    def speculated_tokens(self) -> tuple[int, int]:
+        """(proposed, accepted): speculative tokens verified since load, and of them the ones
+        the target model confirmed ((0, 0) for a backend that does not speculate)."""
+        ...
+
     def limit_cache(self, budget: Callable[[], int | None]) -> None:
         """Keep the KV cache (and cached prefixes) within `budget()` bytes, a figure that changes as
         other models load and grow; what cannot fit ends with Finished("memory")."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import psutil
@@ -237,6 +236,9 @@ class TorchBackend:
         # Read from another thread: the cache's shape is set after each resize, so this
         # figure is one step stale at worst.
         return CacheBytes(kv_cache=self.model.cache_bytes(), prefix_cache=self.scheduler.prefix_cache.bytes)
+
+    def speculated_tokens(self) -> tuple[int, int]:
+        return self.scheduler.proposed_tokens, self.scheduler.accepted_tokens
 
     def limit_cache(self, budget) -> None:
         """`budget()`: bytes the KV cache and cached prefixes may take now (see Scheduler)."""

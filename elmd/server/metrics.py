@@ -162,11 +162,18 @@ class _ManagerCollector:
                                    labels=["model"])
         hit_ratio = GaugeMetricFamily("elmd_prefix_cache_hit_ratio",
                                       "Share of prompt tokens served from the prefix cache since start", labels=["model"])
+        proposed = CounterMetricFamily("elmd_speculative_tokens_proposed",
+                                       "Speculated tokens verified by the model since it loaded", labels=["model"])
+        accepted = CounterMetricFamily("elmd_speculative_tokens_accepted",
+                                       "Speculated tokens the model confirmed since it loaded", labels=["model"])
         for model, engine in manager.loaded().items():
             try:
                 caches = engine.cache_bytes()
             except RuntimeError:  # unloaded while this scrape ran
                 continue
+            speculated = engine.speculated_tokens()
+            proposed.add_metric([model], speculated[0])
+            accepted.add_metric([model], speculated[1])
             loaded.add_metric([model], engine.resident_bytes())
             kv.add_metric([model], caches.kv_cache)
             prefix.add_metric([model], caches.prefix_cache)
@@ -178,7 +185,7 @@ class _ManagerCollector:
                                       labels=["model"])
         for model, count in manager.unloads.items():
             unloads.add_metric([model], count)
-        yield from (queued, loaded, kv, prefix, hit_ratio, loads, unloads)
+        yield from (queued, loaded, kv, prefix, hit_ratio, proposed, accepted, loads, unloads)
 
 
 class RequestCounter:
