@@ -521,6 +521,7 @@ def test_the_native_plan_caches_float16_and_generates_what_a_float32_cache_does(
 @pytest.mark.parametrize("quant", ["bf16", "int8", "int4"])
 def test_a_quantized_model_is_stored_and_reloads_without_quantizing(tmp_path, quant, monkeypatch):
     import elmd.engine.quantize as quantize
+    from elmd.engine import quant_store
 
     path = write_checkpoint(tmp_path / "q", "tiny", seed=2)
     first = load_engine(path, backend="torch", quant=quant)
@@ -529,7 +530,7 @@ def test_a_quantized_model_is_stored_and_reloads_without_quantizing(tmp_path, qu
         expected = first.generate(ids, first.params(max_tokens=8, temperature=0)).token_ids
     finally:
         first.close()
-    assert (path / f"elmd-{quant}.safetensors").exists()
+    assert quant_store.stored_path(path, quant).exists()
 
     def refuse(*args, **kwargs):
         raise AssertionError("quantized again")
