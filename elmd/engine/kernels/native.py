@@ -19,6 +19,7 @@ meanwhile (build_in_background) and switches once they are loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -124,19 +125,44 @@ def _select():
     return None, "aten", "; ".join(failures)
 
 
+def build_name(build: Build, flags: frozenset[str]) -> str:
+    """The extension's name (and folder under TORCH_EXTENSIONS_DIR) for `build` on a CPU with `flags`."""
+    return f"elmd_kernels_{build.path}" + ("_vnni" if build.path == "avx2" and "avx_vnni" in flags else "")
+
+
 def _build(build: Build, flags: frozenset[str]) -> str | None:
     """Compiles and loads one build; returns None, or why it failed (its first line)."""
     extra = ("-mavxvnni",) if build.path == "avx2" and "avx_vnni" in flags else ()
+    name = build_name(build, flags)
     try:
+        from torch.utils.cpp_extension import _get_build_directory
         from torch.utils.cpp_extension import load as compile_and_load
 
-        compile_and_load(name=f"elmd_kernels_{build.path}" + ("_vnni" if extra else ""),
-                         sources=[str(Path(__file__).with_name(name)) for name in build.sources],
-                         extra_cflags=["-O3", "-fopenmp", *build.compiler_flags, *extra], extra_ldflags=["-fopenmp"],
-                         is_python_module=False, verbose=False)
+        with _sole_builder(Path(_get_build_directory(name, verbose=False))):
+            compile_and_load(name=name, sources=[str(Path(__file__).with_name(source)) for source in build.sources],
+                             extra_cflags=["-O3", "-fopenmp", *build.compiler_flags, *extra],
+                             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no ninja, or a compiler that lacks these intrinsics
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     return None
+
+
+@contextlib.contextmanager
+def _sole_builder(build_dir: Path):
+    """Hold an flock on the build folder while torch builds in it. torch's own lock is a file,
+    which a build killed midway (a daemon stopped during its first start) leaves behind, and
+    every later build then waits for it forever. An flock ends with its process, so whoever
+    holds it knows that a torch lock still there is stale, and removes it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: torch's lock alone
+        yield
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "elmd-build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits for a live build in another elmd process
+        (build_dir / "lock").unlink(missing_ok=True)
+        yield
 
 
 def _register_shapes() -> None:
