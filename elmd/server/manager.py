@@ -320,24 +320,26 @@ class ModelManager:
             count = len(self._resident) + len(self._loading)
             if count < self.settings.max_loaded_models and used + need <= budget:
                 return
-            idle = [r for r in self._resident.values() if r.active == 0]
-            if not idle:
+            if not await self._unload_least_recent(f"to make room for {spec.id}"):
                 raise unavailable("All loaded models are busy and no other model fits; retry shortly.",
                                   self.settings.retry_after, "model_capacity")
-            victim = min(idle, key=lambda r: r.last_used)
-            log.info("unloading %s to make room for %s", victim.spec.id, spec.id)
-            await self._unload(victim)
 
     async def _fit_budget(self, resident: _Resident) -> None:
         """Unload idle models, least recently used first, while the resident ones (grown
         since they loaded) pass the budget, so that `resident`'s cache has room to grow."""
         while sum(r.memory_bytes for r in self._resident.values()) > self.memory_budget():
-            idle = [r for r in self._resident.values() if r.active == 0 and r is not resident]
-            if not idle:
+            if not await self._unload_least_recent("the resident models have grown past the memory budget", resident):
                 return  # the busy ones' caches are held within what is left by their backends
-            victim = min(idle, key=lambda r: r.last_used)
-            log.info("unloading %s: the resident models have grown past the memory budget", victim.spec.id)
-            await self._unload(victim)
+
+    async def _unload_least_recent(self, why: str, keep: _Resident | None = None) -> bool:
+        """Unload the least recently used idle model other than `keep`; False when none is idle."""
+        idle = [r for r in self._resident.values() if r.active == 0 and r is not keep]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda r: r.last_used)
+        log.info("unloading %s: %s", victim.spec.id, why)
+        await self._unload(victim)
+        return True
 
     async def _unload(self, resident: _Resident) -> None:
         if self._resident.get(resident.spec.id) is resident:
