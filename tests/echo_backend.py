@@ -25,7 +25,9 @@ class EchoBackend:
         self.finished: list[Finished] = []  # how each generation ended, in order
         self._closed = threading.Event()
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int]) -> StepChannel:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
+               matcher=None) -> StepChannel:
+        assert matcher is None, "the echo model cannot follow a grammar"
         channel = StepChannel()
         echo = [t for t in prompt_ids if t not in stop_ids] or [prompt_ids[0]]
         threading.Thread(target=self._run, args=(channel, echo, params.max_tokens), daemon=True).start()

@@ -152,8 +152,8 @@ class Engine:
 
     def resident_bytes(self) -> int:
         """What the model holds now: its weights, KV cache and cached prefixes."""
-        caches = self.backend.cache_bytes()
-        return self.backend.info.memory_bytes + caches.kv_cache + caches.prefix_cache
+        caches = self.cache_bytes()
+        return self.info.memory_bytes + caches.kv_cache + caches.prefix_cache
 
     @property
     def context_length(self) -> int:
@@ -186,10 +186,7 @@ class Engine:
 
     def _start(self, prompt_ids: list[int], params: SamplingParams) -> StepChannel:
         self.check_length(prompt_ids, params.max_tokens)
-        matcher = self.matcher(params)
-        if matcher is None:  # backends written before constraints keep working unchanged
-            return self.backend.submit(list(prompt_ids), params, self.tokenizer.eos_ids)
-        return self.backend.submit(list(prompt_ids), params, self.tokenizer.eos_ids, matcher)
+        return self.backend.submit(list(prompt_ids), params, self.tokenizer.eos_ids, self.matcher(params))
 
     def _text(self, prompt_ids: list[int], params: SamplingParams, channel: StepChannel, reply: bool) -> "_TextAssembler":
         """The state machine shared by the sync and async streams."""
