@@ -98,6 +98,14 @@ def choice_params(engine: Engine, body: SamplingRequest, max_tokens: int, logpro
         raise invalid(f"Invalid sampling parameters: {exc}") from None
 
 
+def check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
+    """400 naming `param` for the first id that is not a token of this model."""
+    vocab = engine.info.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise invalid(f"Invalid token id {bad} in '{param}' (the vocabulary has {vocab} tokens).", param=param)
+
+
 def check_context(engine: Engine, prompt_ids: list[int], max_tokens: int, param: str,
                   max_tokens_param: str = "max_tokens") -> None:
     """400 naming `max_tokens_param` when it alone does not fit the context, else `param`

@@ -48,10 +48,7 @@ class _Piece:
 def _prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         return engine.tokenizer.encode(prompt)
-    vocab = engine.info.vocab_size
-    bad = next((t for t in prompt if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise invalid(f"Invalid token id {bad} in 'prompt' (the vocabulary has {vocab} tokens).", param="prompt")
+    generation.check_token_ids(engine, prompt, "prompt")
     return list(prompt)
 
 

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends
 from elmd.engine.engine import Engine
 from elmd.server.deps import get_manager
 from elmd.server.errors import invalid
+from elmd.server.generation import check_token_ids
 from elmd.server.manager import ModelManager
 from elmd.server.routes_chat import template_messages
 from elmd.server.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, TokenizerInfo
@@ -47,10 +48,7 @@ async def tokenize(body: TokenizeRequest, manager: ModelManager = Depends(get_ma
 @router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, manager: ModelManager = Depends(get_manager)) -> DetokenizeResponse:
     _, engine = await _engine(manager, body.model)
-    vocab = engine.info.vocab_size
-    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise invalid(f"Invalid token id {bad} in 'tokens' (the vocabulary has {vocab} tokens).", param="tokens")
+    check_token_ids(engine, body.tokens, "tokens")
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
 
