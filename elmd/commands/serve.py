@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from elmd.choices import BACKENDS, DTYPES, QUANTS
+from elmd.choices import BACKENDS, DTYPES, QUANTS, pick_backend
 from elmd.registry import PackageSource
 from elmd.settings import SHUTDOWN_GRACE_SECONDS
 
@@ -153,13 +153,14 @@ def startup_model(settings, registry, store):
     entry = registry.get(wanted)
     if entry is None:
         raise StartupError(f"unknown model {wanted!r}: not in models.yaml and not installed (see `elmd list`)")
-    source = entry.source_for(_backend(settings.backend))
+    backend = pick_backend(settings.backend)
+    source = entry.source_for(backend)
     if isinstance(source.weights, PackageSource) and source.weights.locate() is not None:
         from elmd.pull import pull
 
         # After the daemon listens (seconds of GGUF conversion), so /health can say so meanwhile.
         return None, wanted, functools.partial(pull, wanted, entry, store, progress=False,
-                                               backend=_backend(settings.backend), quant=settings.quant)
+                                               backend=backend, quant=settings.quant)
     if name:
         raise StartupError(f"model {wanted!r} is not installed: run `elmd pull {wanted}` first")
     logging.getLogger("elmd.server").warning("the offline default %s is not installable here; serving installed models only", wanted)
@@ -177,9 +178,3 @@ def _is_directory_argument(value: str, store) -> bool:
     except InvalidModelName:
         installed = False
     return not installed and Path(value).is_dir()
-
-
-def _backend(backend: str) -> str:
-    from elmd.choices import pick_backend
-
-    return pick_backend(backend)
