@@ -136,7 +136,7 @@ def test_tags_show_ps_version(server, client):
     assert model.details.family == "openelm" and model.details.quantization_level == "none"
     assert model.size > 0 and len(model.digest) == 64 and model.details.parameter_size.endswith("M")
     shown = client.show(TINY_MODEL)
-    assert shown.capabilities == ["completion"] and shown.details.family == "openelm"
+    assert shown.capabilities == ["completion", "tools"] and shown.details.family == "openelm"
     assert shown.modelinfo["openelm.context_length"] > 0 and shown.template
     assert client.show(f"{TINY_MODEL}:latest").details == shown.details  # clients add :latest
     running = client.ps()
@@ -148,10 +148,10 @@ def test_tags_show_ps_version(server, client):
 
 @pytest.mark.parametrize("extra, name", [
     ({"messages": [{"role": "user", "content": "What is this?", "images": ["iVBORw0KGgo="]}]}, "images"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "format": "json"}, "format"),
     ({"think": True}, "think"),
     ({"options": {"mirostat": 2}}, "mirostat"),
-    ({"messages": [{"role": "tool", "content": "42"}]}, "role"),
+    ({"messages": [{"role": "wizard", "content": "42"}]}, "role"),
     ({"options": {"temperature": "hot"}}, "options.temperature"),
     ({"messages": "hi"}, "messages"),
     ({"keep_alive": "soon"}, "keep_alive"),

@@ -204,12 +204,12 @@ def test_streamed_response_is_stored(server, client):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
-    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "web_search_preview"}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "file_search"}}, "tool_choice"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
     ({"background": True}, "background"),
     ({"include": ["reasoning.encrypted_content"]}, "include"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0].type"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}]},
      "input[0].content[0].type"),
 ])
@@ -229,6 +229,9 @@ def test_unsupported_features_are_refused_by_name(server, extra, param):
     ({"top_logprobs": 50}, "top_logprobs", 400),
     ({"keep_alive": "soon"}, "keep_alive", 400),
     ({"model": "no-such-model"}, "model", 404),
+    ({"tool_choice": "required"}, "tool_choice", 400),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id", 400),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments", 400),
 ])
 def test_bad_input_gets_an_error_object(server, extra, param, status):
     response = httpx.post(f"{server.v1}/responses", json=body(**extra))
@@ -244,7 +247,8 @@ def test_empty_settings_of_unsupported_features_are_accepted(client):
                                               text={"format": {"type": "text"}}))
     assert response.status in ("completed", "incomplete") and response.usage.output_tokens > 0
     assert response.tool_choice == "auto" and response.tools == [] and response.parallel_tool_calls is True
-    assert client.responses.create(**body(tool_choice="none", parallel_tool_calls=False)).tool_choice == "none"
+    made = client.responses.create(**body(tool_choice="none", parallel_tool_calls=False))
+    assert made.tool_choice == "none" and made.parallel_tool_calls is False
 
 
 def test_sdk_raises_on_bad_requests(client):

@@ -18,6 +18,11 @@ class StoredResponse:
     response: ResponseObject
     conversation: tuple[dict, ...]  # the messages it answered (without instructions) and its answer
 
+    @property
+    def calls(self) -> dict[str, str]:
+        """call_id -> function name of the function calls it made, for their outputs' turns."""
+        return {item.call_id: item.name for item in self.response.output if item.type == "function_call"}
+
     def characters(self) -> int:
         return sum(len(m["content"]) for m in self.conversation)
 

@@ -17,6 +17,7 @@ from elmd.server.errors import invalid, unsupported
 from elmd.server.manager import ModelManager
 from elmd.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                                  ChatCompletionRequest, ChatDelta, ChatMessage, ChoiceLogprobs, FunctionCallDelta,
+                                 NamedToolChoice,
                                  TextPart, TokenLogprobInfo, ToolCallDelta, TopLogprob)
 from elmd.server.streaming import merge, sse_response
 from elmd.server.structured import request_constraint
@@ -26,15 +27,26 @@ router = APIRouter()
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def template_messages(messages: list[ChatMessage], body: ChatCompletionRequest | None = None) -> list[dict]:
+def tool_use(body: ChatCompletionRequest) -> tools.ToolUse:
+    choice = body.tool_choice
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    return tools.ToolUse([t.function for t in body.tools or []], "auto" if named or choice is None else choice, named,
+                         body.parallel_tool_calls is True)
+
+
+def template_messages(messages: list[ChatMessage], use: tools.ToolUse | None = None) -> list[dict]:
     """Messages as the chat template takes them: known roles, text content only; tool
     calls, tool results and the request's tools in the generic format (elmd/server/tools.py)."""
     out = []
     names: dict[str, str] = {}  # tool_call_id -> function name, for the results
-    with_tools = body is not None and tools.uses_tools(body)
+    with_tools = use is not None and use.active
     for i, message in enumerate(messages):
         if message.role == "tool":
-            out.append({"role": "user", "content": tools.render_result(message, _text(message, i), names, i)})
+            if message.tool_call_id is None:
+                raise invalid(f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                              param=f"messages[{i}].tool_call_id")
+            result = tools.render_result(message.tool_call_id, names.get(message.tool_call_id, ""), _text(message, i))
+            out.append({"role": "user", "content": result})
             continue
         if message.role not in ROLES:
             if message.role == "function":
@@ -44,18 +56,13 @@ def template_messages(messages: list[ChatMessage], body: ChatCompletionRequest |
             raise unsupported(f"messages[{i}].function_call")
         if message.tool_calls:
             names.update((call.id, call.function.name) for call in message.tool_calls)
-            content = tools.render_calls(message)
+            content = tools.render_calls([(c.function.name, c.function.arguments) for c in message.tool_calls])
         elif message.role == "assistant" and with_tools:
             content = tools.render_answer(_text(message, i))
         else:
             content = _text(message, i)
         out.append({"role": ROLES[message.role], "content": content})
-    if with_tools:
-        if out[0]["role"] == "system":
-            out[0]["content"] += "\n\n" + tools.system_prompt(body)
-        else:
-            out.insert(0, {"role": "system", "content": tools.system_prompt(body)})
-    return out
+    return tools.with_system_prompt(out, use) if with_tools else out
 
 
 def _text(message: ChatMessage, i: int) -> str:
@@ -97,9 +104,9 @@ def token_logprobs(engine: Engine, logprobs: list[TokenLogprob], top: int) -> li
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
-    with_tools = tools.uses_tools(body)
-    constraint = tools.tool_constraint(body) if with_tools else request_constraint(body)
-    messages = template_messages(body.messages, body)
+    use = tool_use(body)
+    constraint = tools.tool_constraint(use) if use.active else request_constraint(body)
+    messages = template_messages(body.messages, use)
     lease = await manager.lease(body.model, body.keep_alive_seconds())
     try:
         engine = lease.engine
@@ -112,8 +119,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
                     system_fingerprint=f"elmd-{engine.info.name}")
         if body.stream:
             streams = [engine.astream(prompt_ids, p, reply=True) for p in params]
-            stream = _stream_tool_calls if with_tools else _stream
-            events = stream(engine, streams, meta, body, len(prompt_ids), top, lease.deadline)
+            if use.active:
+                events = _stream_tool_calls(streams, meta, body, use, len(prompt_ids), lease.deadline)
+            else:
+                events = _stream(engine, streams, meta, body, len(prompt_ids), top, lease.deadline)
             return sse_response(events, lease, manager.settings.sse_ping_seconds)
     except BaseException:
         lease.release()
@@ -125,7 +134,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
         lease.release()
     choices = []
     for i, r in enumerate(results):
-        reply = tools.parse_reply(r.text, r.finish_reason) if with_tools else tools.ToolReply(r.text, None, r.finish_reason)
+        reply = tools.parse_reply(r.text, r.finish_reason) if use.active else tools.ToolReply(r.text, None, r.finish_reason)
         choices.append(ChatChoice(
             index=i,
             message=AssistantMessage(content=reply.content, tool_calls=reply.tool_calls),
@@ -158,44 +167,39 @@ async def _stream(engine: Engine, streams: list[AsyncIterator[Chunk]], meta: dic
         yield chunk([], generation.usage(prompt_tokens, completion_tokens, cached))
 
 
-async def _stream_tool_calls(engine: Engine, streams: list[AsyncIterator[Chunk]], meta: dict, body: ChatCompletionRequest,
-                             prompt_tokens: int, top: int, deadline: float) -> AsyncIterator[ChatCompletionChunk]:
-    """A reply under `tools`, framed as OpenAI streams it. An answer (`{"response": ...}`)
-    streams as content as it is written; calls are sent once their JSON is complete, as a
-    first delta with the role and each call's id and name, then the arguments; then
-    `finish_reason`."""
+async def _stream_tool_calls(streams: list[AsyncIterator[Chunk]], meta: dict, body: ChatCompletionRequest,
+                             use: tools.ToolUse, prompt_tokens: int, deadline: float) -> AsyncIterator[ChatCompletionChunk]:
+    """A reply under `tools`, framed as OpenAI streams it. An answer streams as content as
+    it is written; calls are sent once their JSON is complete, as a first delta with the
+    role and each call's id and name, then the arguments; then `finish_reason`."""
     def chunk(i: int, delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(**meta, choices=[ChatChunkChoice(index=i, delta=delta, finish_reason=finish_reason)])
 
-    texts, sent = [""] * len(streams), [None] * len(streams)  # sent: the answer's text streamed so far, once it is one
+    replies = [tools.ReplyStream(use) for _ in streams]
     completion_tokens, cached = 0, 0
     async for i, piece in merge(streams, deadline):
-        texts[i] += piece.text
-        if sent[i] is None and texts[i].startswith(tools.ANSWER_PREFIX):
-            sent[i] = ""
+        reply = replies[i]
+        was_answering = reply.answering
+        text = reply.add(piece.text)
+        if reply.answering and not was_answering:
             yield chunk(i, ChatDelta(role="assistant", content=""))
+        if text:
+            yield chunk(i, ChatDelta(content=text))
         if piece.finish_reason is None:
-            if sent[i] is not None:
-                answer = tools.parse_reply(texts[i], "length").content
-                if len(answer) > len(sent[i]):
-                    yield chunk(i, ChatDelta(content=answer[len(sent[i]):]))
-                    sent[i] = answer
             continue
         completion_tokens += piece.usage.completion_tokens
         cached = max(cached, piece.usage.cached_tokens)
-        reply = tools.parse_reply(texts[i], piece.finish_reason)
-        if reply.tool_calls is None:
-            if sent[i] is None:
-                yield chunk(i, ChatDelta(role="assistant", content=""))
-            rest = reply.content[len(sent[i] or ""):] if reply.content.startswith(sent[i] or "") else ""
-            if rest:
-                yield chunk(i, ChatDelta(content=rest))
-        for k, call in enumerate(reply.tool_calls or []):
+        done, rest = reply.finish(piece.finish_reason)
+        if done.tool_calls is None and not reply.answering:
+            yield chunk(i, ChatDelta(role="assistant", content=""))
+        if rest:
+            yield chunk(i, ChatDelta(content=rest))
+        for k, call in enumerate(done.tool_calls or []):
             header = ToolCallDelta(index=k, id=call.id, type="function",
                                    function=FunctionCallDelta(name=call.function.name, arguments=""))
             yield chunk(i, ChatDelta(role="assistant", tool_calls=[header]) if k == 0 else ChatDelta(tool_calls=[header]))
             arguments = ToolCallDelta(index=k, function=FunctionCallDelta(arguments=call.function.arguments))
             yield chunk(i, ChatDelta(tool_calls=[arguments]))
-        yield chunk(i, ChatDelta(), reply.finish_reason)
+        yield chunk(i, ChatDelta(), done.finish_reason)
     if body.include_usage():
         yield ChatCompletionChunk(**meta, choices=[], usage=generation.usage(prompt_tokens, completion_tokens, cached))

@@ -8,6 +8,7 @@ differ. A request with no messages (or an empty prompt) loads the model, or with
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,13 +18,14 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from elmd.engine.engine import Chunk, Engine
-from elmd.server import generation, structured
+from elmd.server import generation, structured, tools
 from elmd.server.deps import get_manager
-from elmd.server.errors import APIError, invalid, unsupported
+from elmd.server.errors import APIError, invalid
 from elmd.server.manager import Lease, ModelManager
 from elmd.server.routes_chat import ROLES
-from elmd.server.schemas_ollama import (OllamaChatMessage, OllamaChatRequest, OllamaChatResponse,
-                                        OllamaGenerateRequest, OllamaGenerateResponse, _OllamaGeneration)
+from elmd.server.schemas_ollama import (OllamaChatMessage, OllamaChatRequest, OllamaChatResponse, OllamaFunctionCall,
+                                        OllamaGenerateRequest, OllamaGenerateResponse, OllamaToolCall,
+                                        _OllamaGeneration)
 from elmd.server.streaming import merge, ndjson_response
 
 router = APIRouter()
@@ -81,34 +83,62 @@ def no_images(param: str) -> APIError:
                     code="unsupported_parameter")
 
 
-def chat_messages(body: OllamaChatRequest) -> list[dict]:
-    """Messages as the chat template takes them: known roles, text only."""
+def tool_use(body: OllamaChatRequest) -> tools.ToolUse:
+    """Ollama has no tool_choice: with tools, the model may answer or call (OpenAI's auto)."""
+    return tools.ToolUse([t.function for t in body.tools or []])
+
+
+def chat_messages(body: OllamaChatRequest, use: tools.ToolUse) -> list[dict]:
+    """Messages as the chat template takes them: known roles, text only; tool calls, tool
+    results and the request's tools in the generic format (elmd/server/tools.py)."""
     out = []
+    called: list[str] = []  # the last calls' names, for results that do not name their tool
     for i, message in enumerate(body.messages):
         if message.images:
             raise no_images(f"messages[{i}].images")
-        if message.tool_calls or message.role == "tool":
-            raise unsupported(f"messages[{i}].tool_calls" if message.tool_calls else f"messages[{i}].role")
+        if message.role == "tool":
+            name = message.tool_name or (called.pop(0) if called else "")
+            out.append({"role": "user", "content": tools.render_result(message.tool_call_id, name, message.content)})
+            continue
         if message.role not in ROLES:
             raise invalid(f"Invalid value for 'messages[{i}].role': {message.role!r}.", param=f"messages[{i}].role")
-        out.append({"role": ROLES[message.role], "content": message.content})
-    return out
+        if message.tool_calls:
+            called = [call.function.name for call in message.tool_calls]
+            content = tools.render_calls([(c.function.name, c.function.arguments) for c in message.tool_calls])
+        elif message.role == "assistant" and use.active:
+            content = tools.render_answer(message.content)
+        else:
+            content = message.content
+        out.append({"role": ROLES[message.role], "content": content})
+    return tools.with_system_prompt(out, use)
+
+
+def ollama_calls(reply: tools.ToolReply) -> list[OllamaToolCall] | None:
+    """OpenAI-framed calls as Ollama's message carries them: arguments as an object."""
+    if reply.tool_calls is None:
+        return None
+    return [OllamaToolCall(id=call.id, function=OllamaFunctionCall(index=k, name=call.function.name,
+                                                                   arguments=json.loads(call.function.arguments)))
+            for k, call in enumerate(reply.tool_calls)]
 
 
 @router.post("/api/chat", response_model=None)
 async def chat(body: OllamaChatRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
-    messages = chat_messages(body)
+    use = tool_use(body)
+    messages = chat_messages(body, use)
     model = model_id(manager, body.model)
 
-    def shape(text: str, done: bool, done_reason: str | None = None, **timings) -> OllamaChatResponse:
-        return OllamaChatResponse(model=body.model, created_at=timestamp(), message=OllamaChatMessage(content=text),
-                                  done=done, done_reason=done_reason, **timings)
+    def shape(text: str, done: bool, done_reason: str | None = None, tool_calls: list[OllamaToolCall] | None = None,
+              **timings) -> OllamaChatResponse:
+        return OllamaChatResponse(model=body.model, created_at=timestamp(),
+                                  message=OllamaChatMessage(content=text, tool_calls=tool_calls), done=done,
+                                  done_reason=done_reason, **timings)
 
-    if not messages:
+    if not body.messages:
         return await _load_or_unload(manager, model, body, shape)
     return await _generate(request, manager, model, body, lambda engine: engine.tokenizer.encode_chat(messages),
-                           "messages", shape)
+                           "messages", shape, use)
 
 
 @router.post("/api/generate", response_model=None)
@@ -145,7 +175,8 @@ async def _load_or_unload(manager: ModelManager, model: str, body: _OllamaGenera
 
 
 async def _generate(request: Request, manager: ModelManager, model: str, body: _OllamaGeneration,
-                    prompt_ids: Callable[[Engine], list[int]], param: str, shape: Shape):
+                    prompt_ids: Callable[[Engine], list[int]], param: str, shape: Shape,
+                    use: tools.ToolUse | None = None):
     clock = _Clock()
     lease = await manager.lease(model, body.keep_alive_seconds())
     clock.loaded = time.monotonic()
@@ -156,12 +187,15 @@ async def _generate(request: Request, manager: ModelManager, model: str, body: _
         wanted = options.num_predict
         max_tokens = wanted if wanted is not None and wanted > 0 else generation.default_max_tokens(engine, ids)
         generation.check_context(engine, ids, max_tokens, param, max_tokens_param="options.num_predict")
-        constraint = structured.ollama_format_constraint(body.format)
+        if use is not None and use.active:
+            constraint = tools.tool_constraint(use)
+        else:
+            constraint = structured.ollama_format_constraint(body.format)
         [params] = generation.choice_params(engine, options, max_tokens, None, constraint)
         clock.prompt_tokens = len(ids)
         chunks = engine.astream(ids, params, reply=True)
         if body.stream:
-            return ndjson_response(_stream(chunks, clock, lease, shape), lease, error=APIError.ollama_body)
+            return ndjson_response(_stream(chunks, clock, lease, shape, use), lease, error=APIError.ollama_body)
     except BaseException:
         lease.release()
         raise
@@ -170,7 +204,10 @@ async def _generate(request: Request, manager: ModelManager, model: str, body: _
                                                    manager.settings.retry_after)
     finally:
         lease.release()
-    return shape(text, True, reason, **clock.timings())
+    if use is None or not use.active:
+        return shape(text, True, reason, **clock.timings())
+    reply = tools.parse_reply(text, reason)
+    return shape(reply.content or "", True, reason, ollama_calls(reply), **clock.timings())
 
 
 async def _pieces(chunks: AsyncIterator[Chunk], clock: _Clock, lease: Lease) -> AsyncIterator[Chunk]:
@@ -191,11 +228,20 @@ async def _collect(chunks: AsyncIterator[Chunk], clock: _Clock, lease: Lease) ->
     return "".join(text), reason
 
 
-async def _stream(chunks: AsyncIterator[Chunk], clock: _Clock, lease: Lease, shape: Shape) -> AsyncIterator[BaseModel]:
-    """One object per piece of text, then the last (`done: true`) with the counters."""
+async def _stream(chunks: AsyncIterator[Chunk], clock: _Clock, lease: Lease, shape: Shape,
+                  use: tools.ToolUse | None) -> AsyncIterator[BaseModel]:
+    """One object per piece of text (under tools: the answer's, as it is written, or one
+    object with the calls once complete), then the last (`done: true`) with the counters."""
     reason = "stop"
+    reply = tools.ReplyStream(use)
     async for chunk in _pieces(chunks, clock, lease):
-        if chunk.text:
-            yield shape(chunk.text, False)
+        text = reply.add(chunk.text)
+        if text:
+            yield shape(text, False)
         reason = chunk.finish_reason or reason
+    done, rest = reply.finish(reason)
+    if rest:
+        yield shape(rest, False)
+    if done.tool_calls is not None:
+        yield shape("", False, None, ollama_calls(done))
     yield shape("", True, reason, **clock.timings())

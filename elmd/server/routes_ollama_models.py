@@ -142,7 +142,7 @@ async def show(body: OllamaModelRequest, manager: ModelManager = Depends(get_man
         details=details,
         model_info={"general.architecture": details.family, "general.parameter_count": _parameter_count(spec),
                     f"{details.family}.context_length": context},
-        capabilities=["completion"],
+        capabilities=["completion", "tools"],  # tools: elmd/server/tools.py, for every model
         modified_at=timestamp(spec.created),
     )
 

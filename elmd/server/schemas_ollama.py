@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import ConfigDict, Field
 
 from elmd.server.limits import MAX_MESSAGES, SEED_RANGE
-from elmd.server.schemas import _DropNone, _KeepAlive, _Request, _Response, _Stops
+from elmd.server.schemas import Tool, _DropNone, _KeepAlive, _Request, _Response, _Stops
 
 # --------------------------------------------------------------------------- requests
 
@@ -56,12 +56,23 @@ class OllamaOptions(_Stops):
         return names
 
 
+class OllamaFunctionCall(_Request):
+    name: str
+    arguments: dict[str, Any] | str = Field(default_factory=dict)  # an object in Ollama's API
+    index: int | None = None
+
+
+class OllamaToolCall(_Request):
+    function: OllamaFunctionCall
+    id: str | None = None
+
+
 class OllamaMessage(_Request):
     role: str
     content: str = ""
     images: list[str] | None = None
     thinking: str | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
     tool_call_id: str | None = None  # Open WebUI sends it on tool results
 
@@ -82,7 +93,7 @@ class _OllamaGeneration(_KeepAlive):
         return self.options or OllamaOptions()
 
     def unsupported_params(self) -> list[str]:
-        names = self.tool_params() + self.sampling().unsupported_params()
+        names = self.sampling().unsupported_params()
         if self.think not in (None, False):
             names.append("think")
         if self.logprobs or self.top_logprobs:
@@ -92,17 +103,15 @@ class _OllamaGeneration(_KeepAlive):
     def invalid_params(self) -> list[tuple[str, str]]:
         return []
 
-    def tool_params(self) -> list[str]:
-        """Tool calling: refused on this API (OpenAI's chat completions has it)."""
-        return []
-
 
 class OllamaChatRequest(_OllamaGeneration):
     messages: list[OllamaMessage] = Field(default_factory=list, max_length=MAX_MESSAGES)
-    tools: list[Any] | None = None
+    tools: list[Tool] | None = None
 
-    def tool_params(self) -> list[str]:
-        return ["tools"] if self.tools else []
+    def invalid_params(self) -> list[tuple[str, str]]:
+        if self.tools and self.format:
+            return [("format", "'format' cannot be combined with 'tools'.")]
+        return []
 
 
 class OllamaGenerateRequest(_OllamaGeneration):
@@ -150,9 +159,10 @@ class OllamaEmbedRequest(_KeepAlive):
 # --------------------------------------------------------------------------- responses
 
 
-class OllamaChatMessage(_Response):
+class OllamaChatMessage(_DropNone):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[OllamaToolCall] | None = None
 
 
 class _Timings(_DropNone):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from elmd.server.limits import MAX_MESSAGES, MAX_TOP_LOGPROBS, SEED_RANGE
 from elmd.server.schemas import TextPart, TokenLogprobInfo, _DropNone, _KeepAlive, _OmitNone, _Request, _Response, _Stops
@@ -20,14 +20,42 @@ LOGPROBS = "message.output_text.logprobs"  # the one `include` value elmd has so
 
 
 class InputItem(_Request):
-    """A message item (`EasyInputMessage`, or an earlier output message sent back); other
-    item types (function calls and their outputs, references) are refused by type."""
+    """A message item (`EasyInputMessage`, or an earlier output message sent back), a
+    function call the model made (sent back) or a function's output; other item types
+    (reasoning, references, hosted tools' calls) are refused by type."""
 
     type: str = "message"
     role: str | None = None
     content: str | list[TextPart] | None = None
     id: str | None = None
     status: str | None = None
+    call_id: str | None = Field(None, min_length=1, max_length=64)  # function_call, function_call_output
+    name: str | None = None  # function_call
+    arguments: str | None = None  # function_call
+    output: str | list[TextPart] | None = None  # function_call_output
+
+
+class FunctionTool(_Request):
+    """A `tools` entry. Function tools (`FunctionToolParam`) are served; hosted tools
+    (web search, file search, computer use, MCP, ...) are refused by type."""
+
+    model_config = ConfigDict(strict=True, extra="allow")  # a hosted tool's own fields
+
+    type: str
+    name: str | None = Field(None, pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def echoed(self) -> dict:
+        """As OpenAI's `FunctionTool` echoes it in the response."""
+        return {"type": "function", "name": self.name, "description": self.description,
+                "parameters": self.parameters, "strict": self.strict if self.strict is not None else True}
+
+
+class NamedFunctionChoice(_Request):
+    type: str
+    name: str | None = None
 
 
 class TextParam(_Request):
@@ -63,9 +91,9 @@ class ResponsesRequest(_KeepAlive, _Stops):
     stream_options: dict[str, Any] | None = None
     max_tool_calls: int | None = None
     parallel_tool_calls: bool | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     # not implemented: present and meaningful -> 400 naming the field
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     include: list[str] | None = None  # of its values, LOGPROBS only
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     reasoning: dict[str, Any] | None = None
@@ -76,18 +104,10 @@ class ResponsesRequest(_KeepAlive, _Stops):
 
     n: ClassVar[int] = 1  # one output message per response
 
-    def structured_output_params(self) -> list[str]:
-        """Tool calling: refused on this API (chat completions has it); `text.format` is
-        served (structured.text_format_constraint)."""
-        names = []
-        if self.tools:
-            names.append("tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            names.append("tool_choice")
-        return names
-
     def unsupported_params(self) -> list[str]:
-        names = self.structured_output_params()
+        names = [f"tools[{i}].type" for i, tool in enumerate(self.tools or []) if tool.type != "function"]
+        if isinstance(self.tool_choice, NamedFunctionChoice) and self.tool_choice.type != "function":
+            names.append("tool_choice")
         if any(value != LOGPROBS for value in self.include or []):
             names.append("include")
         if self.truncation not in (None, "disabled"):
@@ -100,6 +120,21 @@ class ResponsesRequest(_KeepAlive, _Stops):
         return names
 
     def invalid_params(self) -> list[tuple[str, str]]:
+        """(param, message) for what single fields cannot reject."""
+        names = [tool.name for tool in self.tools or []]
+        if None in names:
+            return [(f"tools[{names.index(None)}].name", f"Missing required parameter: 'tools[{names.index(None)}].name'.")]
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            return [("tool_choice", "'tool_choice' is only allowed when 'tools' are specified.")]
+        if isinstance(self.tool_choice, NamedFunctionChoice) and self.tool_choice.name not in names:
+            return [("tool_choice", f"Invalid value for 'tool_choice': no function named "
+                                    f"'{self.tool_choice.name}' in 'tools'.")]
+        if self.tools and self.tool_choice != "none":
+            if self.text and self.text.format and self.text.format.get("type") != "text":
+                return [("text.format", "'text.format' cannot be combined with 'tools'.")]
+            if self.logprobs() is not None:
+                return [("include", f"'{LOGPROBS}' cannot be combined with 'tools' (the reply's tokens are "
+                                    "a tool-call JSON, not the output text).")]
         return []
 
     def logprobs(self) -> int | None:
@@ -122,6 +157,17 @@ class OutputText(_Response):
     text: str
     annotations: list[Any] = Field(default_factory=list)
     logprobs: list[TokenLogprobInfo] = Field(default_factory=list)  # OpenAI's LogProb: chat's entries
+
+
+class FunctionCallItem(_Response):
+    """OpenAI's `FunctionToolCall` output item."""
+
+    id: str
+    type: Literal["function_call"] = "function_call"
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
 
 
 class OutputMessage(_Response):
@@ -173,15 +219,15 @@ class ResponseObject(_OmitNone):
     max_output_tokens: int | None
     top_logprobs: int | None = None
     model: str
-    output: list[OutputMessage]
-    parallel_tool_calls: bool = True
+    output: list[OutputMessage | FunctionCallItem]
+    parallel_tool_calls: bool = False
     previous_response_id: str | None
     store: bool
     temperature: float
     top_p: float
     text: ResponseText = Field(default_factory=ResponseText)
-    tool_choice: Literal["none", "auto"] = "auto"
-    tools: list[Any] = Field(default_factory=list)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, str] = "auto"
+    tools: list[dict[str, Any]] = Field(default_factory=list)
     truncation: Literal["disabled"] = "disabled"
     background: bool = False
     usage: ResponseUsage | None = None  # left out until the response is done (the schema has no null)
@@ -203,10 +249,12 @@ class ResponseEvent(_DropNone):
     output_index: int | None = None
     item_id: str | None = None
     content_index: int | None = None
-    item: OutputMessage | None = None
+    item: OutputMessage | FunctionCallItem | None = None
     part: OutputText | None = None
     delta: str | None = None
     text: str | None = None
+    name: str | None = None
+    arguments: str | None = None
     logprobs: list[TokenLogprobInfo] | None = None
 
 

@@ -5,8 +5,12 @@ The tools are described in the system message; the model replies with one JSON o
 `{"tool_calls": [{"name": ..., "arguments": {...}}]}` to call functions or
 `{"response": "..."}` to answer (with `tool_choice: auto`, one grammar allows both), and
 the reply is constrained to exactly that: names from `tools`, arguments valid against
-each function's `parameters`. Earlier calls and `role: tool` results are written into the
+each function's `parameters`. Earlier calls and tool results are written into the
 conversation in the same JSON, so the model sees one consistent format.
+
+Every API that offers tools (chat completions, Responses, Ollama's chat) states its
+request as a `ToolUse` and reads the reply through `parse_reply` or `ReplyStream`; only
+the shapes around them differ.
 """
 
 from __future__ import annotations
@@ -14,70 +18,106 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from elmd.engine.protocol import Constraint
-from elmd.server.errors import invalid
-from elmd.server.schemas import ChatCompletionRequest, ChatMessage, FunctionCall, NamedToolChoice, Tool, ToolCall
+from elmd.server.schemas import FunctionCall, FunctionDefinition, ToolCall
 from elmd.server.structured import ANY_OBJECT, checked
 
 
-def uses_tools(body: ChatCompletionRequest) -> bool:
-    """Whether the reply may or must be a tool call."""
-    return bool(body.tools) and body.tool_choice != "none"
+@dataclass(frozen=True)
+class ToolUse:
+    """What a request asks of tools, in any API's terms: the functions it offers, and
+    whether the reply may call them (`auto`), must (`required`) or must call `named`."""
+
+    functions: list[FunctionDefinition]
+    choice: Literal["none", "auto", "required"] = "auto"
+    named: str | None = None
+    parallel: bool = False  # one call per reply unless asked, as llama.cpp's server: small models repeat calls
+    parameters_param: str = "tools[{}].function.parameters"  # where function i's schema is, for errors
+
+    @property
+    def active(self) -> bool:
+        """Whether the reply may or must be a tool call."""
+        return bool(self.functions) and self.choice != "none"
+
+    @property
+    def may_answer(self) -> bool:
+        return self.choice == "auto" and self.named is None
+
+    def offered(self) -> list[FunctionDefinition]:
+        return [f for f in self.functions if f.name == self.named] if self.named else self.functions
 
 
-def _call_schema(tool: Tool) -> dict:
-    parameters = tool.function.parameters if tool.function.parameters is not None else ANY_OBJECT
-    return {"type": "object", "properties": {"name": {"const": tool.function.name}, "arguments": parameters},
+def _declared_only(parameters: dict) -> dict:
+    """Arguments hold the declared properties only, unless the schema says otherwise: what
+    OpenAI's strict mode and llama.cpp's grammars do. Small models otherwise pad a call with
+    properties of their own invention (SmolLM2 copies the schema into the arguments)."""
+    if parameters.get("type") == "object" and "properties" in parameters and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
+
+
+def _call_schema(function: FunctionDefinition) -> dict:
+    parameters = _declared_only(function.parameters) if function.parameters is not None else ANY_OBJECT
+    return {"type": "object", "properties": {"name": {"const": function.name}, "arguments": parameters},
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
-def reply_schema(body: ChatCompletionRequest) -> dict:
-    """The JSON schema of the model's reply under `tools`, `tool_choice` and `parallel_tool_calls`."""
-    tools = body.tools
-    if isinstance(body.tool_choice, NamedToolChoice):
-        tools = [t for t in tools if t.function.name == body.tool_choice.function.name]
-    calls: dict = {"type": "array", "items": {"anyOf": [_call_schema(t) for t in tools]}, "minItems": 1}
-    if body.parallel_tool_calls is False or isinstance(body.tool_choice, NamedToolChoice):
+def reply_schema(use: ToolUse) -> dict:
+    """The JSON schema of the model's reply under the request's tools and choice."""
+    calls: dict = {"type": "array", "items": {"anyOf": [_call_schema(f) for f in use.offered()]}, "minItems": 1}
+    if not use.parallel or use.named:
         calls["maxItems"] = 1
     call = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
             "additionalProperties": False}
-    if body.tool_choice in (None, "auto"):
+    if use.may_answer:
         answer = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"],
                   "additionalProperties": False}
         return {"anyOf": [call, answer]}
     return call
 
 
-def tool_constraint(body: ChatCompletionRequest) -> Constraint:
-    for i, tool in enumerate(body.tools):  # name the function whose parameters cannot be compiled
-        if tool.function.parameters is not None:
-            checked(Constraint.json_schema(tool.function.parameters), f"tools[{i}].function.parameters", "JSON schema")
-    return checked(Constraint.json_schema(reply_schema(body)), "tools", "tools")
+def tool_constraint(use: ToolUse) -> Constraint:
+    for i, function in enumerate(use.functions):  # name the function whose parameters cannot be compiled
+        if function.parameters is not None:
+            checked(Constraint.json_schema(function.parameters), use.parameters_param.format(i), "JSON schema")
+    return checked(Constraint.json_schema(reply_schema(use)), "tools", "tools")
 
 
-def system_prompt(body: ChatCompletionRequest) -> str:
-    functions = [{"name": t.function.name, "description": t.function.description or "",
-                  "parameters": t.function.parameters or ANY_OBJECT} for t in body.tools]
+def system_prompt(use: ToolUse) -> str:
+    functions = [{"name": f.name, "description": f.description or "", "parameters": f.parameters or ANY_OBJECT}
+                 for f in use.functions]
     lines = ["You can call these functions (each with arguments that follow its JSON schema):",
              json.dumps(functions, ensure_ascii=False),
              'To call functions, reply with only: {"tool_calls": [{"name": "<function name>", "arguments": {...}}]}']
-    if body.tool_choice in (None, "auto"):
+    if use.may_answer:
         lines.append('To answer without calling a function, reply with only: {"response": "<your answer>"}')
     return "\n".join(lines)
 
 
-def render_calls(message: ChatMessage) -> str:
-    """An assistant message that called tools, as the model would have written it."""
-    calls = [{"name": c.function.name, "arguments": _loads_or_text(c.function.arguments)} for c in message.tool_calls]
-    return json.dumps({"tool_calls": calls}, ensure_ascii=False)
+def with_system_prompt(messages: list[dict], use: ToolUse) -> list[dict]:
+    """Template messages with the tools described in the (first) system message."""
+    if not use.active:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        first = {**messages[0], "content": messages[0]["content"] + "\n\n" + system_prompt(use)}
+        return [first] + messages[1:]
+    return [{"role": "system", "content": system_prompt(use)}] + messages
 
 
-def render_result(message: ChatMessage, content: str, names: dict[str, str], i: int) -> str:
-    """A `role: tool` message, written as a user turn (templates without tools have no tool role)."""
-    if message.tool_call_id is None:
-        raise invalid(f"Missing required parameter: 'messages[{i}].tool_call_id'.", param=f"messages[{i}].tool_call_id")
-    result = {"tool_call_id": message.tool_call_id, "name": names.get(message.tool_call_id, ""), "content": content}
+def render_calls(calls: list[tuple[str, Any]]) -> str:
+    """An assistant turn that called tools ((name, arguments) each, arguments as JSON text
+    or already parsed), as the model would have written it."""
+    written = [{"name": name, "arguments": _loads_or_text(arguments) if isinstance(arguments, str) else arguments}
+               for name, arguments in calls]
+    return json.dumps({"tool_calls": written}, ensure_ascii=False)
+
+
+def render_result(call_id: str | None, name: str, content: str) -> str:
+    """A tool's result, written as a user turn (templates without tools have no tool role)."""
+    result = {"name": name, "content": content} if call_id is None else \
+        {"tool_call_id": call_id, "name": name, "content": content}
     return json.dumps({"tool_response": result}, ensure_ascii=False)
 
 
@@ -130,3 +170,44 @@ def _partial_answer(text: str) -> str:
         except ValueError:
             continue
     return body
+
+
+class ReplyStream:
+    """A reply followed as it streams. Under tools, an answer (`{"response": ...}`) is
+    passed on as it is written and calls once their JSON is complete (at the end); without
+    tools every piece is answer text."""
+
+    def __init__(self, use: ToolUse | None):
+        self.tools = use is not None and use.active
+        self.text = ""
+        self.sent: str | None = None if self.tools else ""  # the answer passed on so far, once it is one
+
+    @property
+    def answering(self) -> bool:
+        """Whether the reply is known to be an answer (always, without tools)."""
+        return self.sent is not None
+
+    def add(self, piece: str) -> str:
+        """The answer text this piece adds ("" while the reply is not known to be one)."""
+        self.text += piece
+        if not self.tools:
+            return piece
+        if self.sent is None and self.text.startswith(ANSWER_PREFIX):
+            self.sent = ""
+        if self.sent is None:
+            return ""
+        answer = parse_reply(self.text, "length").content
+        if len(answer) <= len(self.sent) or not answer.startswith(self.sent):
+            return ""
+        new, self.sent = answer[len(self.sent):], answer
+        return new
+
+    def finish(self, finish_reason: str) -> tuple[ToolReply, str]:
+        """The whole reply, and the answer text not passed on yet."""
+        if not self.tools:
+            return ToolReply(self.text, None, finish_reason), ""
+        reply = parse_reply(self.text, finish_reason)
+        if reply.tool_calls is not None:
+            return reply, ""
+        sent = self.sent or ""
+        return reply, reply.content[len(sent):] if reply.content.startswith(sent) else ""
