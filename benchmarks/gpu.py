@@ -59,7 +59,7 @@ def step_inputs(model, batch: int, prompt: int):
     vocab = model.cfg.vocab_size
     for slot in range(batch):
         ids = torch.tensor([prompt_ids(prompt, vocab, slot)], device="cuda")
-        model.layers_forward(ids, torch.arange(prompt, device="cuda")[None], torch.tensor([slot], device="cuda"), span=prompt)
+        model.forward(ids, torch.arange(prompt, device="cuda")[None], torch.tensor([slot], device="cuda"), span=prompt)
     tokens = torch.tensor([[prompt_ids(1, vocab, 99 + slot)[0]] for slot in range(batch)], device="cuda")
     positions = torch.full((batch, 1), prompt, device="cuda")
     return tokens, positions, torch.arange(batch, device="cuda")
@@ -124,13 +124,13 @@ def step_benchmarks(model_dir: Path, args, report: Report) -> None:
     with torch.inference_mode():
         inputs = {b: step_inputs(model, b, args.prompt_tokens) for b in (1, 8)}
         span = args.prompt_tokens + 1
-        eager = {b: model.layers_forward(*inputs[b], span=span) for b in inputs}
+        eager = {b: model.forward(*inputs[b], span=span) for b in inputs}
         runs = {}
         for name, (make, batches) in variants.items():
             graphs = make()
             for batch in batches:
                 if graphs is None:
-                    run = lambda i=inputs[batch]: model.layers_forward(*i, span=span)  # noqa: E731
+                    run = lambda i=inputs[batch]: model.forward(*i, span=span)  # noqa: E731
                 else:
                     run = lambda g=graphs, i=inputs[batch]: g(*i)  # noqa: E731
 

@@ -38,10 +38,10 @@ def test_the_captured_decode_step_reads_nothing_back_from_the_device(batch):
     meta = dict(dtype=torch.long, device="meta")
     tokens, positions, slots = torch.empty(batch, 1, **meta), torch.empty(batch, 1, **meta), torch.empty(batch, **meta)
     with torch.inference_mode():
-        logits = model.layers_forward(tokens, positions, slots, span=model.cache_length)
+        logits = model.forward(tokens, positions, slots, span=model.cache_length)
         assert logits.shape == (batch, 1, TINY["vocab_size"])
         with pytest.raises((RuntimeError, NotImplementedError)):  # the span read back from positions
-            model.layers_forward(tokens, positions, slots)
+            model.forward(tokens, positions, slots)
 
 
 def test_decode_over_the_whole_cache_matches_the_ordinary_step(tiny):
@@ -58,10 +58,10 @@ def test_decode_over_the_whole_cache_matches_the_ordinary_step(tiny):
         tokens = torch.tensor([[7], [8], [9]])
         positions = torch.tensor(lengths)[:, None]
         batch = torch.tensor(slots)
-        ordinary = model.layers_forward(tokens, positions, batch)
-        captured_form = model.layers_forward(tokens, positions, batch, span=model.cache_length)
-        one = model.layers_forward(tokens[1:2], positions[1:2], batch[1:2])
-        one_captured_form = model.layers_forward(tokens[1:2], positions[1:2], batch[1:2], span=model.cache_length)
+        ordinary = model.forward(tokens, positions, batch)
+        captured_form = model.forward(tokens, positions, batch, span=model.cache_length)
+        one = model.forward(tokens[1:2], positions[1:2], batch[1:2])
+        one_captured_form = model.forward(tokens[1:2], positions[1:2], batch[1:2], span=model.cache_length)
     assert torch.allclose(captured_form, ordinary, atol=1e-5)
     assert torch.allclose(one_captured_form, one, atol=1e-5)
     assert torch.allclose(one, ordinary[1:2], atol=1e-5)
@@ -88,9 +88,9 @@ def test_the_compiled_step_computes_the_eager_step(tiny):
         for slot, n in zip([0, 2], [9, 30]):
             model(torch.arange(3, 3 + n)[None], torch.arange(n)[None], torch.tensor([slot]))
         tokens, positions, slots = torch.tensor([[7], [8]]), torch.tensor([[9], [30]]), torch.tensor([0, 2])
-        eager = model.layers_forward(tokens, positions, slots, span=64)
+        eager = model.forward(tokens, positions, slots, span=64)
         step = compiled_step(model, tune=False)
-        assert torch.allclose(model.layers_forward(tokens, positions, slots, span=64), eager)
+        assert torch.allclose(model.forward(tokens, positions, slots, span=64), eager)
         compiled = step(tokens, positions, slots, span=64)
     assert torch.allclose(compiled, eager, atol=1e-4)
 
@@ -104,7 +104,7 @@ def test_graphed_decode_generates_what_eager_decode_generates(tiny):
     def generate(cuda_graphs: bool) -> list[list[int]]:
         e = load_engine(tiny, backend="torch", dtype="float32", device="cuda", slots=4, cuda_graphs=cuda_graphs)
         try:
-            assert (e.backend.model.decode_graphs is not None) == cuda_graphs
+            assert (e.backend.runner.decode_graphs is not None) == cuda_graphs
             out: list[list[int]] = [[] for _ in prompts]
 
             def run(i):
@@ -116,7 +116,7 @@ def test_graphed_decode_generates_what_eager_decode_generates(tiny):
             for t in threads:
                 t.join()
             if cuda_graphs:
-                assert e.backend.model.decode_graphs.graphs  # steps were replayed, not run eagerly
+                assert e.backend.runner.decode_graphs.graphs  # steps were replayed, not run eagerly
             return out
         finally:
             e.close()

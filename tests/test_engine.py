@@ -17,7 +17,7 @@ from elmd.engine.kernels import native
 from elmd.engine.load import load_engine
 from elmd.engine.openelm import OpenELM, OpenELMConfig
 from elmd.engine.quantize import quantize_model
-from elmd.engine.torch_backend import use_native_plan
+from elmd.engine.runner import Runner
 from elmd.fixtures import SHAPES, reference_configs, write_checkpoint
 
 
@@ -185,8 +185,9 @@ def test_native_plan_decode_matches_aten_for_sequences_at_different_lengths(tiny
         for block, (k, v) in zip(model.transformer.layers, before):
             block.attn.cache.k.copy_(k)
             block.attn.cache.v.copy_(v)
-        assert use_native_plan(model)
-        got = model(tokens, positions, slots)
+        runner = Runner(model)
+        assert runner.use_native_plan()
+        got = runner(tokens, positions, slots)
     half = cache_dtype == torch.float16
     assert got.shape == expected.shape == (3, 1, 1024)
     assert (got - expected).norm() / expected.norm() < (1e-4 if half else 1e-5)
@@ -216,16 +217,17 @@ def test_native_plan_prefill_matches_aten_over_prompt_chunks(checkpoint, quant, 
     tokens = torch.randint(3, 1000, (1, 56), generator=torch.Generator().manual_seed(5))
     chunks = [(0, 40), (40, 56)]
 
-    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def run(forward) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         model.setup_caches(2, 64)
         slot = torch.tensor([1])
         with torch.inference_mode():
-            logits = [model(tokens[:, a:b], torch.arange(a, b)[None], slot, span=b) for a, b in chunks]
+            logits = [forward(tokens[:, a:b], torch.arange(a, b)[None], slot, span=b) for a, b in chunks]
         return logits, [t for block in model.transformer.layers for t in (block.attn.cache.k, block.attn.cache.v)]
 
-    expected, expected_kv = run()
-    assert use_native_plan(model)
-    got, got_kv = run()
+    expected, expected_kv = run(model)
+    runner = Runner(model)
+    assert runner.use_native_plan()
+    got, got_kv = run(runner)
     tolerance = 1e-2 if quant != "none" else 1e-4 if cache_dtype == torch.float16 else 1e-5
     if checkpoint == "tiny64" and quant != "none" and AMX:
         tolerance = 2e-2  # bf16 attention on top: measured up to 1.0e-2 here (SmolLM2's real weights: median 0.9%, no top-1 change)

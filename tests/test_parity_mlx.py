@@ -20,7 +20,8 @@ from mlx_lm.utils import load_model as mlx_load_model  # noqa: E402
 from elmd.engine.checkpoint import load_model  # noqa: E402
 from elmd.engine.protocol import SamplingParams  # noqa: E402
 from elmd.engine.kernels import native  # noqa: E402
-from elmd.engine.torch_backend import TorchBackend, use_native_plan  # noqa: E402
+from elmd.engine.runner import Runner  # noqa: E402
+from elmd.engine.torch_backend import TorchBackend  # noqa: E402
 from elmd.fixtures import write_checkpoint  # noqa: E402
 
 TOLERANCE = 1e-4
@@ -48,13 +49,14 @@ DECODE_PATHS = ["aten"] + (["native"] if native.load() is not None else [])
 def test_logits_over_prompt_and_cached_decode_agree(checkpoint, decode):
     shape, path = checkpoint
     ids = _prompt(shape)
-    ours = load_model(path, dtype=torch.float32)
+    model = load_model(path, dtype=torch.float32)
+    ours = Runner(model)
     if decode == "native":
-        assert use_native_plan(ours)
+        assert ours.use_native_plan()
     ref, _ = mlx_load_model(path)
     ref.set_dtype(mx.float32)
 
-    ours.setup_caches(1, 256)
+    model.setup_caches(1, 256)
     slot = torch.tensor([0])
     with torch.inference_mode():
         a = ours(torch.tensor([ids]), torch.arange(len(ids))[None], slot).numpy()[0]

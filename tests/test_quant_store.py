@@ -133,7 +133,7 @@ def path_taken(engine) -> dict:
     each layer's module type and tensor dtypes."""
     model = engine.backend.model
     return {"dtype": engine.backend.info.dtype, "quant": engine.backend.info.quant,
-            "native_plan": model.native_plan is not None,
+            "native_plan": engine.backend.runner.native_plan is not None,
             "modules": [(name, type(m).__name__) for name, m in model.named_modules()],
             "tensors": {name: t.dtype for name, t in model.state_dict().items()}}
 

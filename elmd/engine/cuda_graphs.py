@@ -35,15 +35,15 @@ class _Graph:
 
 class DecodeGraphs:
     def __init__(self, model: OpenELM, step: Callable | None = None):
-        """`step` is what gets captured (default `model.layers_forward`; see `compiled_step`)."""
+        """`step` is what gets captured (default `model.forward`; see `compiled_step`)."""
         self.model = model
-        self.step = step or model.layers_forward
+        self.step = step or model.forward
         self.pool = None  # one memory pool shared by the graphs of every batch size
         self.graphs: dict[int, _Graph] = {}
         self.cache = None  # the KV cache the graphs were captured with
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Logits [B, 1, vocab] of one decode step, as `model.layers_forward` computes them."""
+        """Logits [B, 1, vocab] of one decode step, as `model.forward` computes them."""
         cache = self.model.transformer.layers[0].attn.cache
         if cache is not self.cache:
             # A pool whose graphs are all freed cannot be captured into again (PyTorch asserts
@@ -84,7 +84,7 @@ class DecodeGraphs:
 
 
 def compiled_step(model: OpenELM, reductions: bool = True, tune: bool = True) -> Callable:
-    """`model.layers_forward` under torch.compile(fullgraph), for DecodeGraphs to capture.
+    """`model.forward` under torch.compile(fullgraph), for DecodeGraphs to capture.
 
     With `reductions`, the decode step's matrix-vector products and attention are written as
     broadcast products and sums while compiling: Inductor makes each one Triton reduction and
@@ -97,7 +97,7 @@ def compiled_step(model: OpenELM, reductions: bool = True, tune: bool = True) ->
                 module.forward = functools.partial(_linear, module)
         for block in model.transformer.layers:
             block.attn.decode_attention = _decode_attention
-    return torch.compile(model.layers_forward, fullgraph=True, options={"coordinate_descent_tuning": tune})
+    return torch.compile(model.forward, fullgraph=True, options={"coordinate_descent_tuning": tune})
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

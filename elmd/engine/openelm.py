@@ -243,8 +243,6 @@ class OpenELM(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.rope_max_length, cfg.rope_freq_constant)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.native_plan = None  # torch.classes.elmd.NativePlan when cached steps and prompts run natively
-        self.decode_graphs = None  # elmd.engine.cuda_graphs.DecodeGraphs when decode steps replay CUDA graphs
         self.kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
         self.cache_shape = (0, 0)  # (slots, length) of every layer's KV cache, kept by the methods that make them
 
@@ -308,14 +306,7 @@ class OpenELM(nn.Module):
             return self.lm_head(h)
         return F.linear(h, self.transformer.token_embeddings.weight)
 
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor | None = None,
-        span: int | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, tokens, positions, slots=None, span=None, last_only=False) -> torch.Tensor:
         """Logits for `tokens` [B, T] at `positions` [B, T], or with `last_only` for the
         last position only ([B, 1, vocab]: a prompt needs no others, and the output head
         is 15% of a 270M model's work per position).
@@ -323,19 +314,9 @@ class OpenELM(nn.Module):
         With `slots` [B], keys and values go to those cache rows and attention reads
         their first `span` positions (default: up to the furthest position, which reads it
         back from `positions`); without, attention is causal over `tokens` alone (scoring).
-        """
-        if slots is not None and self.native_plan is not None:
-            if tokens.shape[1] == 1:
-                return self.decode_step(tokens[:, 0], positions[:, 0].contiguous(), slots)[:, None]
-            if tokens.shape[0] == 1:
-                return self.prefill_chunk(tokens[0], int(positions[0, 0]), int(slots[0]), last_only)[None]
-        if slots is not None and self.decode_graphs is not None and tokens.shape[1] == 1:
-            return self.decode_graphs(tokens, positions, slots)
-        return self.layers_forward(tokens, positions, slots, span, last_only)
-
-    def layers_forward(self, tokens, positions, slots=None, span=None, last_only=False) -> torch.Tensor:
-        """`forward` through ATen ops. Given `slots` and `span`, it reads no value back to the
-        host, so a decode step can be captured as a CUDA graph (tested on the meta device)."""
+        Given `slots` and `span`, it reads no value back to the host, so a decode step can
+        be captured as a CUDA graph (tested on the meta device). The serving paths around
+        it (native plan, CUDA graphs) are runner.py's."""
         x = self.transformer.token_embeddings(tokens)
         cos = self.rope_cos[positions][:, None]
         sin = self.rope_sin[positions][:, None]
@@ -350,24 +331,6 @@ class OpenELM(nn.Module):
         for block in self.transformer.layers:
             x = block(x, cos, sin, slots, positions, mask, span)
         return self.head(self.transformer.norm(x[:, -1:] if last_only else x))
-
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Logits [B, vocab] for one new token per sequence, the layer stack run by the native
-        plan (elmd/engine/kernels/decode.cpp) in one call; float32 on the CPU."""
-        x = self.transformer.token_embeddings(tokens)  # the residual stream, float32 [B, dim]
-        return self.head(self.native_plan.step(x, *self._cache_tensors(), slots, positions))
-
-    def prefill_chunk(self, tokens: torch.Tensor, start: int, slot: int, last_only: bool) -> torch.Tensor:
-        """Logits [T, vocab] (or [1, vocab] with `last_only`) for one sequence's T prompt tokens
-        at positions start .. start + T - 1, cached in row `slot`, by the native plan."""
-        x = self.transformer.token_embeddings(tokens)  # [T, dim]
-        h = self.native_plan.prefill(x, *self._cache_tensors(), slot, start)
-        return self.head(h[-1:] if last_only else h)
-
-    def _cache_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every layer's key and value caches, as the native plan takes them."""
-        caches = [block.attn.cache for block in self.transformer.layers]
-        return [c.k for c in caches], [c.v for c in caches]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -26,6 +26,7 @@ import torch
 
 from elmd.engine.grammar import TokenMatcher
 from elmd.engine.openelm import OpenELM
+from elmd.engine.runner import Runner
 from elmd.engine.prefix_cache import PrefixCache
 from elmd.engine.protocol import Finished, SamplingParams, Step, StepChannel
 from elmd.engine.sampling import Sampler
@@ -71,7 +72,7 @@ class Scheduler:
     # plain step on a pass of 2-9 tokens.
     SPECULATION_MAX_BATCH = 1
 
-    def __init__(self, load_model: Callable[[], OpenELM], slots: int, prefill_chunk: int = 256,
+    def __init__(self, load_model: Callable[[], Runner], slots: int, prefill_chunk: int = 256,
                  prefix_cache_bytes: int = 0, speculation: bool = False):
         """Start the worker, load the model on it with `load_model`, and return once it is
         ready (raising what the load raised). `speculation`: prompt-lookup speculation
@@ -96,12 +97,14 @@ class Scheduler:
         self._thread.start()
         loaded.result()
 
-    def _setup(self, model: OpenELM) -> None:
+    def _setup(self, runner: Runner) -> None:
+        model = runner.model
         self.device = model.rope_cos.device
         self.max_len = model.cfg.context_length
         self.initial_len = min(self.INITIAL_CACHE_TOKENS, self.max_len)
         model.setup_caches(1, self.initial_len)
         self.model: OpenELM = model
+        self.runner = runner
 
     # -- called from any thread ------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
@@ -130,7 +133,7 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     # -- the worker ------------------------------------------------------------------
-    def _loop(self, load_model: Callable[[], OpenELM], loaded: Future) -> None:
+    def _loop(self, load_model: Callable[[], Runner], loaded: Future) -> None:
         try:
             self._setup(load_model())
         except BaseException as e:
@@ -247,7 +250,7 @@ class Scheduler:
         tokens = torch.tensor([seq.tokens[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device)[None]
         slots = torch.tensor([seq.slot], device=self.device)
-        logits = self.model(tokens, positions, slots, span=end, last_only=True)
+        logits = self.runner(tokens, positions, slots, span=end, last_only=True)
         seq.filled = end
         if end == seq.prompt_len:
             self._emit(seq, logits[0, -1].float())
@@ -257,7 +260,7 @@ class Scheduler:
         positions = torch.tensor([[s.filled] for s in batch], device=self.device)
         slots = torch.tensor([s.slot for s in batch], device=self.device)
         span = max(s.filled for s in batch) + 1  # known here; on a GPU, reading it back would sync
-        logits = self.model(tokens, positions, slots, span=span)[:, -1].float()
+        logits = self.runner(tokens, positions, slots, span=span)[:, -1].float()
         for i, seq in enumerate(batch):
             seq.filled += 1
             self._emit(seq, logits[i])
@@ -276,7 +279,7 @@ class Scheduler:
         tokens = torch.tensor([[seq.tokens[-1], *proposal]], device=self.device)
         positions = torch.arange(seq.filled, seq.filled + len(proposal) + 1, device=self.device)[None]
         slots = torch.tensor([seq.slot], device=self.device)
-        logits = self.model(tokens, positions, slots, span=seq.filled + len(proposal) + 1)[0].float()
+        logits = self.runner(tokens, positions, slots, span=seq.filled + len(proposal) + 1)[0].float()
         self.proposed_tokens += len(proposal)
         for accepted in range(len(proposal) + 1):
             seq.filled += 1

@@ -12,6 +12,7 @@ from elmd.engine.checkpoint import load_model, read_config
 from elmd.engine.grammar import TokenMatcher
 from elmd.engine.openelm import OpenELM
 from elmd.engine.protocol import BackendInfo, CacheBytes, SamplingParams, StepChannel, TokenLogprob
+from elmd.engine.runner import Runner
 from elmd.engine.sampling import logprob_of
 from elmd.engine.scheduler import Scheduler
 
@@ -57,13 +58,13 @@ def cpu_fast_path(dtype: torch.dtype, quant: str, device: str) -> tuple[torch.dt
     return torch.float32, fast_quant
 
 
-def pick_kv_cache_dtype(kv_cache_dtype: str, model: OpenELM) -> torch.dtype | None:
+def pick_kv_cache_dtype(kv_cache_dtype: str, runner: Runner) -> torch.dtype | None:
     """`auto`: float16 where the native plan runs a float32 model, as llama.cpp's default f16
     cache: half the cache's memory, and of the bytes a long context's decode step reads (270M
     int4 after 1,800 tokens: 94 -> 112 tok/s; logits within 5e-4 relative of a float32 cache
     on SmolLM2's real weights). Elsewhere the model's dtype (None)."""
     if kv_cache_dtype == "auto":
-        return torch.float16 if model.native_plan is not None else None
+        return torch.float16 if runner.native_plan is not None else None
     if kv_cache_dtype not in ("float16", "float32"):
         raise ValueError(f"unknown KV cache dtype {kv_cache_dtype!r}; choose auto, float16 or float32")
     return DTYPES[kv_cache_dtype]
@@ -87,41 +88,12 @@ def load_quantized_model(model_dir: Path, quant: str, dtype: torch.dtype, device
     return quant_store.load(model_dir, quant, dtype, device)
 
 
-def use_native_plan(model: OpenELM) -> bool:
-    """Run cached forwards (decode steps, one sequence's prompt chunks) through the native
-    plan where it applies: a float32 model on an x86 CPU that built the kernels, every
-    linear layer on a kernel the plan runs."""
-    from elmd.engine.kernels import native
-    from elmd.engine.quantize import native_linear_args
-
-    norm = model.transformer.norm.weight
-    if norm.device.type != "cpu" or norm.dtype != torch.float32 or native.ops() is None:
-        return False
-    layers = model.transformer.layers
-    linears = [m for b in layers for m in (b.attn.qkv_proj, b.attn.out_proj, b.ffn.proj_1, b.ffn.proj_2)]
-    args = [native_linear_args(m) for m in linears]
-    if any(a is None for a in args):
-        return False
-    none = torch.empty(0)
-
-    def layer_norms(block) -> list[torch.Tensor]:
-        qk = (block.attn.q_norm.weight, block.attn.k_norm.weight) if block.attn.qk_norm else (none, none)
-        return [block.attn_norm.weight, *qk, block.ffn_norm.weight]
-
-    norms = [w for block in layers for w in layer_norms(block)] + [norm]
-    model.native_plan = torch.classes.elmd.NativePlan(
-        norms, [t for _, tensors, _ in args for t in tensors], [kind for kind, _, _ in args],
-        [group for _, _, group in args], [b.attn.q_heads for b in layers], model.cfg.rms_norm_eps,
-        model.cfg.ffn_with_glu, model.rope_cos, model.rope_sin)
-    return True
-
-
 def kv_cache_dtype_name(model: OpenELM) -> str:
     return str(model.transformer.layers[0].attn.cache.k.dtype).removeprefix("torch.")
 
 
-def cpu_kernels(model: OpenELM, building: bool) -> dict:
-    """Which CPU kernels run `model` ("avx512" or "aten"), why not the best ones for this CPU
+def cpu_kernels(runner: Runner, building: bool) -> dict:
+    """Which CPU kernels run the model ("avx512", "avx2" or "aten"), why not the best ones for this CPU
     (None when they are), and whether they are still building."""
     from elmd.engine.kernels import native
 
@@ -129,8 +101,8 @@ def cpu_kernels(model: OpenELM, building: bool) -> dict:
         why = "the native kernels are building for this CPU (once, about a minute); the model moves to them when ready"
         return {"cpu_kernels": "aten", "cpu_kernels_reason": why, "cpu_kernels_building": True}
     path, why = native.kernel_path()
-    if why is None and model.native_plan is None:
-        dtype = str(model.transformer.norm.weight.dtype).removeprefix("torch.")
+    if why is None and runner.native_plan is None:
+        dtype = str(runner.model.transformer.norm.weight.dtype).removeprefix("torch.")
         why = (f"{dtype} activations: the fused decode plan runs float32 models" if dtype != "float32"
                else "the fused decode plan cannot run this model's layers")
     return {"cpu_kernels": path, "cpu_kernels_reason": why, "cpu_kernels_building": False}
@@ -166,18 +138,19 @@ class TorchBackend:
         torch_dtype, quant = cpu_fast_path(pick_dtype(dtype, device, cfg.model_dim), quant, device)
         self.name, self._kv_cache_dtype = Path(model_dir).name, kv_cache_dtype
 
-        def load() -> OpenELM:
-            model = load_quantized_model(Path(model_dir), quant, torch_dtype, device)
-            use_native_plan(model)
-            model.kv_cache_dtype = pick_kv_cache_dtype(kv_cache_dtype, model)
+        def load() -> Runner:
+            runner = Runner(load_quantized_model(Path(model_dir), quant, torch_dtype, device))
+            runner.use_native_plan()
+            runner.model.kv_cache_dtype = pick_kv_cache_dtype(kv_cache_dtype, runner)
             if cuda_graphs and torch.device(device).type == "cuda":
                 from elmd.engine.cuda_graphs import DecodeGraphs, compiled_step
 
-                model.decode_graphs = DecodeGraphs(model, compiled_step(model) if compile_decode else None)
-            return model
+                runner.decode_graphs = DecodeGraphs(runner.model, compiled_step(runner.model) if compile_decode else None)
+            return runner
 
         self.scheduler = Scheduler(load, slots=slots, prefix_cache_bytes=prefix_cache_bytes, speculation=speculation)
-        self.model = model = self.scheduler.model
+        self.runner = runner = self.scheduler.runner
+        self.model = model = runner.model
         tensors = list(model.parameters()) + list(model.buffers())
         weights = sum(t.numel() * t.element_size() for t in tensors) - model.cache_bytes()  # the cache is counted live
         self.info = BackendInfo(
@@ -188,9 +161,9 @@ class TorchBackend:
             context_length=cfg.context_length,
             vocab_size=cfg.vocab_size,
             memory_bytes=weights,
-            extra={"slots": slots, "cuda_graphs": model.decode_graphs is not None,
-                   "compile_decode": model.decode_graphs is not None and compile_decode, "speculation": speculation,
-                   "kv_cache_dtype": kv_cache_dtype_name(model), **(cpu_kernels(model, building) if device == "cpu" else {})},
+            extra={"slots": slots, "cuda_graphs": runner.decode_graphs is not None,
+                   "compile_decode": runner.decode_graphs is not None and compile_decode, "speculation": speculation,
+                   "kv_cache_dtype": kv_cache_dtype_name(model), **(cpu_kernels(runner, building) if device == "cpu" else {})},
         )
         if building:
             native.build_in_background().add_done_callback(lambda _: self._use_built_kernels())
@@ -204,9 +177,9 @@ class TorchBackend:
             from elmd.engine.quantize import choose_kernels_again
 
             choose_kernels_again(self.model)
-            if use_native_plan(self.model):
-                self.model.set_kv_cache_dtype(pick_kv_cache_dtype(self._kv_cache_dtype, self.model))
-            self.info.extra.update(cpu_kernels(self.model, building=False), kv_cache_dtype=kv_cache_dtype_name(self.model))
+            if self.runner.use_native_plan():
+                self.model.set_kv_cache_dtype(pick_kv_cache_dtype(self._kv_cache_dtype, self.runner))
+            self.info.extra.update(cpu_kernels(self.runner, building=False), kv_cache_dtype=kv_cache_dtype_name(self.model))
 
         try:
             self.scheduler.call(switch)
@@ -248,4 +221,4 @@ class TorchBackend:
         self.scheduler.stop()
         self.model.drop_caches()
         self.scheduler.prefix_cache.clear()
-        del self.model
+        del self.model, self.runner

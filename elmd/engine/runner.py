@@ -1,0 +1,81 @@
+"""How a loaded OpenELM runs its cached forwards. openelm.py is the network in ATen ops;
+the runner picks, per call, the fastest path that applies and holds what that path needs:
+
+- the native plan (elmd/engine/kernels/decode.cpp): a whole decode step, or one sequence's
+  prompt chunk, in one call into the CPU kernels (float32 models on x86);
+- CUDA graphs (cuda_graphs.DecodeGraphs): decode steps replayed from captured graphs;
+- else the network's own forward.
+
+The scheduler calls the runner; tests and scoring call the network directly."""
+
+from __future__ import annotations
+
+import torch
+
+from elmd.engine.openelm import OpenELM
+
+
+class Runner:
+    def __init__(self, model: OpenELM):
+        self.model = model
+        self.native_plan = None  # torch.classes.elmd.NativePlan when cached steps and prompts run natively
+        self.decode_graphs = None  # elmd.engine.cuda_graphs.DecodeGraphs when decode steps replay CUDA graphs
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 span: int | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits as OpenELM.forward gives them for a cached forward (`slots` given)."""
+        if self.native_plan is not None:
+            if tokens.shape[1] == 1:
+                return self.decode_step(tokens[:, 0], positions[:, 0].contiguous(), slots)[:, None]
+            if tokens.shape[0] == 1:
+                return self.prefill_chunk(tokens[0], int(positions[0, 0]), int(slots[0]), last_only)[None]
+        if self.decode_graphs is not None and tokens.shape[1] == 1:
+            return self.decode_graphs(tokens, positions, slots)
+        return self.model(tokens, positions, slots, span, last_only)
+
+    def use_native_plan(self) -> bool:
+        """Run cached forwards (decode steps, one sequence's prompt chunks) through the native
+        plan where it applies: a float32 model on an x86 CPU that built the kernels, every
+        linear layer on a kernel the plan runs."""
+        from elmd.engine.kernels import native
+        from elmd.engine.quantize import native_linear_args
+
+        model = self.model
+        norm = model.transformer.norm.weight
+        if norm.device.type != "cpu" or norm.dtype != torch.float32 or native.ops() is None:
+            return False
+        layers = model.transformer.layers
+        linears = [m for b in layers for m in (b.attn.qkv_proj, b.attn.out_proj, b.ffn.proj_1, b.ffn.proj_2)]
+        args = [native_linear_args(m) for m in linears]
+        if any(a is None for a in args):
+            return False
+        none = torch.empty(0)
+
+        def layer_norms(block) -> list[torch.Tensor]:
+            qk = (block.attn.q_norm.weight, block.attn.k_norm.weight) if block.attn.qk_norm else (none, none)
+            return [block.attn_norm.weight, *qk, block.ffn_norm.weight]
+
+        norms = [w for block in layers for w in layer_norms(block)] + [norm]
+        self.native_plan = torch.classes.elmd.NativePlan(
+            norms, [t for _, tensors, _ in args for t in tensors], [kind for kind, _, _ in args],
+            [group for _, _, group in args], [b.attn.q_heads for b in layers], model.cfg.rms_norm_eps,
+            model.cfg.ffn_with_glu, model.rope_cos, model.rope_sin)
+        return True
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] for one new token per sequence, the layer stack run by the native
+        plan in one call; float32 on the CPU."""
+        x = self.model.transformer.token_embeddings(tokens)  # the residual stream, float32 [B, dim]
+        return self.model.head(self.native_plan.step(x, *self._cache_tensors(), slots, positions))
+
+    def prefill_chunk(self, tokens: torch.Tensor, start: int, slot: int, last_only: bool) -> torch.Tensor:
+        """Logits [T, vocab] (or [1, vocab] with `last_only`) for one sequence's T prompt tokens
+        at positions start .. start + T - 1, cached in row `slot`, by the native plan."""
+        x = self.model.transformer.token_embeddings(tokens)  # [T, dim]
+        h = self.native_plan.prefill(x, *self._cache_tensors(), slot, start)
+        return self.model.head(h[-1:] if last_only else h)
+
+    def _cache_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every layer's key and value caches, as the native plan takes them."""
+        caches = [block.attn.cache for block in self.model.transformer.layers]
+        return [c.k for c in caches], [c.v for c in caches]
