@@ -12,7 +12,8 @@ from typing import Literal, get_args
 Backend = Literal["auto", "torch", "mlx"]
 Runtime = Literal["torch", "mlx"]  # a backend once `auto` is decided
 Dtype = Literal["auto", "float32", "bfloat16"]  # activations; auto: the model's models.yaml dtype, else float32
-# Weights: bf16; int8 per output channel; int4 per group of 32 (int4 = int4-g32 on PyTorch), 64 or 128.
+# Weights: bf16; int8 (PyTorch: per output channel; MLX: group 64); int4 per group of 32, 64 or 128.
+# `int4` alone is group 32 on PyTorch and group 64 on MLX (mlx_backend.DEFAULT_GROUP_SIZE says why).
 Quant = Literal["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)

@@ -34,6 +34,10 @@ from elmd.engine.protocol import BackendInfo, CacheBytes, Finished, SamplingPara
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 GROUP_SIZES = (32, 64, 128)
+# `int4` is group 64 here, group 32 on the PyTorch backend (choices.Quant says so): mlx-lm's
+# affine scheme keeps a bf16 bias per group, and at group 32 the tiny model with one channel
+# past fp16's range (test_quantized_model_survives_activations_beyond_fp16) came out with
+# its logits inverted (cosine -1.0 to bf16; 0.94 or better at group 64). `int4-g32` asks for 32.
 DEFAULT_GROUP_SIZE = 64
 
 
