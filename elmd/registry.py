@@ -74,7 +74,7 @@ class SamplingDefaults(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     max_tokens: int | None = Field(None, ge=1)
-    stop: list[str] | None = None
+    stop: tuple[str, ...] | None = None  # as SamplingParams holds it
 
 
 class ModelEntry(BaseModel):

@@ -75,20 +75,20 @@ def build_app(checkpoint: Path | None = None, model_id: str = TINY_MODEL, preloa
               store_root: Path | None = None, **settings_overrides):
     """The daemon's real app over `checkpoint` (served as `model_id`) and the store
     (`store_root`, default: the one under ELMD_HOME)."""
+    from elmd.catalog import Catalog
     from elmd.registry import Registry
     from elmd.server.app import create_app
-    from elmd.server.manager import ModelManager, ModelSpec
+    from elmd.server.manager import ModelManager
     from elmd.settings import Settings
     from elmd.store import Store
 
     settings = Settings(**{"backend": "torch", **settings_overrides})
-    pinned = None
+    catalog = Catalog(settings, Registry.load(), Store(store_root))
     if checkpoint is not None:
-        pinned = ModelSpec(id=model_id, path=checkpoint, backend=settings.backend, dtype=settings.dtype,
-                           quant=settings.quant or "none", context_length=None, created=1)
+        catalog.pinned = catalog.directory(checkpoint, model_id)
     extra = {"loader": loader} if loader is not None else {}
-    manager = ModelManager(settings, Registry.load(), Store(store_root), pinned=pinned, **extra)
-    return create_app(settings, manager, preload=model_id if (pinned and preload) else None), manager
+    manager = ModelManager(settings, catalog, **extra)
+    return create_app(settings, manager, preload=model_id if (catalog.pinned and preload) else None), manager
 
 
 @pytest.fixture

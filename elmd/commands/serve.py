@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from elmd.registry import Registry, RegistryError
     from elmd.server import security
     from elmd.server.app import create_app
+    from elmd.catalog import Catalog
     from elmd.server.manager import ModelManager
     from elmd.settings import Settings
     from elmd.store import Store
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"elmd serve: {exc}", file=sys.stderr)
         return 1
-    manager = ModelManager(settings, registry, store, pinned=pinned)
+    manager = ModelManager(settings, Catalog(settings, registry, store, pinned))
     app = create_app(settings, manager, preload=preload, install=install)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; SIGTERM
     # is how launchd and systemd stop a service, so it ends in exit status 0, not death by signal.
@@ -119,11 +120,10 @@ def startup_model(settings, registry, store):
     """(pinned ModelSpec or None, model id to load at start or None, what installs that model
     into the store first or None).
 
-    A directory given by the operator is served under its folder name, with the
-    models.yaml defaults of the model it is named after (a hub checkout such as
-    `OpenELM-1_1B-Instruct` gets `openelm-1.1b-instruct`'s); a name must be installed, or
-    be installable without the network (the offline default ships in a Python package)."""
-    from elmd.server.manager import ModelSpec
+    A directory given by the operator is served under its folder name (Catalog.directory);
+    a name must be installed, or be installable without the network (the offline default
+    ships in a Python package)."""
+    from elmd.catalog import Catalog
     from elmd.store import InvalidModelName
 
     name = settings.model
@@ -131,18 +131,7 @@ def startup_model(settings, registry, store):
         path = Path(name).expanduser().resolve()
         if not (path / "config.json").is_file():
             raise StartupError(f"{path} is not a model directory (no config.json)")
-        entry = registry.get(path.name.lower().replace("_", "."))
-        spec = ModelSpec(
-            id=path.name,
-            path=path,
-            backend=settings.backend,
-            dtype=entry.dtype if entry and settings.dtype == "auto" else settings.dtype,
-            quant=settings.quant or "none",
-            chat_template=entry.chat_template if entry else None,
-            defaults=dict(entry.sampling) if entry else {},
-            context_length=entry.context_length if entry else None,
-            created=int(path.stat().st_mtime),
-        )
+        spec = Catalog(settings, registry, store).directory(path)
         return spec, spec.id, None
     wanted = name or OFFLINE_DEFAULT
     try:

@@ -20,6 +20,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from elmd.catalog import default_quant
     from elmd.commands.list import describe_source
     from elmd.registry import Registry
     from elmd.store import ModelNotFound, Store, human_size
@@ -32,17 +33,17 @@ def run(args: argparse.Namespace) -> int:
     manifest = model.manifest
     entry = Registry.load().get(model.name.split(":")[0])
     sampling = dict(entry.sampling) if entry else {}
-    default_quant = manifest.get("default_quant") or (entry.default_quant if entry else "none")
+    serves_as = default_quant(entry, manifest)
     if args.json:
         print(json.dumps({"name": model.name, "path": str(model.path), "size_bytes": model.size_bytes,
-                          "default_quant": default_quant, "sampling": sampling, "manifest": manifest}, indent=2))
+                          "default_quant": serves_as, "sampling": sampling, "manifest": manifest}, indent=2))
         return 0
     print(f"name:      {model.name}")
     print(f"path:      {model.path}")
     print(f"size:      {human_size(model.size_bytes)}")
     print(f"source:    {describe_source(manifest.get('source'))}")
     print(f"revision:  {manifest.get('revision')}")
-    print(f"quant:     {manifest.get('quant', '?')} (serves as {default_quant} unless --quant says otherwise)")
+    print(f"quant:     {manifest.get('quant', '?')} (serves as {serves_as} unless --quant says otherwise)")
     defaults = ", ".join(f"{key}={value}" for key, value in sampling.items()) or "the API's"
     print(f"sampling:  {defaults} (when a request leaves them out)")
     print(f"created:   {manifest.get('created', '?')}")

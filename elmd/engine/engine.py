@@ -162,10 +162,6 @@ class Engine:
     def params(self, **overrides) -> SamplingParams:
         """SamplingParams from the model's defaults, then the request's explicit values."""
         values = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
-        if isinstance(values.get("stop"), str):
-            values["stop"] = (values["stop"],)
-        if "stop" in values:
-            values["stop"] = tuple(values["stop"])
         return SamplingParams(**values)
 
     def check_length(self, prompt_ids: list[int], max_tokens: int) -> None:

@@ -44,9 +44,8 @@ class SamplingRequest(Protocol):
     frequency_penalty: float | None
     seed: int | None
     ignore_eos: bool | None
+    stop: tuple[str, ...] | None
     n: int
-
-    def stops(self) -> list[str]: ...
 
 
 def logit_bias(engine: Engine, body: SamplingRequest) -> tuple[tuple[int, float], ...] | None:
@@ -86,7 +85,7 @@ def choice_params(engine: Engine, body: SamplingRequest, max_tokens: int, logpro
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 seed=None if body.seed is None else body.seed + i,
-                stop=body.stops() or None,
+                stop=body.stop or None,
                 logprobs=logprobs,
                 ignore_eos=body.ignore_eos,
                 logit_bias=bias,
@@ -136,7 +135,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     )
 
 
-async def until_done(request: Request, work: Awaitable[T], lease: Lease, retry_after: int) -> T:
+async def until_done(request: Request, work: Awaitable[T], lease: Lease) -> T:
     """The result of `work`, unless the client goes away first (the work is cancelled, so
     its generations stop and free their memory) or the request's deadline passes (503)."""
     task = asyncio.ensure_future(work)
@@ -152,7 +151,7 @@ async def until_done(request: Request, work: Awaitable[T], lease: Lease, retry_a
         return task.result()
     if gone in done:
         raise APIError(499, "The client closed the request.", code="client_closed_request")
-    raise timed_out(retry_after)
+    raise timed_out(lease.settings.retry_after)
 
 
 async def _disconnected(request: Request) -> None:

@@ -24,44 +24,21 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import psutil
 
+from elmd.catalog import Catalog, ModelSpec
 from elmd.engine.protocol import describe_cpu_kernels
-from elmd.registry import Registry
 from elmd.server.errors import APIError, model_not_found, too_many_requests, unavailable
 from elmd.settings import Settings
-from elmd.store import InvalidModelName, Store, StoredModel
 
 if TYPE_CHECKING:
     from elmd.engine.engine import Engine, GenerationWatch
 
 log = logging.getLogger("elmd.server")
 
-WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz")
 REAP_INTERVAL = 0.25
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to load one servable model."""
-
-    id: str
-    path: Path
-    backend: str
-    dtype: str
-    quant: str
-    chat_template: str | None = None
-    defaults: dict = field(default_factory=dict)
-    context_length: int | None = None  # from models.yaml; the loaded engine's is authoritative
-    created: int = 0
-
-    def estimated_bytes(self) -> int:
-        """Resident size before loading: the weight files' size (a fair upper bound for
-        unquantized weights, the common case)."""
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
 @dataclass
@@ -83,8 +60,9 @@ class Lease:
     def __init__(self, manager: "ModelManager", resident: _Resident, keep_alive: tuple[bool, float | None], deadline: float):
         self.engine = resident.engine
         self.deadline = deadline
+        self.settings = manager.settings
         self._manager, self._resident, self._keep_alive = manager, resident, keep_alive
-        self._released = False
+        self._released = self._streamed = False
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - time.monotonic())
@@ -93,6 +71,20 @@ class Lease:
         if not self._released:
             self._released = True
             self._manager._release(self._resident, self._keep_alive)
+
+    async def __aenter__(self) -> "Lease":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        """A route's `async with` block holds the lease: released when the block ends,
+        unless a streamed response took it over."""
+        if not self._streamed:
+            self.release()
+
+    def hand_to_stream(self) -> "Lease":
+        """A streamed response takes the lease over; it releases it when the stream ends."""
+        self._streamed = True
+        return self
 
 
 def load_model(spec: ModelSpec, **engine_options) -> "Engine":
@@ -116,13 +108,11 @@ class ModelManager:
     def __init__(
         self,
         settings: Settings,
-        registry: Registry,
-        store: Store,
+        catalog: Catalog,
         *,
-        pinned: ModelSpec | None = None,
         loader: Callable[[ModelSpec], "Engine"] | None = None,
     ):
-        self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
+        self.settings, self.catalog = settings, catalog
         self._loader = loader or functools.partial(
             load_model, slots=settings.max_concurrent_requests, prefix_cache_bytes=settings.prefix_cache_bytes,
             cuda_graphs=settings.cuda_graphs, compile_decode=settings.compile_decode, kv_cache_dtype=settings.kv_cache_dtype,
@@ -144,54 +134,26 @@ class ModelManager:
 
     # ------------------------------------------------------------------ resolution
 
-    def specs(self) -> list[ModelSpec]:
-        """The models this daemon can serve: the pinned one, then the store's."""
-        specs = [self.pinned] if self.pinned else []
-        for stored in self.store.list():
-            if not self.pinned or stored.name != self.pinned.id:
-                specs.append(self._spec_from_store(stored))
-        return specs
-
     def spec(self, model_id: str) -> ModelSpec:
-        """The model a request names; 404 for anything else (paths included), 503 while
-        it is being installed."""
-        if self.pinned and model_id == self.pinned.id:
-            return self.pinned
-        if model_id in self._installing:
+        """The model a request names (the catalog's); 404 for anything else (paths
+        included), 503 while it is being installed."""
+        if model_id in self._installing and not self.catalog.is_pinned(model_id):
             raise unavailable(f"The model '{model_id}' is being installed.", self.settings.retry_after, "model_loading")
-        try:
-            if isinstance(model_id, str) and self.store.exists(model_id):
-                return self._spec_from_store(self.store.get(model_id))
-        except InvalidModelName:
-            pass
-        raise model_not_found(model_id)
+        spec = self.catalog.find(model_id)
+        if spec is None:
+            raise model_not_found(model_id)
+        return spec
 
     def default_model_id(self) -> str | None:
         """The model for requests that need not name one (the tokenizer endpoints)."""
-        if self.pinned:
-            return self.pinned.id
+        if self.catalog.pinned:
+            return self.catalog.pinned.id
         if self.settings.model:
             return self.settings.model
         if len(self._resident) == 1:
             return next(iter(self._resident))
-        specs = self.specs()
+        specs = self.catalog.specs()
         return specs[0].id if specs else None
-
-    def _spec_from_store(self, stored: StoredModel) -> ModelSpec:
-        entry = self.registry.get(stored.name) or self.registry.get(stored.name.split(":")[0])
-        manifest = stored.manifest or {}
-        quant = self.settings.quant or manifest.get("default_quant") or (entry.default_quant if entry else "none")
-        return ModelSpec(
-            id=stored.name,
-            path=stored.path,
-            backend=self.settings.backend,
-            dtype=entry.dtype if entry and self.settings.dtype == "auto" else self.settings.dtype,
-            quant=quant,
-            chat_template=entry.chat_template if entry else None,
-            defaults=dict(entry.sampling) if entry else {},
-            context_length=entry.context_length if entry else None,
-            created=int(stored.path.stat().st_mtime),
-        )
 
     # ------------------------------------------------------------------ leases
 

@@ -107,8 +107,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
     use = tool_use(body)
     constraint = tools.tool_constraint(use) if use.active else request_constraint(body)
     messages = template_messages(body.messages, use)
-    lease = await manager.lease(body.model, body.keep_alive_seconds())
-    try:
+    async with await manager.lease(body.model, body.keep_alive_seconds()) as lease:
         engine = lease.engine
         prompt_ids = engine.tokenizer.encode_chat(messages)
         max_tokens = body.requested_max_tokens() or generation.default_max_tokens(engine, prompt_ids)
@@ -123,15 +122,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
                 events = _stream_tool_calls(streams, meta, body, use, len(prompt_ids), lease.deadline)
             else:
                 events = _stream(engine, streams, meta, body, len(prompt_ids), top, lease.deadline)
-            return sse_response(events, lease, manager.settings.sse_ping_seconds)
-    except BaseException:
-        lease.release()
-        raise
-    try:
+            return sse_response(events, lease)
         work = asyncio.gather(*(engine.agenerate(prompt_ids, p, reply=True) for p in params))
-        results = await generation.until_done(request, work, lease, manager.settings.retry_after)
-    finally:
-        lease.release()
+        results = await generation.until_done(request, work, lease)
     choices = []
     for i, r in enumerate(results):
         reply = tools.parse_reply(r.text, r.finish_reason) if use.active else tools.ToolReply(r.text, None, r.finish_reason)

@@ -119,8 +119,7 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
     raw_prompts = body.prompts()
     if not raw_prompts:
         raise invalid("'prompt' must not be empty.", param="prompt")
-    lease = await manager.lease(body.model, body.keep_alive_seconds())
-    try:
+    async with await manager.lease(body.model, body.keep_alive_seconds()) as lease:
         engine = lease.engine
         max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         prompts = [await _prepare(engine, body, p, max_tokens) for p in raw_prompts]
@@ -129,15 +128,9 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
                     system_fingerprint=f"elmd-{engine.info.name}")
         jobs = [(k * body.n + i, prompt, p) for k, prompt in enumerate(prompts) for i, p in enumerate(params)]
         if body.stream:
-            return sse_response(_stream(engine, body, meta, jobs, lease.deadline), lease, manager.settings.sse_ping_seconds)
-    except BaseException:
-        lease.release()
-        raise
-    try:
+            return sse_response(_stream(engine, body, meta, jobs, lease.deadline), lease)
         work = asyncio.gather(*(_collect(engine, prompt, p, body.echo) for _, prompt, p in jobs))
-        results = await generation.until_done(request, work, lease, manager.settings.retry_after)
-    finally:
-        lease.release()
+        results = await generation.until_done(request, work, lease)
     choices = []
     for (index, prompt, _), (pieces, last) in zip(jobs, results):
         text, ids, scores, offsets = _echoed(prompt, body)

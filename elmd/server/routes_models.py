@@ -8,7 +8,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from elmd.server.deps import get_manager
-from elmd.server.manager import ModelManager, ModelSpec
+from elmd.catalog import ModelSpec
+from elmd.server.manager import ModelManager
 from elmd.server.schemas import Health, ModelCard, ModelList
 
 router = APIRouter()
@@ -29,7 +30,7 @@ def _card(manager: ModelManager, spec: ModelSpec) -> ModelCard:
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(manager: ModelManager = Depends(get_manager)) -> ModelList:
-    return ModelList(data=[_card(manager, spec) for spec in manager.specs()])
+    return ModelList(data=[_card(manager, spec) for spec in manager.catalog.specs()])
 
 
 @router.get("/v1/models/{model_id}", response_model=ModelCard)

@@ -178,9 +178,8 @@ async def _generate(request: Request, manager: ModelManager, model: str, body: _
                     prompt_ids: Callable[[Engine], list[int]], param: str, shape: Shape,
                     use: tools.ToolUse | None = None):
     clock = _Clock()
-    lease = await manager.lease(model, body.keep_alive_seconds())
-    clock.loaded = time.monotonic()
-    try:
+    async with await manager.lease(model, body.keep_alive_seconds()) as lease:
+        clock.loaded = time.monotonic()
         engine = lease.engine
         ids = prompt_ids(engine)
         options = body.sampling()
@@ -196,14 +195,7 @@ async def _generate(request: Request, manager: ModelManager, model: str, body: _
         chunks = engine.astream(ids, params, reply=True)
         if body.stream:
             return ndjson_response(_stream(chunks, clock, lease, shape, use), lease, error=APIError.ollama_body)
-    except BaseException:
-        lease.release()
-        raise
-    try:
-        text, reason = await generation.until_done(request, _collect(chunks, clock, lease), lease,
-                                                   manager.settings.retry_after)
-    finally:
-        lease.release()
+        text, reason = await generation.until_done(request, _collect(chunks, clock, lease), lease)
     if use is None or not use.active:
         return shape(text, True, reason, **clock.timings())
     reply = tools.parse_reply(text, reason)

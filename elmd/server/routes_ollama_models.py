@@ -23,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 from elmd.offline import OFFLINE_ENVIRONMENT
 from elmd.server.deps import get_manager
 from elmd.server.errors import APIError, invalid
-from elmd.server.manager import ModelManager, ModelSpec
+from elmd.catalog import ModelSpec
+from elmd.server.manager import ModelManager
 from elmd.server.routes_ollama import NS, model_id, timestamp
 from elmd.server.schemas_ollama import (OllamaEmbedRequest, OllamaModel, OllamaModelDetails, OllamaModelRequest,
                                         OllamaPullRequest, OllamaRunning, OllamaRunningModel, OllamaShow,
@@ -103,7 +104,7 @@ async def version() -> OllamaVersion:
 @router.get("/api/tags", response_model=OllamaTags)
 async def tags(manager: ModelManager = Depends(get_manager)) -> OllamaTags:
     return OllamaTags(models=[OllamaModel(**_entry(spec), modified_at=timestamp(spec.created))
-                              for spec in manager.specs()])
+                              for spec in manager.catalog.specs()])
 
 
 @router.get("/api/ps", response_model=OllamaRunning)
@@ -156,15 +157,15 @@ def _chat_template(spec: ModelSpec) -> str:
 @router.delete("/api/delete")
 async def delete(body: OllamaModelRequest, manager: ModelManager = Depends(get_manager)) -> Response:
     name = model_id(manager, _requested(body))
-    if manager.pinned is not None and name == manager.pinned.id:
+    if manager.catalog.is_pinned(name):
         raise APIError(400, f"model '{name}' is served from a directory given to `elmd serve`, not from the store; "
                        "it cannot be deleted through the API", param="model")
     try:
-        manager.store.get(name)
+        manager.catalog.store.get(name)
     except (ModelNotFound, InvalidModelName):
         raise APIError(404, f"model '{name}' not found", param="model", code="model_not_found") from None
     await manager.unload(name)
-    await asyncio.to_thread(manager.store.remove, name)
+    await asyncio.to_thread(manager.catalog.store.remove, name)
     return Response(status_code=200)
 
 
@@ -183,11 +184,11 @@ async def pull(body: OllamaPullRequest, manager: ModelManager = Depends(get_mana
         validate_name(name)
     except InvalidModelName as exc:
         raise invalid(str(exc), param="model") from None
-    if manager.registry.get(name) is None:
-        known = ", ".join(entry.id for entry in manager.registry)
+    if manager.catalog.registry.get(name) is None:
+        known = ", ".join(entry.id for entry in manager.catalog.registry)
         raise APIError(404, f"models.yaml has no model '{name}' (known: {known})", param="model",
                        code="model_not_found")
-    events = _pull_progress(name, manager.settings.backend, manager.store.exists(name))
+    events = _pull_progress(name, manager.settings.backend, manager.catalog.store.exists(name))
     if body.stream:
         return ndjson_response(events, None, error=APIError.ollama_body)
     last = None

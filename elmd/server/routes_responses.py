@@ -187,8 +187,7 @@ async def create_response(body: ResponsesRequest, request: Request, manager: Mod
         constraint = tools.tool_constraint(use)
     else:
         constraint = structured.text_format_constraint(body.text.format if body.text else None)
-    lease = await manager.lease(body.model, body.keep_alive_seconds())
-    try:
+    async with await manager.lease(body.model, body.keep_alive_seconds()) as lease:
         engine = lease.engine
         prompt_ids = engine.tokenizer.encode_chat(tools.with_system_prompt(system + conversation, use))
         max_tokens = body.max_output_tokens or generation.default_max_tokens(engine, prompt_ids)
@@ -199,16 +198,9 @@ async def create_response(body: ResponsesRequest, request: Request, manager: Mod
             sequence = count()
             chunks = engine.astream(prompt_ids, params, reply=True)
             events = _stream(draft, use, chunks, sequence, lease.deadline, store, conversation)
-            return sse_response(events, lease, manager.settings.sse_ping_seconds, named=True, done=False,
+            return sse_response(events, lease, named=True, done=False,
                                 error=lambda exc: _error_event(exc, next(sequence)))
-    except BaseException:
-        lease.release()
-        raise
-    try:
-        result = await generation.until_done(request, engine.agenerate(prompt_ids, params, reply=True), lease,
-                                             manager.settings.retry_after)
-    finally:
-        lease.release()
+        result = await generation.until_done(request, engine.agenerate(prompt_ids, params, reply=True), lease)
     reply = tools.parse_reply(result.text, result.finish_reason) if use.active else \
         tools.ToolReply(result.text, None, result.finish_reason)
     response = draft.finished(draft.output(reply, result.logprobs), result.finish_reason,

@@ -114,22 +114,22 @@ class _KeepAlive(_Request):
 
 
 class _Stops(_Request):
-    stop: str | list[str] | None = None
+    """`stop`: one string or a list, as sent; held as a tuple from here on (the one place it
+    is normalised), as SamplingParams and models.yaml's `sampling` have it."""
+
+    stop: str | list[str] | tuple[str, ...] | None = None
 
     @field_validator("stop")
     @classmethod
-    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        stops = [stop] if isinstance(stop, str) else stop or []
+    def _bounded_stops(cls, stop: str | list[str] | None) -> tuple[str, ...] | None:
+        if stop is None:
+            return None
+        stops = (stop,) if isinstance(stop, str) else tuple(stop)
         if len(stops) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(len(s) > MAX_STOP_LENGTH for s in stops):
             raise ValueError(f"a stop sequence has at most {MAX_STOP_LENGTH} characters")
-        return stop
-
-    def stops(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return stops
 
 
 class _Generation(_KeepAlive, _Stops):

@@ -29,7 +29,7 @@ _END = object()
 SEP = "\n"  # as OpenAI frames events (sse-starlette defaults to CRLF)
 
 
-def sse_response(events: AsyncIterator[BaseModel], lease: Lease, ping_seconds: float, *,
+def sse_response(events: AsyncIterator[BaseModel], lease: Lease, *,
                  error: Callable[[APIError], BaseModel | dict] | None = None, named: bool = False,
                  done: bool = True) -> EventSourceResponse:
     """Stream `events` to the client; the lease is released when the stream ends, fails
@@ -39,9 +39,10 @@ def sse_response(events: AsyncIterator[BaseModel], lease: Lease, ping_seconds: f
     (`error`) and sends no `[DONE]` (`named=True, done=False`). On SIGTERM the stream goes on
     for the daemon's shutdown grace period (sse-starlette would otherwise cut every stream at
     once), so an answer in flight can finish."""
+    lease.hand_to_stream()
     return EventSourceResponse(
         _frames(guarded(events, lease, error or APIError.body), named, done),
-        ping=ping_seconds,
+        ping=lease.settings.sse_ping_seconds,
         sep=SEP,
         background=BackgroundTask(lease.release),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
@@ -54,6 +55,8 @@ def ndjson_response(events: AsyncIterator[BaseModel], lease: Lease | None,
                     error: Callable[[APIError], BaseModel | dict]) -> StreamingResponse:
     """Stream `events` as newline-delimited JSON (Ollama's streaming), one object per line;
     the lease (if the stream holds one) is released as with `sse_response`."""
+    if lease is not None:
+        lease.hand_to_stream()
 
     async def lines() -> AsyncIterator[str]:
         checked = guarded(events, lease, error)

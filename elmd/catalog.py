@@ -1,0 +1,99 @@
+"""Model names to model specs, in one place: the directory `serve` was started with (the
+pinned model) and the store's models, each with its models.yaml entry. Whoever needs a
+spec (serve, the model manager, the API's model routes) asks the catalog, so a model's
+backend, dtype, quant, chat template and sampling defaults are decided once.
+
+A name never resolves to a path: only the operator's `serve` argument can be one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from elmd.registry import ModelEntry, Registry
+from elmd.settings import Settings
+from elmd.store import InvalidModelName, Store, StoredModel
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to load one servable model."""
+
+    id: str
+    path: Path
+    backend: str
+    dtype: str
+    quant: str
+    chat_template: str | None = None
+    defaults: dict = field(default_factory=dict)
+    context_length: int | None = None  # from models.yaml; the loaded engine's is authoritative
+    created: int = 0
+
+    def estimated_bytes(self) -> int:
+        """Resident size before loading: the weight files' size (a fair upper bound for
+        unquantized weights, the common case)."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def default_quant(entry: ModelEntry | None, manifest: dict | None = None) -> str:
+    """The quant a model serves with unless the operator picks one: what its install
+    chose (the store's manifest), else its models.yaml entry's, else none."""
+    return (manifest or {}).get("default_quant") or (entry.default_quant if entry else "none")
+
+
+class Catalog:
+    def __init__(self, settings: Settings, registry: Registry, store: Store, pinned: ModelSpec | None = None):
+        self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
+
+    def entry(self, name: str) -> ModelEntry | None:
+        """The models.yaml entry of a model name (a tag such as `:latest` ignored)."""
+        return self.registry.get(name) or self.registry.get(name.split(":")[0])
+
+    def directory(self, path: Path, model_id: str | None = None) -> ModelSpec:
+        """A model directory the operator gave `serve`, served as `model_id` (default: its
+        folder name), with the models.yaml entry it is named after (a hub checkout such as
+        `OpenELM-1_1B-Instruct` gets `openelm-1.1b-instruct`'s)."""
+        entry = self.registry.get(path.name.lower().replace("_", "."))
+        return self._spec(model_id or path.name, path, entry, default_quant(entry))
+
+    def stored(self, stored: StoredModel) -> ModelSpec:
+        entry = self.entry(stored.name)
+        return self._spec(stored.name, stored.path, entry, default_quant(entry, stored.manifest))
+
+    def _spec(self, model_id: str, path: Path, entry: ModelEntry | None, quant: str) -> ModelSpec:
+        settings = self.settings
+        return ModelSpec(
+            id=model_id,
+            path=path,
+            backend=settings.backend,
+            dtype=entry.dtype if entry and settings.dtype == "auto" else settings.dtype,
+            quant=settings.quant or quant,
+            chat_template=entry.chat_template if entry else None,
+            defaults=dict(entry.sampling) if entry else {},
+            context_length=entry.context_length if entry else None,
+            created=int(path.stat().st_mtime),
+        )
+
+    def specs(self) -> list[ModelSpec]:
+        """The models this daemon can serve: the pinned one, then the store's."""
+        specs = [self.pinned] if self.pinned else []
+        for stored in self.store.list():
+            if not self.pinned or stored.name != self.pinned.id:
+                specs.append(self.stored(stored))
+        return specs
+
+    def find(self, model_id: str) -> ModelSpec | None:
+        """The model a request names, or None (paths and invalid names included)."""
+        if self.pinned and model_id == self.pinned.id:
+            return self.pinned
+        try:
+            if isinstance(model_id, str) and self.store.exists(model_id):
+                return self.stored(self.store.get(model_id))
+        except InvalidModelName:
+            pass
+        return None
+
+    def is_pinned(self, model_id: str) -> bool:
+        return self.pinned is not None and model_id == self.pinned.id
