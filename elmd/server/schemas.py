@@ -296,10 +296,6 @@ class DetokenizeRequest(_Request):
 # --------------------------------------------------------------------------- responses
 
 
-class _Response(BaseModel):
-    pass
-
-
 class _DropNone(BaseModel):
     """Serializes without the fields that are None (for objects OpenAI sends sparsely)."""
 
@@ -308,7 +304,7 @@ class _DropNone(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class _OmitNone(_Response):
+class _OmitNone(BaseModel):
     """Serializes without the fields named in `omit_none` while they are None: fields OpenAI
     leaves out rather than sending as null."""
 
@@ -319,36 +315,36 @@ class _OmitNone(_Response):
         return {k: v for k, v in handler(self).items() if v is not None or k not in self.omit_none}
 
 
-class PromptTokensDetails(_Response):
+class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
-class Usage(_Response):
+class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
-class TopLogprob(_Response):
+class TopLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int] | None
 
 
-class TokenLogprobInfo(_Response):
+class TokenLogprobInfo(BaseModel):
     token: str
     logprob: float
     bytes: list[int] | None
     top_logprobs: list[TopLogprob]
 
 
-class ChoiceLogprobs(_Response):
+class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprobInfo] | None
     refusal: list[TokenLogprobInfo] | None = None
 
 
-class ToolCall(_Response):
+class ToolCall(BaseModel):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -363,14 +359,14 @@ class AssistantMessage(_OmitNone):
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(_Response):
+class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None
     finish_reason: str
 
 
-class ChatCompletion(_Response):
+class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -398,7 +394,7 @@ class ChatDelta(_DropNone):
     tool_calls: list[ToolCallDelta] | None = None
 
 
-class ChatChunkChoice(_Response):
+class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
@@ -415,14 +411,14 @@ class ChatCompletionChunk(_DropNone):
     usage: Usage | None = None
 
 
-class CompletionLogprobs(_Response):
+class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
-class CompletionChoice(_Response):
+class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
@@ -439,7 +435,7 @@ class Completion(_DropNone):
     usage: Usage | None = None
 
 
-class ModelCard(_Response):
+class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -451,12 +447,12 @@ class ModelCard(_Response):
     memory_bytes: int | None = None  # what a loaded model holds now: weights, KV cache, cached prefixes (`elmd status`)
 
 
-class ModelList(_Response):
+class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class Health(_Response):
+class Health(BaseModel):
     status: Literal["ok", "loading", "error"]
     loaded: list[str]
     loading: list[str]
@@ -468,18 +464,18 @@ class Health(_Response):
     cpu_kernels_building: bool = False
 
 
-class TokenizeResponse(_Response):
+class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
     token_strs: list[str] | None = None
 
 
-class DetokenizeResponse(_Response):
+class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-class TokenizerInfo(_Response):
+class TokenizerInfo(BaseModel):
     model: str
     tokenizer_class: str
     bos_token: str | None
@@ -491,12 +487,12 @@ class TokenizerInfo(_Response):
     vocab_size: int
 
 
-class ErrorBody(_Response):
+class ErrorBody(BaseModel):
     message: str
     type: str
     param: str | None
     code: str | None
 
 
-class ErrorResponse(_Response):
+class ErrorResponse(BaseModel):
     error: ErrorBody

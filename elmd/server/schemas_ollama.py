@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from elmd.server.limits import MAX_MESSAGES, SEED_RANGE
-from elmd.server.schemas import Tool, _DropNone, _KeepAlive, _Request, _Response, _Stops
+from elmd.server.schemas import Tool, _DropNone, _KeepAlive, _Request, _Stops
 
 # --------------------------------------------------------------------------- requests
 
@@ -192,7 +192,7 @@ class OllamaGenerateResponse(_Timings):
     done_reason: str | None = None
 
 
-class OllamaModelDetails(_Response):
+class OllamaModelDetails(BaseModel):
     parent_model: str = ""
     format: str
     family: str
@@ -201,7 +201,7 @@ class OllamaModelDetails(_Response):
     quantization_level: str
 
 
-class OllamaModel(_Response):
+class OllamaModel(BaseModel):
     name: str
     model: str
     modified_at: str
@@ -210,11 +210,11 @@ class OllamaModel(_Response):
     details: OllamaModelDetails
 
 
-class OllamaTags(_Response):
+class OllamaTags(BaseModel):
     models: list[OllamaModel]
 
 
-class OllamaRunningModel(_Response):
+class OllamaRunningModel(BaseModel):
     name: str
     model: str
     size: int
@@ -225,11 +225,11 @@ class OllamaRunningModel(_Response):
     context_length: int
 
 
-class OllamaRunning(_Response):
+class OllamaRunning(BaseModel):
     models: list[OllamaRunningModel]
 
 
-class OllamaShow(_Response):
+class OllamaShow(BaseModel):
     modelfile: str
     parameters: str
     template: str
@@ -239,11 +239,11 @@ class OllamaShow(_Response):
     modified_at: str
 
 
-class OllamaVersion(_Response):
+class OllamaVersion(BaseModel):
     version: str
 
 
-class OllamaStatus(_Response):
+class OllamaStatus(BaseModel):
     status: str
     digest: str | None = None
     total: int | None = None

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from elmd.server.limits import MAX_MESSAGES, MAX_TOP_LOGPROBS, SEED_RANGE
-from elmd.server.schemas import TextPart, TokenLogprobInfo, _DropNone, _KeepAlive, _OmitNone, _Request, _Response, _Stops
+from elmd.server.schemas import TextPart, TokenLogprobInfo, _DropNone, _KeepAlive, _OmitNone, _Request, _Stops
 
 # --------------------------------------------------------------------------- requests
 
@@ -152,14 +152,14 @@ def _meaningful(value: Any) -> bool:
 # --------------------------------------------------------------------------- responses
 
 
-class OutputText(_Response):
+class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
     logprobs: list[TokenLogprobInfo] = Field(default_factory=list)  # OpenAI's LogProb: chat's entries
 
 
-class FunctionCallItem(_Response):
+class FunctionCallItem(BaseModel):
     """OpenAI's `FunctionToolCall` output item."""
 
     id: str
@@ -170,7 +170,7 @@ class FunctionCallItem(_Response):
     status: Literal["in_progress", "completed", "incomplete"]
 
 
-class OutputMessage(_Response):
+class OutputMessage(BaseModel):
     id: str
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
@@ -178,16 +178,16 @@ class OutputMessage(_Response):
     content: list[OutputText]
 
 
-class InputTokensDetails(_Response):
+class InputTokensDetails(BaseModel):
     cached_tokens: int = 0
     cache_write_tokens: int = 0
 
 
-class OutputTokensDetails(_Response):
+class OutputTokensDetails(BaseModel):
     reasoning_tokens: int = 0
 
 
-class ResponseUsage(_Response):
+class ResponseUsage(BaseModel):
     input_tokens: int
     input_tokens_details: InputTokensDetails
     output_tokens: int
@@ -195,11 +195,11 @@ class ResponseUsage(_Response):
     total_tokens: int
 
 
-class IncompleteDetails(_Response):
+class IncompleteDetails(BaseModel):
     reason: Literal["max_output_tokens", "content_filter"]
 
 
-class ResponseText(_Response):
+class ResponseText(BaseModel):
     format: dict[str, Any] = Field(default_factory=lambda: {"type": "text"})  # the request's, as OpenAI echoes it
 
 
@@ -234,7 +234,7 @@ class ResponseObject(_OmitNone):
     metadata: dict[str, str] = Field(default_factory=dict)
 
 
-class DeletedResponse(_Response):
+class DeletedResponse(BaseModel):
     id: str
     object: Literal["response.deleted"] = "response.deleted"
     deleted: bool = True
@@ -258,7 +258,7 @@ class ResponseEvent(_DropNone):
     logprobs: list[TokenLogprobInfo] | None = None
 
 
-class ResponseErrorEvent(_Response):
+class ResponseErrorEvent(BaseModel):
     type: Literal["error"] = "error"
     code: str | None
     message: str
