@@ -38,11 +38,9 @@ from pathlib import Path
 
 import httpx
 
-from common import (REPO, OthersCpu, add_rate_options, child_result, free_port, peak_rss_bytes, rate_options,
-                    token_rates, wait_ready)
+from common import (REPO, OthersCpu, add_rate_options, child_result, free_port, model_dirs, peak_rss_bytes,
+                    rate_options, token_rates, wait_ready)
 
-FIXTURE_SHAPES = ("270M", "450M", "1.1B", "3B")
-OFFLINE_MODEL = "smollm2-135m-instruct"
 
 
 # ---- one model, one quantization, in its own process ---------------------------------
@@ -130,32 +128,6 @@ def measure_http(model_dir: Path, quant: str, args, home: Path, cpu_kernels: str
 
 
 # ---- models, the table, the chart ----------------------------------------------------
-
-def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
-    """Fixtures by shape (written once into the work dir, bf16 like the hub), the offline
-    model (pulled into the work dir's own store), or any local model directory."""
-    out = {}
-    for name in names:
-        if name in FIXTURE_SHAPES:
-            path = work / "fixtures" / name
-            if not (path / "config.json").exists():
-                from elmd.fixtures import write_checkpoint
-
-                write_checkpoint(path, shape=name, dtype="bfloat16")
-            out[f"{name} fixture"] = path
-        elif name == "offline":
-            home = work / "home"
-            env = {**os.environ, "PYTHONPATH": str(REPO), "ELMD_HOME": str(home)}
-            os.environ["ELMD_HOME"] = str(home)  # the bench's own store, pulled into once
-            from elmd.store import Store
-
-            out[OFFLINE_MODEL] = Store().path(OFFLINE_MODEL)
-            if not (out[OFFLINE_MODEL] / "config.json").exists():
-                subprocess.run([sys.executable, "-m", "elmd", "pull", OFFLINE_MODEL, "--quiet"], env=env, check=True)
-        else:
-            out[Path(name).name] = Path(name)
-    return out
-
 
 def print_table(rows: list[dict], bandwidth: float) -> None:
     print(f"\nread bandwidth: {bandwidth:.1f} GB/s (median of the runs around the measurements)")

@@ -31,6 +31,36 @@ def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
     return [rng.randrange(3, vocab) for _ in range(n)]
 
 
+FIXTURE_SHAPES = ("270M", "450M", "1.1B", "3B")
+OFFLINE_MODEL = "smollm2-135m-instruct"
+
+
+def model_dirs(names: list[str], work: Path) -> dict[str, Path]:
+    """Fixtures by shape (written once into the work dir, bf16 like the hub), the offline
+    model (pulled into the work dir's own store), or any local model directory."""
+    out = {}
+    for name in names:
+        if name in FIXTURE_SHAPES:
+            path = work / "fixtures" / name
+            if not (path / "config.json").exists():
+                from elmd.fixtures import write_checkpoint
+
+                write_checkpoint(path, shape=name, dtype="bfloat16")
+            out[f"{name} fixture"] = path
+        elif name == "offline":
+            home = work / "home"
+            env = {**os.environ, "PYTHONPATH": str(REPO), "ELMD_HOME": str(home)}
+            os.environ["ELMD_HOME"] = str(home)  # the bench's own store, pulled into once
+            from elmd.store import Store
+
+            out[OFFLINE_MODEL] = Store().path(OFFLINE_MODEL)
+            if not (out[OFFLINE_MODEL] / "config.json").exists():
+                subprocess.run([sys.executable, "-m", "elmd", "pull", OFFLINE_MODEL, "--quiet"], env=env, check=True)
+        else:
+            out[Path(name).name] = Path(name)
+    return out
+
+
 def peak_rss_bytes() -> int:
     """This process's high-water resident size (VmHWM). Not ru_maxrss: Linux carries that
     across exec, so a child would report its parent's peak."""

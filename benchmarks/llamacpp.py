@@ -212,9 +212,10 @@ def quantize(src: Path, dst: Path, gguf_type: str, threads: int) -> None:
     tmp.replace(dst)
 
 
-def gguf_for(model_dir: Path, quant: str, work: Path, threads: int) -> Path:
+def gguf_for(model_dir: Path, quant: str, work: Path, threads: int, quantizer: Path | None = None) -> Path:
     """The model's GGUF for an elmd quant, built once into `work` (keyed by the weight
-    files' path, size and mtime); quantizing runs in a child, whose log is kept out of sight."""
+    files' path, size and mtime); quantizing runs in a child, whose log is kept out of sight:
+    llama-cpp-python's quantizer, or the `llama-quantize` binary given as `quantizer`."""
     from elmd.engine.checkpoint import weight_files
 
     if quant not in GGUF_TYPES:
@@ -228,8 +229,11 @@ def gguf_for(model_dir: Path, quant: str, work: Path, threads: int) -> Path:
     if gguf_type in ("f32", "bf16"):
         return write_gguf(model_dir, path, gguf_type)
     source = gguf_for(model_dir, "none", work, threads)
-    done = subprocess.run([sys.executable, __file__, "--quantize", str(source), str(path), gguf_type,
-                           "--threads", str(threads)], capture_output=True, text=True)
+    if quantizer is not None:
+        cmd = [str(quantizer), str(source), str(path), gguf_type.upper(), str(threads)]
+    else:
+        cmd = [sys.executable, __file__, "--quantize", str(source), str(path), gguf_type, "--threads", str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"quantizing to {gguf_type}: " + (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1])
     return path
