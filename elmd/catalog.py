@@ -7,12 +7,15 @@ A name never resolves to a path: only the operator's `serve` argument can be one
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from elmd.registry import ModelEntry, Registry
 from elmd.settings import Settings
 from elmd.store import InvalidModelName, Store, StoredModel
+
+log = logging.getLogger("elmd.server")
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz")
 
@@ -30,6 +33,7 @@ class ModelSpec:
     defaults: dict = field(default_factory=dict)
     context_length: int | None = None  # from models.yaml; the loaded engine's is authoritative
     created: int = 0
+    draft: "ModelSpec | None" = None  # the installed model that guesses for this one (speculation)
 
     def estimated_bytes(self) -> int:
         """Resident size before loading: the weight files' size (a fair upper bound for
@@ -46,23 +50,45 @@ def default_quant(entry: ModelEntry | None, manifest: dict | None = None) -> str
 class Catalog:
     def __init__(self, settings: Settings, registry: Registry, store: Store, pinned: ModelSpec | None = None):
         self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
+        self._missing_drafts: set[str] = set()
 
     def entry(self, name: str) -> ModelEntry | None:
         """The models.yaml entry of a model name (a tag such as `:latest` ignored)."""
         return self.registry.get(name) or self.registry.get(name.split(":")[0])
+
+    def _draft(self, model_id: str, entry: ModelEntry | None) -> ModelSpec | None:
+        """The draft for `model_id`: the operator's (`--draft`), else its models.yaml entry's,
+        when installed; a draft that is not is said once in the log."""
+        name = self.settings.draft or (entry.draft if entry else None)
+        if not name or name == "none" or name == model_id or not self.settings.speculation:
+            return None
+        try:
+            stored = self.store.get(name) if self.store.exists(name) else None
+        except InvalidModelName:
+            stored = None
+        if stored is None:
+            if name not in self._missing_drafts:
+                self._missing_drafts.add(name)
+                log.warning("draft model %s is not installed: speculation uses prompt lookup (elmd pull %s)", name, name)
+            return None
+        entry = self.entry(stored.name)
+        return self._spec(stored.name, stored.path, entry, default_quant(entry, stored.manifest), draft=None)
 
     def directory(self, path: Path, model_id: str | None = None) -> ModelSpec:
         """A model directory the operator gave `serve`, served as `model_id` (default: its
         folder name), with the models.yaml entry it is named after (a hub checkout such as
         `OpenELM-1_1B-Instruct` gets `openelm-1.1b-instruct`'s)."""
         entry = self.registry.get(path.name.lower().replace("_", "."))
-        return self._spec(model_id or path.name, path, entry, default_quant(entry))
+        model_id = model_id or path.name
+        return self._spec(model_id, path, entry, default_quant(entry), self._draft(model_id, entry))
 
     def stored(self, stored: StoredModel) -> ModelSpec:
         entry = self.entry(stored.name)
-        return self._spec(stored.name, stored.path, entry, default_quant(entry, stored.manifest))
+        return self._spec(stored.name, stored.path, entry, default_quant(entry, stored.manifest),
+                          self._draft(stored.name, entry))
 
-    def _spec(self, model_id: str, path: Path, entry: ModelEntry | None, quant: str) -> ModelSpec:
+    def _spec(self, model_id: str, path: Path, entry: ModelEntry | None, quant: str,
+              draft: ModelSpec | None) -> ModelSpec:
         settings = self.settings
         return ModelSpec(
             id=model_id,
@@ -74,6 +100,7 @@ class Catalog:
             defaults=dict(entry.sampling) if entry else {},
             context_length=entry.context_length if entry else None,
             created=int(path.stat().st_mtime),
+            draft=draft,
         )
 
     def specs(self) -> list[ModelSpec]:

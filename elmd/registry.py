@@ -88,6 +88,7 @@ class ModelEntry(BaseModel):
     dtype: Dtype = "auto"  # activations, unless the operator chooses
     chat_template: str | None = None
     sampling: dict = Field(default_factory=dict)  # SamplingDefaults' fields that are set
+    draft: str | None = None  # a smaller model with the same tokenizer that guesses for this one
     source: ModelSource
     sources: dict[Runtime, ModelSource] = Field(default_factory=dict)
 

@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     kv_cache_dtype: Literal["auto", "float16", "float32"] = "auto"  # auto: float16 beside float32 activations on the CPU
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA only)
     compile_decode: bool = False  # with cuda_graphs, capture a torch.compile'd step (minutes of compiling)
-    speculation: bool = True  # prompt-lookup speculation when one sequence decodes (output unchanged)
+    speculation: bool = True  # speculative decoding when one sequence decodes (output unchanged)
+    draft: str | None = None  # the model that guesses for every served one (default: models.yaml's `draft`); "none": off
 
     # streaming
     sse_ping_seconds: float = Field(10.0, gt=0)  # comment keep-alives while a prompt is processed

@@ -230,3 +230,103 @@ def test_streamed_chat_is_the_same_with_the_setting_off(start_server, scripted):
     assert replies[0][0] == replies[1][0] and replies[0][2] == replies[1][2]
     assert [lp["token"] for lp in replies[0][1]] == [lp["token"] for lp in replies[1][1]]
     assert replies[0][0].startswith("Alpha bravo charlie")
+
+
+# -- a draft model ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_tiny(tmp_path_factory):
+    """Another tiny checkpoint (other random weights, the same tokenizer): a draft that
+    guesses badly."""
+    return write_checkpoint(tmp_path_factory.mktemp("other"), "tiny", seed=2)
+
+
+@contextmanager
+def drafted(checkpoint, draft):
+    engine = load_engine(checkpoint, backend="torch", dtype="float32", slots=2, draft_dir=draft)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def test_a_copy_of_the_target_as_draft_has_every_guess_accepted_and_changes_nothing(tiny, tiny_engines):
+    """The mechanism's ceiling: a draft that is the target guesses what greedy picks."""
+    _, off = tiny_engines
+    params = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, logprobs=3)
+    prompts = ([11, 500, 23, 901, 77], list(range(100, 160)))
+    with drafted(tiny, tiny) as engine:
+        assert engine.backend.info.extra["draft"] == tiny.name
+        for prompt in prompts:
+            assert_same(run(engine, prompt, params), run(off, prompt, params))
+        scheduler = engine.backend.scheduler
+        assert scheduler.proposed_tokens >= 2 * 50 and scheduler.accepted_tokens == scheduler.proposed_tokens
+
+
+def test_a_poor_draft_changes_nothing_and_rests(tiny, other_tiny, tiny_engines):
+    _, off = tiny_engines
+    params = SamplingParams(max_tokens=80, temperature=0, ignore_eos=True)
+    with drafted(tiny, other_tiny) as engine:
+        for prompt in ([11, 500, 23, 901, 77], LOOPING_PROMPT):
+            assert_same(run(engine, prompt, params), run(off, prompt, params))
+        scheduler = engine.backend.scheduler
+        assert scheduler.accepted_tokens < scheduler.proposed_tokens < 2 * 80  # it guessed, missed, and rested
+
+
+def test_seeded_samples_with_a_draft_are_the_same(scripted, scripted_engines):
+    """Sampled output follows the target's distribution draw for draw: a draft's greedy
+    guess is a point-mass proposal, which the walk accepts exactly when the target's own
+    sampler picks it (the scripted model drafting for itself: most guesses kept)."""
+    _, off = scripted_engines
+    prompt = off.tokenizer.encode_chat([{"role": "user", "content": f"Repeat after me: {REPLY}"}])
+    with drafted(scripted, scripted) as engine:
+        for seed in range(6):
+            params = SamplingParams(max_tokens=40, temperature=5.0, seed=seed, logprobs=2, presence_penalty=0.3)
+            assert_same(run(engine, prompt, params), run(off, prompt, params))
+        assert engine.backend.scheduler.accepted_tokens >= 6 * 5
+
+
+def test_a_draft_with_another_tokenizer_is_refused(tiny, scripted):
+    with pytest.raises(ValueError, match="same tokenizer"):
+        load_engine(tiny, backend="torch", dtype="float32", draft_dir=scripted)
+
+
+def test_the_daemon_drafts_with_an_installed_model_and_says_when_it_cannot(start_server, tiny, monkeypatch, tmp_path,
+                                                                           caplog):
+    """`serve --draft NAME` (or models.yaml's `draft`): an installed model guesses for the
+    served one, which answers exactly as without; a draft that is not installed is said in
+    the log and the daemon serves with prompt lookup."""
+    import shutil
+
+    from elmd.store import Store
+
+    monkeypatch.setenv("ELMD_HOME", str(tmp_path / "home"))
+    with Store().installing("tiny-draft") as folder:
+        shutil.copytree(tiny, folder, dirs_exist_ok=True)
+    question = [{"role": "user", "content": "Count with me: one two three four five"}]
+    replies = {}
+    for draft in ("tiny-draft", "none", "not-installed"):
+        running = start_server(tiny, draft=draft, keep_alive=-1)
+        client = OpenAI(base_url=running.v1, api_key="unused")
+        reply = client.chat.completions.create(model="tiny-openelm", messages=question, temperature=0, max_tokens=40,
+                                               extra_body={"ignore_eos": True})
+        replies[draft] = reply.choices[0].message.content
+        engine = running.manager.loaded()["tiny-openelm"]
+        assert engine.info.extra["draft"] == ("tiny-draft" if draft == "tiny-draft" else None)
+        if draft == "tiny-draft":  # a copy of the target: every guess is kept
+            accepted = value(scrape(running.base_url), "elmd_speculative_tokens_accepted_total", model="tiny-openelm")
+            assert accepted >= 30
+    assert replies["tiny-draft"] == replies["none"] == replies["not-installed"]
+    assert "draft model not-installed is not installed" in caplog.text
+
+
+def test_models_yaml_drafts_name_a_model_of_the_same_family():
+    from elmd.registry import Registry
+
+    registry = Registry.load()
+    drafted = {entry.id: entry.draft for entry in registry if entry.draft}
+    assert drafted == {"openelm-1.1b-instruct": "openelm-270m-instruct", "openelm-3b-instruct": "openelm-270m-instruct"}
+    for target, draft in drafted.items():
+        assert registry.get(draft).architecture == registry.get(target).architecture == "openelm"
+        assert registry.get(draft).draft is None

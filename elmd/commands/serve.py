@@ -46,7 +46,10 @@ def register(subparsers) -> None:
                         "else the config directory's api_key file if present; see `elmd key`)")
     parser.add_argument("--max-body-bytes", type=int, help="largest request body (default: 4 MiB)")
     parser.add_argument("--speculation", action=argparse.BooleanOptionalAction,
-                        help="prompt-lookup speculative decoding when one request generates (default: on)")
+                        help="speculative decoding when one request generates (default: on): a draft model's "
+                        "guesses where there is one, else prompt lookup")
+    parser.add_argument("--draft", metavar="MODEL", help="an installed model with the same tokenizer that guesses "
+                        "for the served ones (default: the models.yaml entry's draft; none: prompt lookup only)")
     parser.add_argument("--log-file", help="also write the log to this file (created mode 0600)")
     parser.add_argument("--log-prompts", action="store_true", default=None,
                         help="write request and response bodies (prompts, completions) to the log")
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         "max_concurrent_requests": args.max_concurrent_requests, "max_queued_requests": args.max_queued_requests,
         "request_timeout": args.request_timeout, "allow_origins": args.allow_origins,
         "api_key_file": args.api_key_file, "max_body_bytes": args.max_body_bytes, "log_file": args.log_file,
-        "log_prompts": args.log_prompts, "speculation": args.speculation,
+        "log_prompts": args.log_prompts, "speculation": args.speculation, "draft": args.draft,
     }  # fmt: skip
     try:
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})

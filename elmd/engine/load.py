@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from elmd.choices import pick_backend
@@ -24,6 +25,10 @@ def load_engine(
     if pick_backend(backend) == "mlx":
         from elmd.engine.mlx_backend import MLXBackend
 
+        if backend_options.get("draft_dir") is not None:
+            logging.getLogger("elmd.server").warning(
+                "%s: draft-model speculation runs on the PyTorch backend; on MLX the model decodes without a draft",
+                model_id or model_dir.name)
         if quant == "bf16":  # MLX runs bf16 throughout; its weights need no separate scheme
             quant, dtype = "none", "bfloat16"
 

@@ -30,7 +30,7 @@ from elmd.engine.runner import Runner
 from elmd.engine.prefix_cache import PrefixCache
 from elmd.engine.protocol import Finished, SamplingParams, Step, StepChannel
 from elmd.engine.sampling import Sampler
-from elmd.engine.speculation import PromptLookup
+from elmd.engine.speculation import DraftModel, DraftProposer, PromptLookup
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Sequence:
     prompt_len: int
     matcher: TokenMatcher | None = None  # the grammar's allowed tokens, for a constrained sequence
     sampler: Sampler | None = None  # made on the worker when the sequence is admitted
-    lookup: PromptLookup | None = None  # when it speculates
+    lookup: PromptLookup | DraftProposer | None = None  # when it speculates
     slot: int = -1
     filled: int = 0  # tokens whose keys and values are in the slot
     generated: int = 0
@@ -73,11 +73,14 @@ class Scheduler:
     SPECULATION_MAX_BATCH = 1
 
     def __init__(self, load_model: Callable[[], Runner], slots: int, prefill_chunk: int = 256,
-                 prefix_cache_bytes: int = 0, speculation: bool = False):
-        """Start the worker, load the model on it with `load_model`, and return once it is
-        ready (raising what the load raised). `speculation`: prompt-lookup speculation
-        (elmd/engine/speculation.py) for sequences that decode alone."""
+                 prefix_cache_bytes: int = 0, speculation: bool = False,
+                 load_draft: Callable[[], Runner] | None = None):
+        """Start the worker, load the model on it with `load_model` (and the draft model
+        with `load_draft`), and return once it is ready (raising what the load raised).
+        `speculation`: sequences that decode alone verify guesses (elmd/engine/speculation.py):
+        the draft model's where there is one, else prompt lookup's."""
         self.speculation = speculation
+        self.draft: DraftModel | None = None
         self.proposed_tokens = 0  # speculated tokens verified, and of them accepted
         self.accepted_tokens = 0
         self.slots = slots
@@ -93,7 +96,8 @@ class Scheduler:
         self._wake = threading.Condition()
         self._stopping = False
         loaded: Future = Future()
-        self._thread = threading.Thread(target=self._loop, args=(load_model, loaded), name="elmd-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(load_model, load_draft, loaded), name="elmd-scheduler",
+                                        daemon=True)
         self._thread.start()
         loaded.result()
 
@@ -133,9 +137,12 @@ class Scheduler:
         self._thread.join(timeout=30)
 
     # -- the worker ------------------------------------------------------------------
-    def _loop(self, load_model: Callable[[], Runner], loaded: Future) -> None:
+    def _loop(self, load_model: Callable[[], Runner], load_draft: Callable[[], Runner] | None, loaded: Future) -> None:
         try:
             self._setup(load_model())
+            if load_draft is not None:
+                with torch.inference_mode():
+                    self.draft = DraftModel(load_draft(), self.device)
         except BaseException as e:
             loaded.set_exception(e)
             return
@@ -189,8 +196,8 @@ class Scheduler:
             self._decode(decoding)
 
     def _speculates(self, seq: Sequence) -> bool:
-        """Whether `seq` decodes with prompt-lookup proposals: not under a grammar, whose
-        matcher takes one token at a time after the mask it computed ahead."""
+        """Whether `seq` decodes with proposals: not under a grammar, whose matcher takes
+        one token at a time after the mask it computed ahead."""
         return self.speculation and seq.matcher is None
 
     def _ensure_cache(self) -> None:
@@ -229,7 +236,7 @@ class Scheduler:
                 seq.slot = heapq.heappop(self.free)
                 seq.sampler = Sampler(seq.params, seq.tokens, self.model.cfg.vocab_size, self.device, seq.matcher)
                 if self._speculates(seq):
-                    seq.lookup = PromptLookup()
+                    seq.lookup = DraftProposer(self.draft) if self.draft is not None else PromptLookup()
                 self.running.append(seq)
                 self._reuse_prefix(seq)
 
@@ -266,12 +273,12 @@ class Scheduler:
             self._emit(seq, logits[i])
 
     def _speculate(self, seq: Sequence) -> None:
-        """A decode step that also verifies the lookup's guess: one pass over [last token +
-        guess] gives logits at every position, and the sequence's sampler walks them as plain
-        steps would, one token each, keeping guessed tokens while it picks them and stopping
-        at the first it does not (keeping its own pick). Exact for any sampling: a guess
-        drawn without the model's logits is a point-mass draft, for which speculative
-        rejection sampling is this walk (logits differ from a plain step's by float rounding
+        """A decode step that also verifies a guess (prompt lookup's or the draft model's):
+        one pass over [last token + guess] gives logits at every position, and the sequence's
+        sampler walks them as plain steps would, one token each, keeping guessed tokens while
+        it picks them and stopping at the first it does not (keeping its own pick). Exact for
+        any sampling: a guess made without the target's logits (copied, or the draft's greedy
+        pick) is a point-mass draft, for which speculative rejection sampling is this walk (logits differ from a plain step's by float rounding
         only: the pass multiplies several positions at once). Positions past the first miss
         leave keys and values beyond `filled`, which later steps overwrite."""
         room = min(self.model.cache_length - len(seq.tokens), seq.params.max_tokens - seq.generated - 1)

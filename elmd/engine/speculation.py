@@ -1,4 +1,5 @@
-"""Prompt-lookup speculation: guesses at a sequence's next tokens, copied from its own tokens.
+"""Speculation: guesses at a sequence's next tokens, which the scheduler verifies in one pass.
+Prompt lookup copies them from the sequence's own tokens; a draft model guesses them.
 
 Replies that quote, rewrite, extract from or fix their input repeat runs of it. When the
 last few tokens occurred earlier (in the prompt or the reply so far), the tokens that
@@ -66,3 +67,88 @@ class PromptLookup:
             for n in range(1, min(MAX_NGRAM, end + 1) + 1):
                 self.follows[n - 1][tuple(tokens[end - n + 1 : end + 1])] = end + 1
         self.indexed = max(self.indexed, len(tokens) - 1)
+
+
+FIRST_DRAFT = 4  # draft tokens per pass to begin with
+DRAFT_PROBE_STEPS = 16  # plain steps after a draft stopped paying before it is tried again
+DRAFT_PREFILL_CHUNK = 256
+
+
+class DraftModel:
+    """A smaller model with the same tokenizer (models.yaml `draft`, `serve --draft`) that
+    guesses a sequence's next tokens greedily. It keeps one row of keys and values, for the
+    tokens in `cached`; a sequence's guess feeds it only what differs from them (the last
+    kept token and the target's correction, or a whole new prompt), then one step per
+    guessed token. Runs on the scheduler's thread."""
+
+    def __init__(self, runner, device):
+        self.runner, self.model, self.device = runner, runner.model, device
+        self.model.setup_caches(1, self.model.cfg.context_length)
+        self.cached: list[int] = []
+
+    def guess(self, tokens: list[int], n: int) -> list[int]:
+        import torch
+
+        n = min(n, self.model.cfg.context_length - len(tokens))
+        if n <= 0:
+            return []
+        keep = _common_prefix(self.cached, tokens[:-1])  # at least the last token is fed, for its logits
+        slot = torch.tensor([0], device=self.device)
+        logits = None
+        for start in range(keep, len(tokens), DRAFT_PREFILL_CHUNK):
+            end = min(start + DRAFT_PREFILL_CHUNK, len(tokens))
+            chunk = torch.tensor([tokens[start:end]], device=self.device)
+            logits = self.runner(chunk, torch.arange(start, end, device=self.device)[None], slot, span=end,
+                                 last_only=True)
+        guessed = [int(logits[0, -1].argmax())]
+        for i in range(n - 1):
+            position = len(tokens) + i
+            step = torch.tensor([[guessed[-1]]], device=self.device)
+            logits = self.runner(step, torch.tensor([[position]], device=self.device), slot, span=position + 1)
+            guessed.append(int(logits[0, -1].argmax()))
+        self.cached = tokens + guessed[:-1]
+        return guessed
+
+    def cache_bytes(self) -> int:
+        return self.model.cache_bytes()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class DraftProposer:
+    """One sequence's use of the draft model, with PromptLookup's interface. The guess
+    length follows acceptance: doubled after a guess is kept whole, halved (to one) after
+    one that is not. After two guesses in a row of which nothing was kept, the draft rests
+    for DRAFT_PROBE_STEPS plain steps (its steps and the wider pass would cost more than
+    they save), then it is tried again."""
+
+    def __init__(self, draft: DraftModel):
+        self.draft = draft
+        self.length = FIRST_DRAFT
+        self.misses = 0  # guesses in a row of which nothing was kept
+        self.resting = 0  # plain steps left before the draft is tried again
+
+    def propose(self, tokens: list[int], room: int) -> list[int]:
+        if self.resting or room <= 0:
+            return []
+        return self.draft.guess(tokens, min(self.length, room, MAX_PROPOSAL))
+
+    def record(self, proposal: list[int], accepted: int, sampled: int) -> None:
+        if not proposal:
+            self.resting = max(0, self.resting - 1)
+            return
+        if accepted == len(proposal):
+            self.length, self.misses = min(2 * self.length, MAX_PROPOSAL), 0
+        elif accepted:
+            self.length, self.misses = max(1, self.length // 2), 0
+        else:
+            self.length, self.misses = max(1, self.length // 2), self.misses + 1
+            if self.misses >= 2:
+                self.resting, self.misses = DRAFT_PROBE_STEPS, 0

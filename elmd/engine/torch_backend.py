@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -70,6 +71,25 @@ def pick_kv_cache_dtype(kv_cache_dtype: str, runner: Runner) -> torch.dtype | No
     return DTYPES[kv_cache_dtype]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def check_same_tokenizer(model_dir: Path, draft_dir: Path) -> None:
+    """A draft model's guesses are token ids of its own vocabulary: it must be the target's
+    (the same tokenizer file and vocabulary size), else ValueError saying which differs."""
+    sizes = [read_config(d).vocab_size for d in (model_dir, draft_dir)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the draft model {draft_dir.name} has {sizes[1]} tokens, {model_dir.name} {sizes[0]}: "
+                         "a draft needs the same tokenizer")
+    for name in TOKENIZER_FILES:
+        files = [d / name for d in (model_dir, draft_dir)]
+        if any(f.is_file() for f in files):
+            if not all(f.is_file() for f in files) or files[0].read_bytes() != files[1].read_bytes():
+                raise ValueError(f"the draft model {draft_dir.name} has another {name} than {model_dir.name}: "
+                                 "a draft needs the same tokenizer")
+            return
+
+
 def set_threads() -> None:
     """One intra-op thread per physical core: hyper-threads only contend for the same
     memory bandwidth that batch-1 decode is bound by."""
@@ -121,12 +141,16 @@ class TorchBackend:
         compile_decode: bool = False,
         kv_cache_dtype: str = "auto",
         speculation: bool = True,
+        draft_dir: str | Path | None = None,
+        draft_quant: str = "none",
     ):
         """`cuda_graphs`: replay decode steps from CUDA graphs (ignored off CUDA); with
         `compile_decode`, of a torch.compile'd step (cuda_graphs.compiled_step: fewer, fused
         kernels per graph, for compiles of tens of seconds on the first steps).
         `kv_cache_dtype`: auto, float16 or float32 (see pick_kv_cache_dtype).
-        `speculation`: prompt-lookup speculation at batch 1 (see Scheduler)."""
+        `speculation`: speculation at batch 1 (see Scheduler): with `draft_dir` (a smaller
+        model with the same tokenizer, weights as `draft_quant`) its guesses, else prompt
+        lookup's."""
         from elmd.engine.kernels import native
 
         device = pick_device(device)
@@ -138,21 +162,28 @@ class TorchBackend:
         torch_dtype, quant = cpu_fast_path(pick_dtype(dtype, device, cfg.model_dim), quant, device)
         self.name, self._kv_cache_dtype = Path(model_dir).name, kv_cache_dtype
 
-        def load() -> Runner:
-            runner = Runner(load_quantized_model(Path(model_dir), quant, torch_dtype, device))
+        def load(path: Path, quant: str, graphs: bool) -> Runner:
+            runner = Runner(load_quantized_model(path, quant, torch_dtype, device))
             runner.use_native_plan()
             runner.model.kv_cache_dtype = pick_kv_cache_dtype(kv_cache_dtype, runner)
-            if cuda_graphs and torch.device(device).type == "cuda":
+            if graphs and cuda_graphs and torch.device(device).type == "cuda":
                 from elmd.engine.cuda_graphs import DecodeGraphs, compiled_step
 
                 runner.decode_graphs = DecodeGraphs(runner.model, compiled_step(runner.model) if compile_decode else None)
             return runner
 
-        self.scheduler = Scheduler(load, slots=slots, prefix_cache_bytes=prefix_cache_bytes, speculation=speculation)
+        load_draft = None
+        if draft_dir is not None and speculation:
+            check_same_tokenizer(Path(model_dir), Path(draft_dir))
+            load_draft = functools.partial(load, Path(draft_dir), draft_quant, False)
+        self.scheduler = Scheduler(functools.partial(load, Path(model_dir), quant, True), slots=slots,
+                                   prefix_cache_bytes=prefix_cache_bytes, speculation=speculation, load_draft=load_draft)
         self.runner = runner = self.scheduler.runner
         self.model = model = runner.model
-        tensors = list(model.parameters()) + list(model.buffers())
-        weights = sum(t.numel() * t.element_size() for t in tensors) - model.cache_bytes()  # the cache is counted live
+        draft = self.scheduler.draft
+        models = [model] + ([draft.model] if draft else [])
+        tensors = [t for m in models for t in (*m.parameters(), *m.buffers())]
+        weights = sum(t.numel() * t.element_size() for t in tensors) - sum(m.cache_bytes() for m in models)  # caches count live
         self.info = BackendInfo(
             name="torch",
             device=device,
@@ -163,6 +194,7 @@ class TorchBackend:
             memory_bytes=weights,
             extra={"slots": slots, "cuda_graphs": runner.decode_graphs is not None,
                    "compile_decode": runner.decode_graphs is not None and compile_decode, "speculation": speculation,
+                   "draft": Path(draft_dir).name if draft else None,
                    "kv_cache_dtype": kv_cache_dtype_name(model), **(cpu_kernels(runner, building) if device == "cpu" else {})},
         )
         if building:
@@ -176,9 +208,10 @@ class TorchBackend:
         def switch() -> None:
             from elmd.engine.quantize import choose_kernels_again
 
-            choose_kernels_again(self.model)
-            if self.runner.use_native_plan():
-                self.model.set_kv_cache_dtype(pick_kv_cache_dtype(self._kv_cache_dtype, self.runner))
+            for runner in [self.runner] + ([self.scheduler.draft.runner] if self.scheduler.draft else []):
+                choose_kernels_again(runner.model)
+                if runner.use_native_plan():
+                    runner.model.set_kv_cache_dtype(pick_kv_cache_dtype(self._kv_cache_dtype, runner))
             self.info.extra.update(cpu_kernels(self.runner, building=False), kv_cache_dtype=kv_cache_dtype_name(self.model))
 
         try:
@@ -208,7 +241,8 @@ class TorchBackend:
     def cache_bytes(self) -> CacheBytes:
         # Read from another thread: the cache's shape is set after each resize, so this
         # figure is one step stale at worst.
-        return CacheBytes(kv_cache=self.model.cache_bytes(), prefix_cache=self.scheduler.prefix_cache.bytes)
+        draft = self.scheduler.draft.cache_bytes() if self.scheduler.draft else 0
+        return CacheBytes(kv_cache=self.model.cache_bytes() + draft, prefix_cache=self.scheduler.prefix_cache.bytes)
 
     def speculated_tokens(self) -> tuple[int, int]:
         return self.scheduler.proposed_tokens, self.scheduler.accepted_tokens

@@ -89,9 +89,11 @@ class Lease:
 
 def load_model(spec: ModelSpec, **engine_options) -> "Engine":
     """The real loader; `engine_options` tune the PyTorch backend (batch slots, prefix cache,
-    CUDA graphs, KV cache dtype)."""
+    CUDA graphs, KV cache dtype, speculation), which also runs the spec's draft model."""
     from elmd.engine.load import load_engine
 
+    if spec.draft is not None:
+        engine_options.update(draft_dir=spec.draft.path, draft_quant=spec.draft.quant)
     return load_engine(
         spec.path,
         model_id=spec.id,
