@@ -292,3 +292,30 @@ def test_quantized_perplexity_of_the_offline_model(tmp_path_factory):
     assert perplexity["none"] < 40
     assert perplexity["int8"] <= 1.02 * perplexity["none"]
     assert perplexity["int4"] <= 1.10 * perplexity["none"]
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_a_chat_s_next_turn_reuses_the_prefix_and_answers_as_without(tiny_checkpoint, penalty):
+    """The prefix cache: the second turn repeats the first turn's prompt and reply, so its
+    keys and values come from the cache (`cached_tokens`), and the reply is the one a
+    backend without the cache gives: same tokens, logprobs within 1e-4 (float32; the rest
+    of the prompt is prefilled in another chunk); penalties still see the whole context."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=2, repetition_penalty=penalty)
+    turns = {}
+    for size in (256 << 20, 0):
+        backend = MLXBackend(tiny_checkpoint, dtype="float32", prefix_cache_bytes=size)
+        try:
+            first = backend.submit(PROMPTS[2], params, frozenset())
+            reply = tokens(first)
+            second = backend.submit(PROMPTS[2] + reply + [5, 6, 7, 8], params, frozenset())
+            steps = list(second)
+            turns[size] = (reply, steps, second.cached_tokens, backend.cache_bytes().prefix_cache)
+        finally:
+            backend.close()
+    (reply_on, steps_on, cached_on, bytes_on), (reply_off, steps_off, cached_off, bytes_off) = turns[256 << 20], turns[0]
+    assert reply_on == reply_off
+    assert cached_on >= len(PROMPTS[2]) + len(reply_on) - 1 and cached_off == 0
+    assert bytes_on > 0 and bytes_off == 0
+    assert [s.token_id for s in steps_on] == [s.token_id for s in steps_off]
+    for a, b in zip(steps_on, steps_off):
+        assert a.logprob.logprob == pytest.approx(b.logprob.logprob, abs=1e-4)

@@ -80,7 +80,17 @@ def test_metrics_read_the_mlx_backend(mlx_server):
     assert value(samples, "elmd_generation_tokens_total", model=TINY_MODEL) - before == usage.completion_tokens
     assert value(samples, "elmd_model_memory_bytes", model=TINY_MODEL) > 0
     assert ("elmd_kv_cache_bytes", (("model", TINY_MODEL),)) in samples  # MLX's batch cache (0 when idle)
-    assert value(samples, "elmd_prefix_cache_bytes", model=TINY_MODEL) == 0  # mlx-lm keeps none here
+    assert value(samples, "elmd_prefix_cache_bytes", model=TINY_MODEL) > 0  # the finished request's keys and values
+
+
+def test_a_chat_s_next_turn_reports_its_cached_tokens(mlx_server):
+    client = openai.OpenAI(base_url=mlx_server.v1, api_key="unused", max_retries=0)
+    question = [{"role": "user", "content": "Tell me about the sea and the sky, at length."}]
+    first = client.chat.completions.create(model=TINY_MODEL, messages=question, max_tokens=8, temperature=0)
+    history = question + [{"role": "assistant", "content": first.choices[0].message.content},
+                          {"role": "user", "content": "And more?"}]
+    second = client.chat.completions.create(model=TINY_MODEL, messages=history, max_tokens=4, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
 
 
 def test_constrained_output_and_logit_bias(mlx_server):

@@ -32,7 +32,8 @@ def load_engine(
         if quant == "bf16":  # MLX runs bf16 throughout; its weights need no separate scheme
             quant, dtype = "none", "bfloat16"
 
-        runtime = MLXBackend(model_dir, dtype=dtype, quant=quant)
+        runtime = MLXBackend(model_dir, dtype=dtype, quant=quant,
+                             prefix_cache_bytes=backend_options.get("prefix_cache_bytes", 256 << 20))
     else:
         from elmd.engine.torch_backend import TorchBackend
 

@@ -3,7 +3,9 @@
 mlx-lm does the modelling, the batched KV cache and the join/leave bookkeeping; this
 file adapts it to the backend contract. One worker thread owns the model (MLX state is
 per thread): between decode steps it admits new requests, drops cancelled ones and
-answers `score()`.
+answers `score()`. A finished request's keys and values go to a prefix cache (bounded in
+bytes, as the PyTorch backend's); a prompt that starts with them is inserted with a copy
+cut to the shared prefix, so only the rest is prefilled.
 
 Each request brings its own sampler and seeded key (split once per step), so a seeded
 request draws the same tokens alone or beside others. Penalties are applied to the raw
@@ -13,6 +15,7 @@ penalties and temperature.
 
 from __future__ import annotations
 
+import copy
 import json
 import queue
 import secrets
@@ -26,10 +29,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 from mlx_lm.utils import load_model
 
 from elmd.engine.grammar import TokenMatcher
+from elmd.engine.prefix_cache import PrefixCache
 from elmd.engine.protocol import BackendInfo, CacheBytes, Finished, SamplingParams, Step, StepChannel, TokenLogprob
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -120,6 +125,7 @@ class _Request:
     stop_ids: frozenset[int]
     matcher: TokenMatcher | None = None
     raw_logits: deque = field(default_factory=deque)  # penalized requests with logprobs: the unpenalized logits, oldest first
+    generated: list[int] = field(default_factory=list)
 
 
 def _top_logprob(logprobs: mx.array, token: int, top_n: int) -> TokenLogprob:
@@ -215,12 +221,20 @@ def make_constraint(request: _Request, vocab_size: int) -> Callable[[mx.array, m
     return constrain
 
 
+def _cache_bytes(cache: list) -> int:
+    return sum(layer.nbytes for layer in cache)
+
+
 class MLXBackend:
-    def __init__(self, model_dir: str | Path, dtype: str = "auto", quant: str = "none", max_batch: int = 32):
+    def __init__(self, model_dir: str | Path, dtype: str = "auto", quant: str = "none", max_batch: int = 32,
+                 prefix_cache_bytes: int = 256 << 20):
+        """`prefix_cache_bytes`: keys and values of finished requests kept for prompts that
+        start with them (a chat's next turn), as the PyTorch backend keeps them; 0: off."""
         model_dir = Path(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         parse_quant(quant)  # refuse an unknown name before starting the worker
         self._max_batch = max_batch
+        self._prefix = PrefixCache(prefix_cache_bytes, size=_cache_bytes)
         self._kv_bytes = 0  # the KV cache's size after the last step, kept by the worker
         self._cache_budget: Callable[[], int | None] = lambda: None
         self._vocab_size = config["vocab_size"]
@@ -239,7 +253,7 @@ class MLXBackend:
             context_length=min(config.get("max_context_length", 2048), config.get("rope_max_length", 4096)),
             vocab_size=self._vocab_size,
             memory_bytes=sum(v.nbytes for _, v in nn.utils.tree_flatten(self.model.parameters())),
-            extra={"max_batch": max_batch},
+            extra={"max_batch": max_batch, "prefix_cache_bytes": prefix_cache_bytes},
         )
 
     # ---- the worker thread ----------------------------------------------------------
@@ -287,6 +301,9 @@ class MLXBackend:
             if running:
                 self._step(running)
             self._kv_bytes = self._generator.prompt_cache_nbytes if running else 0
+            budget = self._cache_budget()
+            if budget is not None:  # cached prefixes take what the running requests leave
+                self._prefix.shrink(budget - self._kv_bytes)
 
     def _step(self, running: dict[int, _Request]) -> None:
         """One decode step for the batch (and at most one prefill chunk for newcomers)."""
@@ -316,8 +333,15 @@ class MLXBackend:
             return
         processors = [make_penalties(request, self._vocab_size), make_constraint(request, self._vocab_size)]
         stops = [] if request.params.ignore_eos and request.matcher is None else [[token] for token in sorted(request.stop_ids)]
+        reused, cache = self._prefix.lookup(request.prompt_ids)
+        if cache is not None:  # a copy, cut to the shared prefix; the stored entry stays whole
+            cache = copy.deepcopy(cache)
+            trim_prompt_cache(cache, cache[0].offset - reused)
+            request.channel.cached_tokens = reused
         (uid,) = self._generator.insert(
-            [request.prompt_ids],
+            [request.prompt_ids[reused:]],
+            caches=[cache],
+            all_tokens=[request.prompt_ids[:reused]],  # what the logits processors see as the context's start
             max_tokens=[request.max_tokens],
             samplers=[make_sampler(request.params)],
             logits_processors=[[p for p in processors if p is not None]],
@@ -336,8 +360,12 @@ class MLXBackend:
         elif top_n is not None:
             logprob = _top_logprob(response.logprobs, response.token, top_n)
         request.channel.put(Step(response.token, logprob))
+        request.generated.append(response.token)
         if response.finish_reason is not None:
             del running[response.uid]
+            if response.prompt_cache and self._prefix.max_bytes > 0:
+                tokens = request.prompt_ids + request.generated
+                self._prefix.store(tokens[: response.prompt_cache[0].offset], response.prompt_cache)
             request.channel.close(Finished("eos" if response.finish_reason == "stop" else "length"))
 
     # ---- the contract ---------------------------------------------------------------
@@ -361,15 +389,16 @@ class MLXBackend:
         return self._on_worker(lambda: self._generator.prompt_cache_nbytes)
 
     def cache_bytes(self) -> CacheBytes:
-        # The size after the last step, kept by the worker: never waits for a step (the
-        # memory budget of another model's worker reads it). mlx-lm keeps no prefix cache.
-        return CacheBytes(kv_cache=self._kv_bytes)
+        # Sizes kept by the worker: never waits for a step (the memory budget of another
+        # model's worker reads it).
+        return CacheBytes(kv_cache=self._kv_bytes, prefix_cache=self._prefix.bytes)
 
     def speculated_tokens(self) -> tuple[int, int]:
         return 0, 0  # MLX does not speculate yet
 
     def limit_cache(self, budget: Callable[[], int | None]) -> None:
-        """`budget()`: bytes the KV cache may take now; past it, new requests are refused."""
+        """`budget()`: bytes the KV cache and cached prefixes may take now; prefixes are
+        dropped first, and past it new requests are refused."""
         self._cache_budget = budget
 
     def _on_worker(self, work: Callable[[], object]):

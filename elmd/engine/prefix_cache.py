@@ -2,16 +2,20 @@
 
 A chat's next turn repeats the whole history; reusing its KV turns a long prefill into a
 short one. Entries are bounded in bytes and evicted least recently used. Reuse is exact:
-the same tokens at the same positions give the same keys and values.
+the same tokens at the same positions give the same keys and values. Both backends keep
+one: PyTorch's entries are per-layer (k, v) tensors, MLX's are mlx-lm's per-layer caches;
+`size` measures an entry.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any, Callable
 
-import torch
 
-LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v as [kv_heads, n, head_dim]
+def torch_kv_bytes(kv) -> int:
+    """Bytes of a PyTorch entry: per layer, k and v as [kv_heads, n, head_dim]."""
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
 
 
 def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
@@ -23,16 +27,13 @@ def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, size: Callable[[Any], int] = torch_kv_bytes):
         self.max_bytes = max_bytes
-        self.entries: OrderedDict[tuple[int, ...], LayerKV] = OrderedDict()
+        self.entries: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self.bytes = 0
+        self._size = size
 
-    @staticmethod
-    def _size(kv: LayerKV) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-
-    def lookup(self, tokens: list[int]) -> tuple[int, LayerKV | None]:
+    def lookup(self, tokens: list[int]) -> tuple[int, Any]:
         """The longest cached prefix of `tokens`, leaving at least one token to compute
         (the model needs it for the next logits)."""
         best, best_key = 0, None
@@ -46,7 +47,7 @@ class PrefixCache:
         self.entries.move_to_end(best_key)
         return best, self.entries[best_key]
 
-    def store(self, tokens: list[int], kv: LayerKV) -> None:
+    def store(self, tokens: list[int], kv: Any) -> None:
         key = tuple(tokens)
         if self.max_bytes <= 0 or not key:
             return
