@@ -101,10 +101,10 @@ def quantize(model: nn.Module, spec: MLXQuant, fp32_accumulate: bool) -> None:
     model.update_modules(leaves)
 
 
-def load_mlx_model(model_dir: str | Path, dtype: str = "auto", quant: str = "none") -> nn.Module:
+def load_mlx_model(model_dir: str | Path, dtype: str = "auto", quant: str | MLXQuant | None = "none") -> nn.Module:
     """mlx-lm's OpenELM with our dtype (bf16 by default: the 3B overflows fp16) and
-    quantization. Call it on the thread that will run the model."""
-    spec = parse_quant(quant)
+    quantization (a name, or parsed already). Call it on the thread that will run the model."""
+    spec = parse_quant(quant) if isinstance(quant, str) else quant
     model, _ = load_model(Path(model_dir))
     target = mx.bfloat16 if dtype == "auto" else DTYPES[dtype]
     if spec is not None and target == mx.float16:
@@ -121,7 +121,6 @@ class _Request:
     channel: StepChannel
     params: SamplingParams
     prompt_ids: list[int]
-    max_tokens: int
     stop_ids: frozenset[int]
     matcher: TokenMatcher | None = None
     raw_logits: deque = field(default_factory=deque)  # penalized requests with logprobs: the unpenalized logits, oldest first
@@ -232,7 +231,7 @@ class MLXBackend:
         start with them (a chat's next turn), as the PyTorch backend keeps them; 0: off."""
         model_dir = Path(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
-        parse_quant(quant)  # refuse an unknown name before starting the worker
+        spec = parse_quant(quant)  # an unknown name is refused here, before the worker starts
         self._max_batch = max_batch
         self._prefix = PrefixCache(prefix_cache_bytes, size=_cache_bytes)
         self._kv_bytes = 0  # the KV cache's size after the last step, kept by the worker
@@ -240,7 +239,7 @@ class MLXBackend:
         self._vocab_size = config["vocab_size"]
         self._jobs: queue.SimpleQueue[_Request | Callable[[], None] | None] = queue.SimpleQueue()
         loaded: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._work, args=(model_dir, dtype, quant, loaded), name="elmd-mlx", daemon=True)
+        self._thread = threading.Thread(target=self._work, args=(model_dir, dtype, spec, loaded), name="elmd-mlx", daemon=True)
         self._thread.start()
         error = loaded.get()
         if error is not None:
@@ -266,9 +265,9 @@ class MLXBackend:
             stream=mx.new_stream(mx.default_device()),
         )
 
-    def _work(self, model_dir: Path, dtype: str, quant: str, loaded: queue.SimpleQueue) -> None:
+    def _work(self, model_dir: Path, dtype: str, spec: MLXQuant | None, loaded: queue.SimpleQueue) -> None:
         try:
-            self.model = load_mlx_model(model_dir, dtype, quant)
+            self.model = load_mlx_model(model_dir, dtype, spec)
             self._generator = self._new_generator()
         except Exception as e:
             loaded.put(e)
@@ -323,7 +322,7 @@ class MLXBackend:
         if request.channel.cancelled:
             request.channel.close(Finished("cancelled"))
             return
-        if request.max_tokens <= 0:
+        if request.params.max_tokens <= 0:
             request.channel.close(Finished("length"))
             return
         budget = self._cache_budget()
@@ -342,7 +341,7 @@ class MLXBackend:
             [request.prompt_ids[reused:]],
             caches=[cache],
             all_tokens=[request.prompt_ids[:reused]],  # what the logits processors see as the context's start
-            max_tokens=[request.max_tokens],
+            max_tokens=[request.params.max_tokens],
             samplers=[make_sampler(request.params)],
             logits_processors=[[p for p in processors if p is not None]],
             stop_sequences=[StopSequences(stops)],
@@ -373,10 +372,8 @@ class MLXBackend:
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
                matcher: TokenMatcher | None = None) -> StepChannel:
         self._check_open()
-        channel = StepChannel()
-        room = self.info.context_length - len(prompt_ids)
-        self._jobs.put(_Request(channel, params, list(prompt_ids), min(params.max_tokens, room), frozenset(stop_ids),
-                                matcher))
+        channel = StepChannel()  # prompt and max_tokens fit the context: Engine.check_length saw to it
+        self._jobs.put(_Request(channel, params, list(prompt_ids), frozenset(stop_ids), matcher))
         return channel
 
     def score(self, token_ids: list[int], top_n: int) -> list[TokenLogprob]:

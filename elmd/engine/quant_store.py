@@ -29,7 +29,7 @@ from elmd.engine.quantize import (BF16Linear, QuantizedEmbedding, QuantizedLinea
 Tensors = Iterable[tuple[str, "torch.Tensor | dict[str, torch.Tensor]"]]
 
 
-def stored_path(model_dir: str | Path, quant: str) -> Path:
+def stored_path(model_dir: str | Path, quant: str | QuantSpec) -> Path:
     """Where `quant`'s weights are kept, named by what they hold (int4 and int4-g32 share
     one file), a name that mlx-lm's `model*.safetensors` glob skips."""
     return Path(model_dir) / f"elmd-{parse_quant(quant).name}.safetensors"
@@ -81,7 +81,7 @@ def write(model_dir: str | Path, quant: str, tensors: Tensors | None = None, pro
     model, shapes = skeleton(model_dir, spec)
     state = quantized_state(model, tensors if tensors is not None else iter_tensors(model_dir, shapes),
                             len(shapes), progress)
-    path = stored_path(model_dir, quant)
+    path = stored_path(model_dir, spec)
     partial = path.with_suffix(".partial")
     save_file({name: t.contiguous() for name, t in state.items()}, str(partial), metadata=quantized_metadata(spec))
     os.replace(partial, path)
@@ -97,7 +97,7 @@ def load(model_dir: str | Path, quant: str, dtype: torch.dtype, device: str) -> 
 
     model_dir = Path(model_dir)
     spec = parse_quant(quant, embedding=True)
-    path = stored_path(model_dir, quant)
+    path = stored_path(model_dir, spec)
     model, shapes = skeleton(model_dir, spec)
     if stored_spec(path) != spec and os.access(model_dir, os.W_OK):
         _write_in_child(model_dir, quant)
