@@ -12,7 +12,9 @@ writes the GGUF; the quantizer is the `llama-quantize` next to llama-server).
 Per server, quant and prompt length (default 64 and 512 tokens), median over --repeats
 of: time to the first streamed token, prompt tok/s (prompt tokens over that time: the
 prefill plus one step and the HTTP round trip, the same for both), and decode tok/s
-(tokens after the first over their span; `ignore_eos`, so both generate --decode-tokens).
+(tokens after the first event over their span; `ignore_eos`, so both generate
+--decode-tokens, counted by the events' logprobs: `logprobs: 1` on both, since a fixture's
+random tokens may decode to no text, which a server then holds back).
 Prompts differ per request, so neither server's prompt cache helps. The machine's read
 bandwidth is measured before and after, and ratios are taken within this one run.
 
@@ -95,19 +97,23 @@ def kernels_ready(base: str, timeout: float = 600) -> dict:
         time.sleep(1)
 
 
-def streamed(base: str, model: str, ids: list[int], max_tokens: int) -> list[float]:
-    """Arrival times of each streamed piece of text of one completion."""
+def streamed(base: str, model: str, ids: list[int], max_tokens: int) -> list[tuple[float, int]]:
+    """(arrival time, tokens it carries) of each streamed event of one completion. Tokens
+    are counted from the event's logprobs (one entry per token), since a fixture's random
+    tokens may decode to no text, which a server then sends later or not at all."""
     body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    stamps = []
+            "logprobs": 1, "stream": True}
+    events = []
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                event = json.loads(line[6:])
-                if event.get("choices") and event["choices"][0].get("text"):
-                    stamps.append(time.perf_counter())
-    return stamps
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                logprobs = choices[0].get("logprobs") or {}
+                tokens = len(logprobs.get("tokens") or logprobs.get("content") or [])
+                if tokens:
+                    events.append((time.perf_counter(), tokens))
+    return events
 
 
 def measure(base: str, model: str, vocab: int, args) -> dict:
@@ -118,9 +124,13 @@ def measure(base: str, model: str, vocab: int, args) -> dict:
         ttft, decode = [], []
         for i in range(args.repeats):
             t = time.perf_counter()
-            stamps = streamed(base, model, prompt_ids(n, vocab, 1000 * n + i), args.decode_tokens)
-            ttft.append(stamps[0] - t)
-            decode.append((args.decode_tokens - 1) / (stamps[-1] - stamps[0]))
+            events = streamed(base, model, prompt_ids(n, vocab, 1000 * n + i), args.decode_tokens)
+            (first, first_tokens), (last, _) = events[0], events[-1]
+            if sum(tokens for _, tokens in events) != args.decode_tokens or last == first:
+                raise RuntimeError(f"{base}: {sum(tokens for _, tokens in events)} tokens in {len(events)} events, "
+                                   f"expected {args.decode_tokens}")
+            ttft.append(first - t)
+            decode.append((args.decode_tokens - first_tokens) / (last - first))
         out[n] = {"ttft_s": statistics.median(ttft), "prompt_tok_s": n / statistics.median(ttft),
                   "decode_tok_s": statistics.median(decode)}
     return out

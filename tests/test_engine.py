@@ -544,3 +544,19 @@ def test_a_quantized_model_is_stored_and_reloads_without_quantizing(tmp_path, qu
         assert second.backend.info.quant == quant
     finally:
         second.close()
+
+
+@pytest.mark.parametrize("kernels", ["auto", "aten"])
+def test_a_prompt_that_fills_the_cache_exactly_goes_on_decoding(tiny, kernels, monkeypatch):
+    """The KV cache starts at 256 tokens and doubles: a prompt of 256 or 512 tokens fills it
+    exactly, and the token its last chunk samples is cached by a decode step in the same
+    scheduler iteration, one position further (it once failed: "position out of range")."""
+    monkeypatch.setenv("ELMD_CPU_KERNELS", kernels)
+    e = load_engine(tiny, backend="torch", dtype="float32", slots=2)
+    try:
+        for n in (255, 256, 257, 512):
+            ids = [3 + (7 * i) % 900 for i in range(n)]
+            result = e.generate(ids, e.params(max_tokens=4, temperature=0, ignore_eos=True))
+            assert len(result.token_ids) == 4 and result.finish_reason == "length", (n, result.finish_reason)
+    finally:
+        e.close()

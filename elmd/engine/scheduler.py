@@ -188,6 +188,7 @@ class Scheduler:
         self._ensure_cache()
         if prefilling is not None:
             self._prefill_chunk(prefilling)
+            self._ensure_cache()  # a last chunk's sampled token is cached below, maybe past the cache's end
         decoding = [s for s in self.running if s.generated > 0 and s.filled == len(s.tokens) - 1]
         if len(decoding) <= self.SPECULATION_MAX_BATCH and any(s.lookup for s in decoding):
             for seq in decoding:
