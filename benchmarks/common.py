@@ -131,6 +131,7 @@ class OthersCpu:
 
     def __exit__(self, *exc):
         (busy0, own0, t0), (busy1, own1, t1) = self.start, self._sample()
+        self.seconds = t1 - t0
         self.pct = 100 * max(0.0, (busy1 - busy0) - (own1 - own0)) / ((t1 - t0) * (os.cpu_count() or 1))
 
     @staticmethod
