@@ -60,7 +60,8 @@ def openai_client(url: str) -> "openai.OpenAI":
         base_url=f"{url}/v1",
         api_key=api_key() or NO_KEY,
         max_retries=0,
-        timeout=httpx.Timeout(None, connect=5.0),
+        # The SDK's own Timeout type: openai 1.x/2.x re-export httpx's, 3.x httpx2's.
+        timeout=openai.Timeout(None, connect=5.0),
     )
 
 
@@ -111,6 +112,19 @@ class Reply:
         )
 
 
+def transport_errors() -> tuple[type[Exception], ...]:
+    """What a dropped connection raises while a stream is read: the SDK wraps errors only while it
+    sends, and reads through httpx (openai 1.x/2.x) or httpx2 (3.x)."""
+    errors: list[type[Exception]] = [httpx.TransportError]
+    try:
+        import httpx2
+    except ImportError:
+        pass
+    else:
+        errors.append(httpx2.TransportError)
+    return tuple(errors)
+
+
 def stream_chat(
     client: "openai.OpenAI", model: str, messages: list[dict], write: Callable[[str], None], **params
 ) -> Reply:
@@ -135,7 +149,7 @@ def stream_chat(
                     write(choice.delta.content)
     except KeyboardInterrupt:
         reply.interrupted = True
-    except (openai.APIConnectionError, httpx.TransportError):
+    except (openai.APIConnectionError, *transport_errors()):
         raise DaemonUnreachable(str(client.base_url).removesuffix("/").removesuffix("/v1")) from None
     finally:
         if stream is not None:
