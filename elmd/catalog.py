@@ -47,6 +47,12 @@ def default_quant(entry: ModelEntry | None, manifest: dict | None = None) -> str
     return (manifest or {}).get("default_quant") or (entry.default_quant if entry else "none")
 
 
+def serving_quant(stored: StoredModel, registry: Registry) -> str:
+    """The quant an installed model serves with unless `serve --quant` says otherwise: what
+    `elmd list` and `elmd show` print (the manifest's own `quant` names the float files)."""
+    return default_quant(registry.get(stored.name.split(":")[0]), stored.manifest)
+
+
 class Catalog:
     def __init__(self, settings: Settings, registry: Registry, store: Store, pinned: ModelSpec | None = None):
         self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned

@@ -128,8 +128,11 @@ def test_pull_list_show_rm(home, hub):
     assert manifest["default_quant"] == "int4" and manifest["quant"] == "none"
     assert manifest["files"]["model.safetensors"]["sha256"] == hashlib.sha256(expected["model.safetensors"]).hexdigest()
 
+    assert listed[0]["quant"] == "int4"  # what it serves with, not the float files' "none"
     table = elmd(home, hub, "list").stdout
     assert MODEL in table and WEIGHTS_REPO in table
+    header, row = table.splitlines()[:2]
+    assert row[header.index("QUANT"):].split()[0] == "int4"  # columns are aligned; SIZE has a space
     assert manifest["files"]["elmd-int4-g32.safetensors"]["size"] == (installed / "elmd-int4-g32.safetensors").stat().st_size
     shown = elmd(home, hub, "show", MODEL).stdout
     assert weights.commit in shown and manifest["files"]["tokenizer.json"]["sha256"] in shown

@@ -10,26 +10,30 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "list",
         help="list the models installed in the store",
-        description="List the installed models with their size, quantization, source and install date.",
+        description="List the installed models with their size, the quantization they serve with (unless "
+        "`elmd serve --quant` says otherwise), source and install date.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from elmd.catalog import serving_quant
+    from elmd.registry import Registry
     from elmd.store import Store, human_size
 
     models = Store().list()
+    registry = Registry.load()
     if args.json:
         print(json.dumps([{"name": m.name, "path": str(m.path), "size_bytes": m.size_bytes,
-                           "manifest": m.manifest} for m in models], indent=2))
+                           "quant": serving_quant(m, registry), "manifest": m.manifest} for m in models], indent=2))
         return 0
     if not models:
         print("no models installed (try `elmd pull smollm2-135m-instruct`)")
         return 0
     rows = [("NAME", "SIZE", "QUANT", "SOURCE", "CREATED")]
     for m in models:
-        rows.append((m.name, human_size(m.size_bytes), m.manifest.get("quant", "?"),
+        rows.append((m.name, human_size(m.size_bytes), serving_quant(m, registry),
                      describe_source(m.manifest.get("source")), m.manifest.get("created", "?")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -20,7 +20,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from elmd.catalog import default_quant
+    from elmd.catalog import serving_quant
     from elmd.commands.list import describe_source
     from elmd.registry import Registry
     from elmd.store import ModelNotFound, Store, human_size
@@ -31,9 +31,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"elmd show: error: {e}", file=sys.stderr)
         return 1
     manifest = model.manifest
-    entry = Registry.load().get(model.name.split(":")[0])
+    registry = Registry.load()
+    entry = registry.get(model.name.split(":")[0])
     sampling = dict(entry.sampling) if entry else {}
-    serves_as = default_quant(entry, manifest)
+    serves_as = serving_quant(model, registry)
     if args.json:
         print(json.dumps({"name": model.name, "path": str(model.path), "size_bytes": model.size_bytes,
                           "default_quant": serves_as, "sampling": sampling, "manifest": manifest}, indent=2))
