@@ -85,9 +85,28 @@ def test_status_shows_what_the_daemon_has_been_doing(daemon):
     assert activity["running"] == activity["queued"] == 0
 
     shown = elmd(daemon, "status").stdout
-    assert re.search(r"^requests: \d+ since start \(\d+ with an error status\), 0 generating, 0 queued$", shown, re.M), shown
+    assert re.search(r"^requests: \d+ since start \(\d+ with an error status(, \d+ health checks while loading)?\), "
+                     r"0 generating, 0 queued$", shown, re.M), shown
     assert re.search(r"^generated: \d+\.\d tokens/s over the last minute$", shown, re.M), shown
     assert re.search(rf"^time to first token: p50 \d+ ms, p95 \d+ ms \({int(generations)} generations\)$", shown, re.M)
+
+
+def test_health_checks_answered_while_loading_are_not_counted_as_errors():
+    """A client polling /health during a load gets 503 `loading` until the model is ready:
+    `elmd status` counts those apart from the errors."""
+    from elmd.commands.status import activity
+
+    text = "\n".join([
+        "# TYPE elmd_requests_total counter",
+        'elmd_requests_total{endpoint="/health",status="503"} 12.0',
+        'elmd_requests_total{endpoint="/health",status="200"} 3.0',
+        'elmd_requests_total{endpoint="/v1/chat/completions",status="503"} 1.0',
+        'elmd_requests_total{endpoint="/v1/chat/completions",status="400"} 2.0',
+        'elmd_requests_total{endpoint="/v1/chat/completions",status="200"} 5.0',
+    ]) + "\n"
+    figures = activity(httpx.Response(200, text=text))
+    assert (figures.requests, figures.errors, figures.loading) == (23, 3, 12)
+    assert "(3 with an error status, 12 health checks while loading)" in figures.describe()
 
 
 def test_ttft_quantiles_are_read_from_the_histogram_as_promql_does():

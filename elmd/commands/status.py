@@ -82,7 +82,8 @@ class Activity:
     """The headline figures of the daemon's /metrics."""
 
     requests: int  # since start, every endpoint and status
-    errors: int  # of those, answered with a status of 400 or more
+    errors: int  # of those, answered with a status of 400 or more, less the loading answers below
+    loading: int  # GET /health answered 503 while a model loaded: a client waiting, not an error
     running: int  # generations in progress
     queued: int  # requests waiting for a slot
     tokens_per_second: float  # generated, over the last minute
@@ -92,8 +93,9 @@ class Activity:
 
     def describe(self) -> str:
         lines = [
-            f"requests: {self.requests} since start ({self.errors} with an error status), {self.running} generating, "
-            f"{self.queued} queued",
+            f"requests: {self.requests} since start ({self.errors} with an error status"
+            + (f", {self.loading} health checks while loading" if self.loading else "")
+            + f"), {self.running} generating, {self.queued} queued",
             f"generated: {self.tokens_per_second:.1f} tokens/s over the last minute",
         ]
         if self.ttft_p50 is not None:
@@ -114,6 +116,7 @@ def activity(response) -> Activity | None:
         return sum(s.value for s in samples if s.name == name)
 
     requests = [s for s in samples if s.name == "elmd_requests_total"]
+    loading = [s for s in requests if s.labels["endpoint"] == "/health" and s.labels["status"] == "503"]
     buckets: dict[float, float] = {}  # upper bound -> cumulative count, summed over models
     for s in samples:
         if s.name == "elmd_time_to_first_token_seconds_bucket":
@@ -122,7 +125,8 @@ def activity(response) -> Activity | None:
     ttft = sorted(buckets.items())
     return Activity(
         requests=int(sum(s.value for s in requests)),
-        errors=int(sum(s.value for s in requests if int(s.labels["status"]) >= 400)),
+        errors=int(sum(s.value for s in requests if int(s.labels["status"]) >= 400 and s not in loading)),
+        loading=int(sum(s.value for s in loading)),
         running=int(total("elmd_running_sequences")),
         queued=int(total("elmd_queued_requests")),
         tokens_per_second=total("elmd_generation_tokens_per_second"),
