@@ -118,7 +118,8 @@ def cpu_kernels(runner: Runner, building: bool) -> dict:
     from elmd.engine.kernels import native
 
     if building:
-        why = "the native kernels are building for this CPU (once, about a minute); the model moves to them when ready"
+        why = (f"the native kernels are building for this CPU (once; {native.build_estimate()}); "
+               "the model moves to them when ready")
         return {"cpu_kernels": "aten", "cpu_kernels_reason": why, "cpu_kernels_building": True}
     path, why = native.kernel_path()
     if why is None and runner.native_plan is None:

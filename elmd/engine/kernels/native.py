@@ -132,18 +132,25 @@ def build_name(build: Build, flags: frozenset[str]) -> str:
 
 def _build(build: Build, flags: frozenset[str]) -> str | None:
     """Compiles and loads one build; returns None, or why it failed (its first line)."""
+    global _extensions_root
     extra = ("-mavxvnni",) if build.path == "avx2" and "avx_vnni" in flags else ()
     name = build_name(build, flags)
     try:
         from torch.utils.cpp_extension import _get_build_directory
         from torch.utils.cpp_extension import load as compile_and_load
 
-        with _sole_builder(Path(_get_build_directory(name, verbose=False))):
+        build_dir = Path(_get_build_directory(name, verbose=False))
+        _extensions_root = build_dir.parent
+        started = time.monotonic()
+        with _sole_builder(build_dir):
             compile_and_load(name=name, sources=[str(Path(__file__).with_name(source)) for source in build.sources],
                              extra_cflags=["-O3", "-fopenmp", *build.compiler_flags, *extra],
                              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no ninja, or a compiler that lacks these intrinsics
         return str(e).splitlines()[0] if str(e) else type(e).__name__
+    if (seconds := time.monotonic() - started) > COMPILED_SECONDS:
+        with contextlib.suppress(OSError):  # kept so that the next build here can say how long it takes
+            (build_dir.parent / BUILD_SECONDS_FILE).write_text(f"{seconds:.0f}\n")
     return None
 
 
@@ -175,8 +182,8 @@ def _register_shapes() -> None:
 
 
 def build_in_background() -> Future:
-    """Run load() on a thread of its own (once per process): a first build takes about a
-    minute, which a starting daemon spends serving on ATen. The future holds load()'s result."""
+    """Run load() on a thread of its own (once per process): a first build takes minutes
+    (build_estimate), which a starting daemon spends serving on ATen. The future holds load()'s result."""
     global _background
     with _build_lock:
         if _background is None:
@@ -196,6 +203,23 @@ def _run_build(future: Future) -> None:
     if ops is not None:
         log.info("CPU kernels ready (%s) after %.0f s", kernel_path()[0], time.monotonic() - started)
     future.set_result(ops)
+
+
+COMPILED_SECONDS = 10  # a cached build loads in about a second; longer means it compiled
+BUILD_SECONDS_FILE = "elmd-build-seconds"  # beside the builds' folders: what the last compile here took
+# What a first build took where it was measured (issue 31: the first start of a fresh install
+# on a 2-core Xeon, the build niced beside the requests served meanwhile).
+MEASURED_FIRST_BUILD = "113-152 s on a 2-core machine"
+_extensions_root: Path | None = None  # where builds go (TORCH_EXTENSIONS_DIR), once one has started
+
+
+def build_estimate() -> str:
+    """How long a build takes, from measurement: the last compile on this machine, else the
+    figures measured on a 2-core machine (a guess would be wrong by minutes either way)."""
+    try:
+        return f"the last build on this machine took {int((_extensions_root / BUILD_SECONDS_FILE).read_text())} s"
+    except (TypeError, OSError, ValueError):
+        return f"measured at {MEASURED_FIRST_BUILD}"
 
 
 def _yield_cpus_to_serving() -> None:
@@ -220,7 +244,8 @@ def ops_after(seconds: float):
         with _build_lock:
             if not _said_building:
                 _said_building = True
-                log.warning("building CPU kernels for this machine (once, about a minute); serving meanwhile on ATen")
+                log.warning("building CPU kernels for this machine (once; %s); serving meanwhile on ATen",
+                            build_estimate())
         return None
 
 
