@@ -103,3 +103,22 @@ def test_context_length_exceeded(server):
 def test_unknown_route_and_method(server):
     assert_error(httpx.get(f"{server.v1}/nothing-here"), 404)
     assert_error(httpx.get(f"{server.v1}/chat/completions"), 405)
+
+
+def test_405_allows_every_method_of_the_path(server):
+    response = httpx.request("OPTIONS", f"{server.v1}/responses/resp_x")
+    assert_error(response, 405)
+    assert response.headers["allow"] == "DELETE, GET"
+    assert httpx.put(f"{server.base_url}/api/delete").json() == {"error": "Method Not Allowed"}
+
+
+def test_openapi_lists_the_statuses_each_route_answers(server):
+    schema = httpx.get(f"{server.base_url}/openapi.json").json()
+    operations = [op for path in schema["paths"].values() for op in path.values()]
+    assert all("422" not in op["responses"] for op in operations)
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"200", "400", "404", "429", "503"} <= set(chat)
+    assert chat["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    show = schema["paths"]["/api/show"]["post"]["responses"]
+    assert show["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OllamaError")
+    assert schema["components"]["schemas"]["ResponsesRequest"]["additionalProperties"] is False

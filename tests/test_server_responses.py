@@ -46,7 +46,8 @@ def body(**extra) -> dict:
 def raw(**extra) -> dict:
     """A request body for httpx: the SDK's extra_body merged in."""
     request = body(**extra)
-    return {**request, **request.pop("extra_body", {})}
+    extra_body = request.pop("extra_body", {})
+    return {**request, **extra_body}
 
 
 def sse(response: httpx.Response) -> list[tuple[str | None, dict]]:
@@ -238,6 +239,23 @@ def test_bad_input_gets_an_error_object(server, extra, param, status):
     assert response.status_code == status
     validate(response.json(), "ErrorResponse")
     assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("name", ["bogus_param", "timings_per_token"])
+def test_unknown_parameters_are_refused_as_openai_refuses_them(server, name):
+    response = httpx.post(f"{server.v1}/responses", json=body(**{name: True}))
+    assert response.status_code == 400
+    validate(response.json(), "ErrorResponse")
+    error = response.json()["error"]
+    assert error["message"] == f"Unrecognized request argument supplied: {name}" and error["param"] == name
+
+
+def test_the_chat_route_s_extras_are_accepted(server):
+    extras = dict(seed=3, stop=["\n"], top_k=5, min_p=0.1, repetition_penalty=1.1, presence_penalty=0.5,
+                  frequency_penalty=0.5, ignore_eos=True, keep_alive="5m", max_output_tokens=4)
+    response = httpx.post(f"{server.v1}/responses", json=body(**extras))
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["output_tokens"] == 4  # ignore_eos: exactly max_output_tokens
 
 
 def test_empty_settings_of_unsupported_features_are_accepted(client):

@@ -4,19 +4,26 @@ or Ollama's `{"error": "message"}` on Ollama's routes (`/api/...`).
 Validation failures become 400 naming the parameter (not FastAPI's 422 body), unknown
 routes and methods keep their status in the same shape, and anything unexpected is a
 500 whose body says nothing about the code (the traceback goes to the log only).
+
+`responses(...)` documents, per route, the statuses it answers and their error body, so
+that /openapi.json lists what really happens (and not the 422 FastAPI would add).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from elmd.engine.engine import MemoryBudgetError
 from elmd.server.schemas import ErrorBody, ErrorResponse
+from elmd.server.schemas_ollama import OllamaError
 
 log = logging.getLogger("elmd.server")
 
@@ -92,6 +99,37 @@ def timed_out(retry_after: int) -> APIError:
     return unavailable("The request timed out.", retry_after, code="timeout")
 
 
+# What each error status means, whichever route answers it (its body's `code` says which case).
+MEANINGS = {
+    400: "The request is invalid: malformed JSON, a wrong type or value, a missing, unknown or unsupported "
+         "parameter, or more tokens than the model's context holds. `param` names the parameter.",
+    401: "An API key is configured and the request did not present it as `Authorization: Bearer KEY`.",
+    403: "The Host or Origin header names another site (DNS rebinding, a cross-site request).",
+    404: "The model (or stored response) the request names does not exist.",
+    413: "The request body is larger than ELMD_MAX_BODY_BYTES.",
+    429: "Too many requests are queued; retry after `Retry-After` seconds.",
+    499: "The client closed the connection before the answer was ready (what the daemon logs and counts; the "
+         "client never reads it).",
+    500: "An unexpected error (details in the daemon's log only), a model that fails to load, or a failed pull.",
+    501: "Not implemented by elmd (embeddings).",
+    503: "The model is still loading or being installed, does not fit the memory budget, or the request timed "
+         "out; retry after `Retry-After` seconds.",
+}
+EVERY_ROUTE = (403, 413, 500)  # the middleware's refusals, and the unexpected
+
+
+def responses(*statuses: int, keyed: bool = True) -> dict[int, dict]:
+    """OpenAPI `responses` for a route that answers `statuses` besides its own and every
+    route's (401 too where the API key is asked for), each with its API's error body."""
+    return {status: {"model": ErrorResponse, "description": MEANINGS[status]}
+            for status in sorted({*statuses, *EVERY_ROUTE, *((401,) if keyed else ())})}
+
+
+def ollama_responses(*statuses: int) -> dict[int, dict]:
+    """`responses` for an Ollama route (`/api/...`): the same statuses, Ollama's error body."""
+    return {status: {**response, "model": OllamaError} for status, response in responses(*statuses).items()}
+
+
 def param_name(loc: tuple) -> str | None:
     """`messages[0].content` from a pydantic error location (without `body` and union tags)."""
     parts: list[str] = []
@@ -132,7 +170,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(MemoryBudgetError)
     async def _memory_budget(request: Request, exc: MemoryBudgetError) -> JSONResponse:
-        return over_memory_budget(exc).response()
+        return over_memory_budget(exc).response(request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -142,10 +180,46 @@ def install(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = {404: f"Unknown URL: {request.method} {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return APIError(exc.status_code, message, code=code, headers=dict(exc.headers or {})).response(request.url.path)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return APIError(exc.status_code, message, code=code, headers=headers).response(request.url.path)
+
+    app.openapi = functools.partial(_openapi_without_422, app, app.openapi)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error in %s %s", request.method, request.url.path)
         return APIError(500, "The server had an error while processing your request.", type="server_error",
                         code="internal_error").response(request.url.path)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method served at the request's path: Starlette's own 405 names only those of
+    the first route whose path matched (GET of /v1/responses/{id}, without its DELETE)."""
+    methods: set[str] = set()
+    for route in _routes(request.app.router.routes):
+        if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
+
+
+def _routes(routes: list) -> Iterator:
+    """Every route, those of included routers too (FastAPI keeps an included router whole as
+    one route, `original_router`; elmd includes its routers without a prefix)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        yield from _routes(included.routes) if included is not None else (route,)
+
+
+def _openapi_without_422(app: FastAPI, generate: Callable[[], dict]) -> dict:
+    """FastAPI's schema less the 422 it adds to every route with parameters (it has no
+    switch for that): elmd answers validation failures with 400, documented per route."""
+    if app.openapi_schema is None:
+        schema = generate()
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return app.openapi_schema

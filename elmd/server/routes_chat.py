@@ -11,20 +11,18 @@ from fastapi import APIRouter, Depends, Request
 
 from elmd.engine.engine import Chunk, Engine
 from elmd.engine.protocol import TokenLogprob
-from elmd.server import generation, tools
+from elmd.server import errors, generation, tools
 from elmd.server.deps import get_manager
 from elmd.server.errors import invalid, unsupported
 from elmd.server.manager import ModelManager
 from elmd.server.schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk,
                                  ChatCompletionRequest, ChatDelta, ChatMessage, ChoiceLogprobs, FunctionCallDelta,
-                                 NamedToolChoice,
-                                 TextPart, TokenLogprobInfo, ToolCallDelta, TopLogprob)
-from elmd.server.streaming import merge, sse_response
+                                 NamedToolChoice, ROLES, TextPart, TokenLogprobInfo, ToolCallDelta, TopLogprob)
+from elmd.server.streaming import merge, sse_response, streamed
 from elmd.server.structured import request_constraint
 
 router = APIRouter()
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 def tool_use(body: ChatCompletionRequest) -> tools.ToolUse:
@@ -101,7 +99,8 @@ def token_logprobs(engine: Engine, logprobs: list[TokenLogprob], top: int) -> li
     return infos
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", response_model=None,
+             responses={**streamed(ChatCompletion, "text/event-stream"), **errors.responses(400, 404, 429, 499, 503)})
 async def chat_completions(body: ChatCompletionRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
     use = tool_use(body)

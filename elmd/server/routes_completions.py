@@ -14,12 +14,12 @@ from fastapi import APIRouter, Depends, Request
 
 from elmd.engine.engine import Chunk, Engine
 from elmd.engine.protocol import SamplingParams, TokenLogprob
-from elmd.server import generation
+from elmd.server import errors, generation
 from elmd.server.deps import get_manager
 from elmd.server.errors import invalid
 from elmd.server.manager import ModelManager
 from elmd.server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
-from elmd.server.streaming import merge, sse_response
+from elmd.server.streaming import merge, sse_response, streamed
 from elmd.server.structured import request_constraint
 
 router = APIRouter()
@@ -112,7 +112,8 @@ def _echoed(prompt: _Prompt, body: CompletionRequest) -> tuple[str, list[int], l
     return prompt.text, list(prompt.ids), scores, list(prompt.offsets)  # copies: each choice extends its own
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=None,
+             responses={**streamed(Completion, "text/event-stream"), **errors.responses(400, 404, 429, 499, 503)})
 async def completions(body: CompletionRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
     constraint = request_constraint(body)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from elmd.server import errors
 from elmd.server.deps import get_manager
 from elmd.catalog import ModelSpec
 from elmd.server.manager import ModelManager
@@ -28,24 +29,26 @@ def _card(manager: ModelManager, spec: ModelSpec) -> ModelCard:
     )
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=errors.responses())
 async def list_models(manager: ModelManager = Depends(get_manager)) -> ModelList:
     return ModelList(data=[_card(manager, spec) for spec in manager.catalog.specs()])
 
 
-@router.get("/v1/models/{model_id}", response_model=ModelCard)
+@router.get("/v1/models/{model_id}", response_model=ModelCard, responses=errors.responses(404, 503))
 async def get_model(model_id: str, manager: ModelManager = Depends(get_manager)) -> ModelCard:
     return _card(manager, manager.spec(model_id))
 
 
-@router.get("/health", response_model=Health)
+@router.get("/health", response_model=Health, responses={
+    503: {"model": Health, "description": "A model is loading, or failed to load (`error`)."},
+    **errors.responses(keyed=False)})
 async def health(manager: ModelManager = Depends(get_manager)):
-    loaded, loading, errors = sorted(manager.loaded()), manager.loading(), manager.errors()
+    loaded, loading, failures = sorted(manager.loaded()), manager.loading(), manager.errors()
     if loaded:
         return Health(status="ok", loaded=loaded, loading=loading, **manager.cpu_kernels())
     if loading:
         return JSONResponse(Health(status="loading", loaded=[], loading=loading).model_dump(), status_code=503)
-    if errors:
-        message = "; ".join(f"{model}: {error}" for model, error in errors.items())
+    if failures:
+        message = "; ".join(f"{model}: {error}" for model, error in failures.items())
         return JSONResponse(Health(status="error", loaded=[], loading=[], error=message).model_dump(), status_code=503)
     return Health(status="ok", loaded=[], loading=[])

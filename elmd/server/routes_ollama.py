@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from elmd.engine.engine import Chunk, Engine
-from elmd.server import generation, structured, tools
+from elmd.server import errors, generation, structured, tools
 from elmd.server.deps import get_manager
 from elmd.server.errors import APIError, invalid
 from elmd.server.manager import Lease, ModelManager
@@ -26,7 +26,7 @@ from elmd.server.routes_chat import ROLES
 from elmd.server.schemas_ollama import (OllamaChatMessage, OllamaChatRequest, OllamaChatResponse, OllamaFunctionCall,
                                         OllamaGenerateRequest, OllamaGenerateResponse, OllamaToolCall,
                                         _OllamaGeneration)
-from elmd.server.streaming import merge, ndjson_response
+from elmd.server.streaming import merge, ndjson_response, streamed
 
 router = APIRouter()
 
@@ -122,7 +122,8 @@ def ollama_calls(reply: tools.ToolReply) -> list[OllamaToolCall] | None:
             for k, call in enumerate(reply.tool_calls)]
 
 
-@router.post("/api/chat", response_model=None)
+@router.post("/api/chat", response_model=None, responses={**streamed(OllamaChatResponse, "application/x-ndjson"),
+                                                        **errors.ollama_responses(400, 404, 429, 499, 503)})
 async def chat(body: OllamaChatRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
     use = tool_use(body)
@@ -141,7 +142,9 @@ async def chat(body: OllamaChatRequest, request: Request, manager: ModelManager 
                            "messages", shape, use)
 
 
-@router.post("/api/generate", response_model=None)
+@router.post("/api/generate", response_model=None,
+             responses={**streamed(OllamaGenerateResponse, "application/x-ndjson"),
+                        **errors.ollama_responses(400, 404, 429, 499, 503)})
 async def generate(body: OllamaGenerateRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
     if body.images:

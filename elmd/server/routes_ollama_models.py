@@ -21,15 +21,16 @@ from fastapi.responses import Response
 from safetensors import SafetensorError, safe_open
 
 from elmd.offline import OFFLINE_ENVIRONMENT
+from elmd.server import errors
 from elmd.server.deps import get_manager
 from elmd.server.errors import APIError, invalid
 from elmd.catalog import ModelSpec
 from elmd.server.manager import ModelManager
 from elmd.server.routes_ollama import NS, model_id, timestamp
-from elmd.server.schemas_ollama import (OllamaEmbedRequest, OllamaModel, OllamaModelDetails, OllamaModelRequest,
-                                        OllamaPullRequest, OllamaRunning, OllamaRunningModel, OllamaShow,
-                                        OllamaStatus, OllamaTags, OllamaVersion)
-from elmd.server.streaming import ndjson_response
+from elmd.server.schemas_ollama import (OllamaEmbedRequest, OllamaError, OllamaModel, OllamaModelDetails,
+                                        OllamaModelRequest, OllamaPullRequest, OllamaRunning, OllamaRunningModel,
+                                        OllamaShow, OllamaStatus, OllamaTags, OllamaVersion)
+from elmd.server.streaming import ndjson_response, streamed
 from elmd.store import MANIFEST, InvalidModelName, ModelNotFound, UnsafeModelFile, resolve_inside, validate_name
 
 router = APIRouter()
@@ -96,18 +97,18 @@ def _requested(body: OllamaModelRequest) -> str:
     return name
 
 
-@router.get("/api/version", response_model=OllamaVersion)
+@router.get("/api/version", response_model=OllamaVersion, responses=errors.ollama_responses())
 async def version() -> OllamaVersion:
     return OllamaVersion(version=OLLAMA_API_VERSION)
 
 
-@router.get("/api/tags", response_model=OllamaTags)
+@router.get("/api/tags", response_model=OllamaTags, responses=errors.ollama_responses())
 async def tags(manager: ModelManager = Depends(get_manager)) -> OllamaTags:
     return OllamaTags(models=[OllamaModel(**_entry(spec), modified_at=timestamp(spec.created))
                               for spec in manager.catalog.specs()])
 
 
-@router.get("/api/ps", response_model=OllamaRunning)
+@router.get("/api/ps", response_model=OllamaRunning, responses=errors.ollama_responses())
 async def running(manager: ModelManager = Depends(get_manager)) -> OllamaRunning:
     models = []
     for name, engine in sorted(manager.loaded().items()):
@@ -126,7 +127,7 @@ async def running(manager: ModelManager = Depends(get_manager)) -> OllamaRunning
     return OllamaRunning(models=models)
 
 
-@router.post("/api/show", response_model=OllamaShow)
+@router.post("/api/show", response_model=OllamaShow, responses=errors.ollama_responses(400, 404, 503))
 async def show(body: OllamaModelRequest, manager: ModelManager = Depends(get_manager)) -> OllamaShow:
     spec = manager.spec(model_id(manager, _requested(body)))
     details = _details(spec)
@@ -154,7 +155,8 @@ def _chat_template(spec: ModelSpec) -> str:
     return Tokenizer.from_dir(spec.path, spec.chat_template).chat_template
 
 
-@router.delete("/api/delete")
+@router.delete("/api/delete", response_class=Response, responses={200: {"description": "Deleted (no body)."},
+                                                                 **errors.ollama_responses(400, 404, 503)})
 async def delete(body: OllamaModelRequest, manager: ModelManager = Depends(get_manager)) -> Response:
     name = model_id(manager, _requested(body))
     if manager.catalog.is_pinned(name):
@@ -169,15 +171,19 @@ async def delete(body: OllamaModelRequest, manager: ModelManager = Depends(get_m
     return Response(status_code=200)
 
 
-@router.post("/api/embed")
-@router.post("/api/embeddings")
+# Always 501 (see the message): documented as the routes' one answer, with no 200.
+@router.post("/api/embed", status_code=501, response_model=OllamaError, response_description=errors.MEANINGS[501],
+             responses=errors.ollama_responses(400))
+@router.post("/api/embeddings", status_code=501, response_model=OllamaError, response_description=errors.MEANINGS[501],
+             responses=errors.ollama_responses(400))
 async def embed(body: OllamaEmbedRequest) -> None:
     raise APIError(501, "elmd does not serve embeddings: OpenELM is a text generator without an embedding head, and "
                    "pooled hidden states of a generator are not the embeddings clients expect. Use an embedding "
                    "model served elsewhere.", type="not_implemented", code="not_implemented")
 
 
-@router.post("/api/pull", response_model=None)
+@router.post("/api/pull", response_model=None, responses={**streamed(OllamaStatus, "application/x-ndjson"),
+                                                        **errors.ollama_responses(400, 404, 500)})
 async def pull(body: OllamaPullRequest, manager: ModelManager = Depends(get_manager)):
     name = _requested(body).removesuffix(":latest")
     try:

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request
 
 from elmd.engine.engine import Chunk, Engine
 from elmd.engine.protocol import SamplingParams, TokenLogprob
-from elmd.server import generation, structured, tools
+from elmd.server import errors, generation, structured, tools
 from elmd.server.deps import get_manager
 from elmd.server.errors import APIError, invalid, unsupported
 from elmd.server.manager import ModelManager
@@ -28,7 +28,7 @@ from elmd.server.schemas_responses import (DeletedResponse, FunctionCallItem, In
                                            InputTokensDetails, NamedFunctionChoice, OutputMessage, OutputText,
                                            ResponseErrorEvent, ResponseEvent, ResponseObject, ResponsesRequest,
                                            ResponseText, ResponseUsage)
-from elmd.server.streaming import merge, sse_response
+from elmd.server.streaming import merge, sse_response, streamed
 
 router = APIRouter()
 
@@ -165,7 +165,8 @@ class _Draft:
         return self.response(output, status, finish_reason, completion_tokens, cached_tokens)
 
 
-@router.post("/v1/responses", response_model=None)
+@router.post("/v1/responses", response_model=None,
+             responses={**streamed(ResponseObject, "text/event-stream"), **errors.responses(400, 404, 429, 499, 503)})
 async def create_response(body: ResponsesRequest, request: Request, manager: ModelManager = Depends(get_manager),
                           store: ResponseStore = Depends(get_store)):
     generation.reject_unsupported(body)
@@ -278,12 +279,12 @@ def _error_event(exc: APIError, sequence_number: int) -> ResponseErrorEvent:
     return ResponseErrorEvent(code=exc.code, message=exc.message, param=exc.param, sequence_number=sequence_number)
 
 
-@router.get("/v1/responses/{response_id}", response_model=ResponseObject)
+@router.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=errors.responses(404))
 async def get_response(response_id: str, store: ResponseStore = Depends(get_store)) -> ResponseObject:
     return _stored(store, response_id).response
 
 
-@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
+@router.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=errors.responses(404))
 async def delete_response(response_id: str, store: ResponseStore = Depends(get_store)) -> DeletedResponse:
     _stored(store, response_id)
     store.delete(response_id)

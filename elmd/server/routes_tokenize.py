@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from elmd.engine.engine import Engine
+from elmd.server import errors
 from elmd.server.deps import get_manager
 from elmd.server.errors import invalid
 from elmd.server.generation import check_token_ids
@@ -25,7 +26,8 @@ async def _engine(manager: ModelManager, model: str | None) -> tuple[str, Engine
     return model, await manager.engine(model)
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True)
+@router.post("/tokenize", response_model=TokenizeResponse, response_model_exclude_none=True,
+             responses=errors.responses(400, 404, 429, 503))
 async def tokenize(body: TokenizeRequest, manager: ModelManager = Depends(get_manager)) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise invalid("Send exactly one of 'prompt' and 'messages'.", param="prompt")
@@ -45,14 +47,14 @@ async def tokenize(body: TokenizeRequest, manager: ModelManager = Depends(get_ma
     )
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse)
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=errors.responses(400, 404, 429, 503))
 async def detokenize(body: DetokenizeRequest, manager: ModelManager = Depends(get_manager)) -> DetokenizeResponse:
     _, engine = await _engine(manager, body.model)
     check_token_ids(engine, body.tokens, "tokens")
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
 
-@router.get("/tokenizer_info", response_model=TokenizerInfo)
+@router.get("/tokenizer_info", response_model=TokenizerInfo, responses=errors.responses(400, 404, 429, 503))
 async def tokenizer_info(model: str | None = None, manager: ModelManager = Depends(get_manager)) -> TokenizerInfo:
     model, engine = await _engine(manager, model)
     tokenizer = engine.tokenizer

@@ -18,6 +18,14 @@ from elmd.settings import parse_duration
 
 # --------------------------------------------------------------------------- requests
 
+# The roles a message may have, each as the chat template sees it; "tool" results are
+# rendered apart (elmd/server/tools.py). Any other role is refused by name.
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MESSAGE_ROLES = [*ROLES, "tool"]
+
+# For requests that keep unknown fields only to refuse them by name: the schema says they are refused.
+REFUSES_UNKNOWN = ConfigDict(strict=True, extra="allow", json_schema_extra={"additionalProperties": False})
+
 
 class _Request(BaseModel):
     # Unknown fields inside a message or an option object are ignored (clients echo back
@@ -48,7 +56,7 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: str
+    role: str = Field(json_schema_extra={"enum": MESSAGE_ROLES})  # a str: "function" is refused as unsupported
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
@@ -97,8 +105,13 @@ class ResponseFormat(_Request):
 LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
 
 
+# A keep_alive string as elmd.settings.parse_duration reads it: seconds ("300", "-1") or a duration ("1h30m").
+DURATION = r"^\s*[+-]*((\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|(\d+(\.\d+)?(ms|s|m|h))+)\s*$"
+
+
 class _KeepAlive(_Request):
-    keep_alive: str | int | float | None = None  # Ollama's: seconds or "5m"; negative: forever
+    # Ollama's: seconds or "5m"; negative: forever
+    keep_alive: str | int | float | None = Field(None, json_schema_extra={"pattern": DURATION})
 
     @field_validator("keep_alive")
     @classmethod
@@ -136,7 +149,7 @@ class _Generation(_KeepAlive, _Stops):
     """The fields the chat and completions requests share. Fields beyond OpenAI's are the
     extensions elmd implements (see README); any other is refused by name."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = REFUSES_UNKNOWN
 
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
@@ -245,8 +258,12 @@ class ChatCompletionRequest(_Generation):
 TokenIds = list[int]
 
 
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+NonEmptyTokenIds = Annotated[TokenIds, Field(min_length=1)]
+
+
 class CompletionRequest(_Generation):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: NonEmptyStr | list[NonEmptyStr] | NonEmptyTokenIds | list[NonEmptyTokenIds]
     max_tokens: int | None = Field(None, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -280,6 +297,13 @@ class CompletionRequest(_Generation):
 
 
 class TokenizeRequest(_Request):
+    """Exactly one of `prompt` and `messages`."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+    ]})
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None

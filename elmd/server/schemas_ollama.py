@@ -13,7 +13,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from elmd.server.limits import MAX_MESSAGES, SEED_RANGE
-from elmd.server.schemas import Tool, _DropNone, _KeepAlive, _Request, _Stops
+from elmd.server.schemas import MESSAGE_ROLES, Tool, _DropNone, _KeepAlive, _Request, _Stops
+from elmd.store import MAX_NAME_LENGTH, NAME_PATTERN
 
 # --------------------------------------------------------------------------- requests
 
@@ -68,7 +69,7 @@ class OllamaToolCall(_Request):
 
 
 class OllamaMessage(_Request):
-    role: str
+    role: str = Field(json_schema_extra={"enum": MESSAGE_ROLES})
     content: str = ""
     images: list[str] | None = None
     thinking: str | None = None
@@ -131,11 +132,19 @@ class OllamaGenerateRequest(_OllamaGeneration):
         return names
 
 
-class OllamaModelRequest(_Request):
-    """/api/show, /api/delete: a model by name (`name` is the older spelling)."""
+def _named(name: dict[str, Any]) -> dict[str, Any]:
+    """The schema's rule for a request that names a model: `model`, or else `name`, as `name` describes."""
+    return {"anyOf": [{"required": ["model"], "properties": {"model": name}},
+                      {"required": ["name"], "properties": {"model": {"type": "null"}, "name": name}}]}
 
-    model: str | None = None
-    name: str | None = None
+
+class OllamaModelRequest(_Request):
+    """/api/show, /api/delete: a model by name (`name` is the older spelling), one of them required."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_named({"type": "string"}))
+
+    model: str | None = Field(None, min_length=1)
+    name: str | None = Field(None, min_length=1)
     verbose: bool | None = None
 
     def model_name(self) -> str | None:
@@ -143,6 +152,10 @@ class OllamaModelRequest(_Request):
 
 
 class OllamaPullRequest(OllamaModelRequest):
+    # A store name (elmd/store.py's NAME_PATTERN), optionally tagged `:latest` as Ollama's clients do.
+    model_config = ConfigDict(json_schema_extra=_named({"type": "string", "maxLength": MAX_NAME_LENGTH,
+                                                        "pattern": rf"^{NAME_PATTERN.pattern}(:latest)?$"}))
+
     stream: bool = True
     insecure: bool | None = None
 
@@ -241,6 +254,12 @@ class OllamaShow(BaseModel):
 
 class OllamaVersion(BaseModel):
     version: str
+
+
+class OllamaError(BaseModel):
+    """Every failure on Ollama's routes (OpenAI's routes send `ErrorResponse`)."""
+
+    error: str
 
 
 class OllamaStatus(BaseModel):

@@ -12,7 +12,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from elmd.server.limits import MAX_MESSAGES, MAX_TOP_LOGPROBS, SEED_RANGE
-from elmd.server.schemas import TextPart, TokenLogprobInfo, _DropNone, _KeepAlive, _OmitNone, _Request, _Stops
+from elmd.server.schemas import (REFUSES_UNKNOWN, ROLES, TextPart, TokenLogprobInfo, _DropNone, _KeepAlive, _OmitNone,
+                                 _Request, _Stops)
 
 # --------------------------------------------------------------------------- requests
 
@@ -25,7 +26,7 @@ class InputItem(_Request):
     (reasoning, references, hosted tools' calls) are refused by type."""
 
     type: str = "message"
-    role: str | None = None
+    role: str | None = Field(None, json_schema_extra={"enum": [*ROLES, None]})  # of a message
     content: str | list[TextPart] | None = None
     id: str | None = None
     status: str | None = None
@@ -64,6 +65,8 @@ class TextParam(_Request):
 
 
 class ResponsesRequest(_KeepAlive, _Stops):
+    model_config = REFUSES_UNKNOWN
+
     model: str
     input: str | list[InputItem] = Field(max_length=MAX_MESSAGES)
     instructions: str | None = None

@@ -29,6 +29,13 @@ _END = object()
 SEP = "\n"  # as OpenAI frames events (sse-starlette defaults to CRLF)
 
 
+def streamed(model: type[BaseModel], media_type: str) -> dict[int, dict]:
+    """The documented 200 of a route that answers `model` as JSON, or with `stream: true`
+    a stream of `media_type` (text/event-stream, or Ollama's application/x-ndjson)."""
+    return {200: {"model": model, "description": f"`{model.__name__}`, or its stream as {media_type} with `stream: true`.",
+                  "content": {media_type: {"schema": {"type": "string"}}}}}
+
+
 def sse_response(events: AsyncIterator[BaseModel], lease: Lease, *,
                  error: Callable[[APIError], BaseModel | dict] | None = None, named: bool = False,
                  done: bool = True) -> EventSourceResponse:
