@@ -122,3 +122,17 @@ def test_openapi_lists_the_statuses_each_route_answers(server):
     show = schema["paths"]["/api/show"]["post"]["responses"]
     assert show["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/OllamaError")
     assert schema["components"]["schemas"]["ResponsesRequest"]["additionalProperties"] is False
+
+
+def test_a_keep_alive_longer_than_any_date_reads_as_forever(server):
+    """/api/ps answered 500 once a request had kept the model for 1e300 seconds (found by schemathesis)."""
+    load = f"{server.base_url}/api/generate"
+    try:
+        assert httpx.post(load, json={"model": TINY_MODEL, "stream": False, "keep_alive": 1e300}).status_code == 200
+        ps = httpx.get(f"{server.base_url}/api/ps")
+        assert ps.status_code == 200 and int(ps.json()["models"][0]["expires_at"][:4]) > 2300
+    finally:
+        httpx.post(load, json={"model": TINY_MODEL, "stream": False, "keep_alive": -1})
+    for endless in ("inf", "nan"):
+        refused = httpx.post(load, json={"model": TINY_MODEL, "stream": False, "keep_alive": endless})
+        assert refused.status_code == 400 and "keep_alive" in refused.json()["error"]

@@ -30,7 +30,7 @@ from elmd.server.routes_ollama import NS, model_id, timestamp
 from elmd.server.schemas_ollama import (OllamaEmbedRequest, OllamaError, OllamaModel, OllamaModelDetails,
                                         OllamaModelRequest, OllamaPullRequest, OllamaRunning, OllamaRunningModel,
                                         OllamaShow, OllamaStatus, OllamaTags, OllamaVersion)
-from elmd.server.streaming import ndjson_response, streamed
+from elmd.server.streaming import NDJSON, ndjson_response, streamed
 from elmd.store import MANIFEST, InvalidModelName, ModelNotFound, UnsafeModelFile, resolve_inside, validate_name
 
 router = APIRouter()
@@ -116,12 +116,13 @@ async def running(manager: ModelManager = Depends(get_manager)) -> OllamaRunning
             spec = manager.spec(name)
         except APIError:  # removed from the store while loaded (`elmd rm`); it unloads when idle
             continue
+        forever = time.time() + FOREVER_SECONDS  # also the cap: a longer keep_alive has no date Ollama can write
         expires = manager.expires_at(name)
         info = engine.info
         size = engine.resident_bytes()
         models.append(OllamaRunningModel(
             **{**_entry(spec), "size": size}, size_vram=0 if info.device in ("cpu", "mlx-cpu") else size,
-            expires_at=timestamp(time.time() + FOREVER_SECONDS if expires is None else expires),
+            expires_at=timestamp(forever if expires is None else min(expires, forever)),
             context_length=engine.context_length,
         ))
     return OllamaRunning(models=models)
@@ -182,7 +183,7 @@ async def embed(body: OllamaEmbedRequest) -> None:
                    "model served elsewhere.", type="not_implemented", code="not_implemented")
 
 
-@router.post("/api/pull", response_model=None, responses={**streamed(OllamaStatus, "application/x-ndjson"),
+@router.post("/api/pull", response_model=None, responses={**streamed(OllamaStatus, OllamaStatus, NDJSON),
                                                         **errors.ollama_responses(400, 404, 500)})
 async def pull(body: OllamaPullRequest, manager: ModelManager = Depends(get_manager)):
     name = _requested(body).removesuffix(":latest")

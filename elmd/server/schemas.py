@@ -8,6 +8,7 @@ a top-level field nobody declared is refused as OpenAI refuses it (`unrecognized
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
@@ -25,6 +26,11 @@ MESSAGE_ROLES = [*ROLES, "tool"]
 
 # For requests that keep unknown fields only to refuse them by name: the schema says they are refused.
 REFUSES_UNKNOWN = ConfigDict(strict=True, extra="allow", json_schema_extra={"additionalProperties": False})
+
+# What the schema allows of a field elmd declares but does not implement (any other value is
+# a 400 naming it): null, or any value that sets nothing.
+NULL = {"enum": [None]}
+UNSET = {"enum": [None, False, 0, "", [], {}]}
 
 
 class _Request(BaseModel):
@@ -51,7 +57,7 @@ class MessageToolCall(_Request):
 
 
 class TextPart(_Request):
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text"]})  # a str: other kinds are refused as unsupported
     text: str | None = None
 
 
@@ -61,7 +67,7 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = None
-    function_call: Any = None
+    function_call: Any = Field(None, json_schema_extra=UNSET)
 
 
 class StreamOptions(_Request):
@@ -116,7 +122,9 @@ class _KeepAlive(_Request):
     @field_validator("keep_alive")
     @classmethod
     def _duration(cls, value: str | int | float | None) -> str | int | float | None:
-        parse_duration(value)  # a ValueError here is a 400 naming keep_alive
+        seconds = parse_duration(value)  # a ValueError here is a 400 naming keep_alive
+        if seconds is not None and not math.isfinite(seconds):  # "inf", "nan": no moment to unload at
+            raise ValueError("expected a finite number of seconds or a duration such as '5m'")
         return value
 
     def keep_alive_seconds(self) -> tuple[bool, float | None]:
@@ -204,14 +212,14 @@ class ChatCompletionRequest(_Generation):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     # not implemented: present and meaningful -> 400 naming the field
-    functions: list[Any] | None = None
-    function_call: Any = None
-    audio: Any = None
-    modalities: list[str] | None = None
-    prediction: Any = None
-    web_search_options: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
+    functions: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    function_call: Any = Field(None, json_schema_extra={"enum": [None, "none", "auto"]})
+    audio: Any = Field(None, json_schema_extra=NULL)
+    modalities: list[str] | None = Field(None, json_schema_extra={"enum": [None, ["text"]]})
+    prediction: Any = Field(None, json_schema_extra=NULL)
+    web_search_options: Any = Field(None, json_schema_extra=NULL)
+    reasoning_effort: Any = Field(None, json_schema_extra=NULL)
+    verbosity: Any = Field(None, json_schema_extra=NULL)
 
     def invalid_params(self) -> list[tuple[str, str]]:
         """(param, message) for combinations that single fields cannot reject."""
@@ -267,8 +275,8 @@ class CompletionRequest(_Generation):
     max_tokens: int | None = Field(None, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    best_of: int | None = Field(None, ge=1)
-    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, description="Only the value of `n` (or null) is accepted.")
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
 
     @field_validator("prompt")
     @classmethod
