@@ -26,7 +26,7 @@ from elmd.server.routes_chat import ROLES
 from elmd.server.schemas_ollama import (OllamaChatMessage, OllamaChatRequest, OllamaChatResponse, OllamaFunctionCall,
                                         OllamaGenerateRequest, OllamaGenerateResponse, OllamaToolCall,
                                         _OllamaGeneration)
-from elmd.server.streaming import merge, ndjson_response, streamed
+from elmd.server.streaming import NDJSON, merge, ndjson_response, streamed
 
 router = APIRouter()
 
@@ -122,7 +122,7 @@ def ollama_calls(reply: tools.ToolReply) -> list[OllamaToolCall] | None:
             for k, call in enumerate(reply.tool_calls)]
 
 
-@router.post("/api/chat", response_model=None, responses={**streamed(OllamaChatResponse, "application/x-ndjson"),
+@router.post("/api/chat", response_model=None, responses={**streamed(OllamaChatResponse, OllamaChatResponse, NDJSON),
                                                         **errors.ollama_responses(400, 404, 429, 499, 503)})
 async def chat(body: OllamaChatRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
@@ -143,7 +143,7 @@ async def chat(body: OllamaChatRequest, request: Request, manager: ModelManager 
 
 
 @router.post("/api/generate", response_model=None,
-             responses={**streamed(OllamaGenerateResponse, "application/x-ndjson"),
+             responses={**streamed(OllamaGenerateResponse, OllamaGenerateResponse, NDJSON),
                         **errors.ollama_responses(400, 404, 429, 499, 503)})
 async def generate(body: OllamaGenerateRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)

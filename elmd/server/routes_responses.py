@@ -27,12 +27,10 @@ from elmd.server.schemas import FunctionDefinition, TextPart, TokenLogprobInfo
 from elmd.server.schemas_responses import (DeletedResponse, FunctionCallItem, IncompleteDetails, InputItem,
                                            InputTokensDetails, NamedFunctionChoice, OutputMessage, OutputText,
                                            ResponseErrorEvent, ResponseEvent, ResponseObject, ResponsesRequest,
-                                           ResponseText, ResponseUsage)
+                                           ResponseText, ResponseUsage, TEXT_PARTS)
 from elmd.server.streaming import merge, sse_response, streamed
 
 router = APIRouter()
-
-TEXT_PARTS = ("input_text", "output_text")  # an earlier answer sent back holds output_text
 
 
 def get_store(request: Request) -> ResponseStore:
@@ -166,7 +164,7 @@ class _Draft:
 
 
 @router.post("/v1/responses", response_model=None,
-             responses={**streamed(ResponseObject, "text/event-stream"), **errors.responses(400, 404, 429, 499, 503)})
+             responses={**streamed(ResponseObject, ResponseEvent), **errors.responses(400, 404, 429, 499, 503)})
 async def create_response(body: ResponsesRequest, request: Request, manager: ModelManager = Depends(get_manager),
                           store: ResponseStore = Depends(get_store)):
     generation.reject_unsupported(body)

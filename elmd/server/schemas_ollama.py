@@ -36,9 +36,9 @@ class OllamaOptions(_Stops):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     num_ctx: int | None = Field(None, ge=1)  # the model's context is fixed; accepted, not used
     # not implemented: a value that changes sampling -> 400 naming the option
-    mirostat: int | None = None
-    tfs_z: float | None = None
-    typical_p: float | None = None
+    mirostat: int | None = Field(None, json_schema_extra={"enum": [0, None]})
+    tfs_z: float | None = Field(None, json_schema_extra={"enum": [1, None]})
+    typical_p: float | None = Field(None, json_schema_extra={"enum": [1, None]})
 
     n: ClassVar[int] = 1
     ignore_eos: ClassVar[None] = None
@@ -71,7 +71,7 @@ class OllamaToolCall(_Request):
 class OllamaMessage(_Request):
     role: str = Field(json_schema_extra={"enum": MESSAGE_ROLES})
     content: str = ""
-    images: list[str] | None = None
+    images: list[str] | None = Field(None, json_schema_extra={"maxItems": 0})  # text only
     thinking: str | None = None
     tool_calls: list[OllamaToolCall] | None = None
     tool_name: str | None = None
@@ -84,10 +84,10 @@ class _OllamaGeneration(_KeepAlive):
     model: str = Field(min_length=1)
     stream: bool = True
     options: OllamaOptions | None = None
-    format: str | dict[str, Any] | None = None
-    think: bool | str | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    format: str | dict[str, Any] | None = Field(None, json_schema_extra={"pattern": "^(json)?$"})
+    think: bool | str | None = Field(None, json_schema_extra={"enum": [False, None]})
+    logprobs: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
+    top_logprobs: int | None = Field(None, json_schema_extra={"enum": [0, None]})
     metadata: dict[str, Any] | None = None  # Open WebUI's own bookkeeping; not used
 
     def sampling(self) -> OllamaOptions:
@@ -119,10 +119,10 @@ class OllamaGenerateRequest(_OllamaGeneration):
     prompt: str = ""
     system: str | None = None
     raw: bool = False
-    images: list[str] | None = None
-    suffix: str | None = None
-    template: str | None = None
-    context: list[int] | None = None
+    images: list[str] | None = Field(None, json_schema_extra={"maxItems": 0})  # text only
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
+    template: str | None = Field(None, json_schema_extra={"maxLength": 0})
+    context: list[int] | None = Field(None, json_schema_extra={"maxItems": 0})
 
     def unsupported_params(self) -> list[str]:
         names = super().unsupported_params()

@@ -18,6 +18,13 @@ from elmd.server.schemas import (REFUSES_UNKNOWN, ROLES, TextPart, TokenLogprobI
 # --------------------------------------------------------------------------- requests
 
 LOGPROBS = "message.output_text.logprobs"  # the one `include` value elmd has something for
+TEXT_PARTS = ("input_text", "output_text")  # an earlier answer sent back holds output_text
+ITEM_TYPES = ("message", "function_call", "function_call_output")
+MEANINGLESS = {"type": ["object", "null"], "additionalProperties": {"type": "null"}}  # see _meaningful
+
+
+class InputTextPart(TextPart):
+    type: str = Field(json_schema_extra={"enum": list(TEXT_PARTS)})
 
 
 class InputItem(_Request):
@@ -25,15 +32,15 @@ class InputItem(_Request):
     function call the model made (sent back) or a function's output; other item types
     (reasoning, references, hosted tools' calls) are refused by type."""
 
-    type: str = "message"
+    type: str = Field("message", json_schema_extra={"enum": list(ITEM_TYPES)})
     role: str | None = Field(None, json_schema_extra={"enum": [*ROLES, None]})  # of a message
-    content: str | list[TextPart] | None = None
+    content: str | list[InputTextPart] | None = None
     id: str | None = None
     status: str | None = None
     call_id: str | None = Field(None, min_length=1, max_length=64)  # function_call, function_call_output
     name: str | None = None  # function_call
     arguments: str | None = None  # function_call
-    output: str | list[TextPart] | None = None  # function_call_output
+    output: str | list[InputTextPart] | None = None  # function_call_output
 
 
 class FunctionTool(_Request):
@@ -42,7 +49,7 @@ class FunctionTool(_Request):
 
     model_config = ConfigDict(strict=True, extra="allow")  # a hosted tool's own fields
 
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["function"]})
     name: str | None = Field(None, pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
@@ -55,7 +62,7 @@ class FunctionTool(_Request):
 
 
 class NamedFunctionChoice(_Request):
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["function"]})
     name: str | None = None
 
 
@@ -97,13 +104,13 @@ class ResponsesRequest(_KeepAlive, _Stops):
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     # not implemented: present and meaningful -> 400 naming the field
-    include: list[str] | None = None  # of its values, LOGPROBS only
+    include: list[str] | None = Field(None, json_schema_extra={"items": {"enum": [LOGPROBS]}})
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    reasoning: dict[str, Any] | None = None
-    background: bool | None = None
-    conversation: Any = None
-    prompt: Any = None
-    truncation: str | None = None
+    reasoning: dict[str, Any] | None = Field(None, json_schema_extra=MEANINGLESS)
+    background: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
+    conversation: Any = Field(None, json_schema_extra=MEANINGLESS)
+    prompt: Any = Field(None, json_schema_extra=MEANINGLESS)
+    truncation: str | None = Field(None, json_schema_extra={"enum": ["disabled", None]})
 
     n: ClassVar[int] = 1  # one output message per response
 

@@ -29,11 +29,19 @@ _END = object()
 SEP = "\n"  # as OpenAI frames events (sse-starlette defaults to CRLF)
 
 
-def streamed(model: type[BaseModel], media_type: str) -> dict[int, dict]:
+SSE = "text/event-stream"
+NDJSON = "application/x-ndjson"
+# One server-sent event, as OpenAPI before 3.2 describes a text/event-stream: its JSON in `data`.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
+
+
+def streamed(model: type[BaseModel], event: type[BaseModel], media_type: str = SSE) -> dict[int, dict]:
     """The documented 200 of a route that answers `model` as JSON, or with `stream: true`
-    a stream of `media_type` (text/event-stream, or Ollama's application/x-ndjson)."""
-    return {200: {"model": model, "description": f"`{model.__name__}`, or its stream as {media_type} with `stream: true`.",
-                  "content": {media_type: {"schema": {"type": "string"}}}}}
+    `event` objects as server-sent events (or as Ollama's newline-delimited JSON)."""
+    return {200: {"model": model, "description": f"`{model.__name__}`; with `stream: true`, `{event.__name__}` "
+                                                 f"objects as {media_type}.",
+                  "content": {media_type: {"schema": SSE_EVENT if media_type == SSE else {"type": "string"}}}}}
 
 
 def sse_response(events: AsyncIterator[BaseModel], lease: Lease, *,
@@ -73,7 +81,7 @@ def ndjson_response(events: AsyncIterator[BaseModel], lease: Lease | None,
         finally:
             await checked.aclose()  # at once, when the client goes away, not when collected
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson",
+    return StreamingResponse(lines(), media_type=NDJSON,
                              background=BackgroundTask(lease.release) if lease else None)
 
 
