@@ -25,7 +25,7 @@ from conftest import serve_app
 
 MODEL = "tiny-openelm"
 SEED = 31
-MAX_EXAMPLES = 20  # per operation and phase; both modes together take about two minutes on two cores
+MAX_EXAMPLES = 30  # per operation and phase; both modes together take about two minutes on two cores
 
 # Operations whose valid requests may still be refused with 400 for what no schema can say:
 # a prompt longer than the model's context, token ids outside its vocabulary, a grammar or

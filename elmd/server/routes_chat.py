@@ -39,6 +39,8 @@ def template_messages(messages: list[ChatMessage], use: tools.ToolUse | None = N
     names: dict[str, str] = {}  # tool_call_id -> function name, for the results
     with_tools = use is not None and use.active
     for i, message in enumerate(messages):
+        if message.function_call:  # on a tool result too: ignoring it would hide it
+            raise unsupported(f"messages[{i}].function_call")
         if message.role == "tool":
             if message.tool_call_id is None:
                 raise invalid(f"Missing required parameter: 'messages[{i}].tool_call_id'.",
@@ -50,8 +52,6 @@ def template_messages(messages: list[ChatMessage], use: tools.ToolUse | None = N
             if message.role == "function":
                 raise unsupported(f"messages[{i}].role")
             raise invalid(f"Invalid value for 'messages[{i}].role': {message.role!r}.", param=f"messages[{i}].role")
-        if message.function_call:
-            raise unsupported(f"messages[{i}].function_call")
         if message.tool_calls:
             names.update((call.id, call.function.name) for call in message.tool_calls)
             content = tools.render_calls([(c.function.name, c.function.arguments) for c in message.tool_calls])

@@ -9,6 +9,7 @@ a top-level field nobody declared is refused as OpenAI refuses it (`unrecognized
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
@@ -31,6 +32,16 @@ REFUSES_UNKNOWN = ConfigDict(strict=True, extra="allow", json_schema_extra={"add
 # a 400 naming it): null, or any value that sets nothing.
 NULL = {"enum": [None]}
 UNSET = {"enum": [None, False, 0, "", [], {}]}
+
+
+def present(*names: str) -> dict:
+    """A schema clause for what the routes check after validation: each of `names` set, not null."""
+    return {"required": list(names), "properties": {name: {"not": {"type": "null"}} for name in names}}
+
+
+def when(field: str, values: list, then: dict) -> dict:
+    """A schema clause: `then` applies where `field` is one of `values` (or absent, if its default is)."""
+    return {"if": {"properties": {field: {"enum": values}}}, "then": then}
 
 
 class _Request(BaseModel):
@@ -57,11 +68,22 @@ class MessageToolCall(_Request):
 
 
 class TextPart(_Request):
+    model_config = ConfigDict(json_schema_extra={"allOf": [present("text")]})
+
     type: str = Field(json_schema_extra={"enum": ["text"]})  # a str: other kinds are refused as unsupported
     text: str | None = None
 
 
 class ChatMessage(_Request):
+    """A tool result needs its call's id and content; others but the assistant's need content
+    (or tool calls)."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        when("role", ["tool"], present("content", "tool_call_id")),
+        when("role", ["system", "developer", "user"], {"anyOf": [
+            present("content"), {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}}]}),
+    ]})
+
     role: str = Field(json_schema_extra={"enum": MESSAGE_ROLES})  # a str: "function" is refused as unsupported
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -122,9 +144,11 @@ class _KeepAlive(_Request):
     @field_validator("keep_alive")
     @classmethod
     def _duration(cls, value: str | int | float | None) -> str | int | float | None:
-        seconds = parse_duration(value)  # a ValueError here is a 400 naming keep_alive
-        if seconds is not None and not math.isfinite(seconds):  # "inf", "nan": no moment to unload at
-            raise ValueError("expected a finite number of seconds or a duration such as '5m'")
+        if isinstance(value, str) and not re.match(DURATION, value):  # what the schema says, no more
+            raise ValueError(f"invalid duration {value!r}: use seconds or e.g. '5m', '1h30m'")
+        seconds = parse_duration(value)  # a ValueError here is a 400 naming keep_alive; inf: forever
+        if seconds is not None and math.isnan(seconds):  # NaN: not JSON, yet Python's parser reads it
+            raise ValueError("expected a number of seconds or a duration such as '5m'")
         return value
 
     def keep_alive_seconds(self) -> tuple[bool, float | None]:
@@ -271,7 +295,8 @@ NonEmptyTokenIds = Annotated[TokenIds, Field(min_length=1)]
 
 
 class CompletionRequest(_Generation):
-    prompt: NonEmptyStr | list[NonEmptyStr] | NonEmptyTokenIds | list[NonEmptyTokenIds]
+    prompt: NonEmptyStr | list[NonEmptyStr] | NonEmptyTokenIds | list[NonEmptyTokenIds] = Field(
+        json_schema_extra={"minItems": 1})  # a batch of none is refused by the route
     max_tokens: int | None = Field(None, ge=0)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

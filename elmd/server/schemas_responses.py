@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from elmd.server.limits import MAX_MESSAGES, MAX_TOP_LOGPROBS, SEED_RANGE
 from elmd.server.schemas import (REFUSES_UNKNOWN, ROLES, TextPart, TokenLogprobInfo, _DropNone, _KeepAlive, _OmitNone,
-                                 _Request, _Stops)
+                                 _Request, _Stops, present, when)
 
 # --------------------------------------------------------------------------- requests
 
@@ -32,6 +32,12 @@ class InputItem(_Request):
     function call the model made (sent back) or a function's output; other item types
     (reasoning, references, hosted tools' calls) are refused by type."""
 
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        when("type", ["message"], present("role", "content")),
+        when("type", ["function_call"], present("call_id", "name", "arguments")),
+        when("type", ["function_call_output"], present("call_id", "output")),
+    ]})
+
     type: str = Field("message", json_schema_extra={"enum": list(ITEM_TYPES)})
     role: str | None = Field(None, json_schema_extra={"enum": [*ROLES, None]})  # of a message
     content: str | list[InputTextPart] | None = None
@@ -47,7 +53,8 @@ class FunctionTool(_Request):
     """A `tools` entry. Function tools (`FunctionToolParam`) are served; hosted tools
     (web search, file search, computer use, MCP, ...) are refused by type."""
 
-    model_config = ConfigDict(strict=True, extra="allow")  # a hosted tool's own fields
+    model_config = ConfigDict(strict=True, extra="allow",  # a hosted tool's own fields
+                              json_schema_extra={"allOf": [present("name")]})  # hosted tools are refused anyway
 
     type: str = Field(json_schema_extra={"enum": ["function"]})
     name: str | None = Field(None, pattern=r"^[a-zA-Z0-9_-]{1,64}$")
