@@ -122,8 +122,11 @@ def check_context(engine: Engine, prompt_ids: list[int], max_tokens: int, param:
 
 
 def default_max_tokens(engine: Engine, prompt_ids: list[int]) -> int:
-    """Without max_tokens a reply may use the rest of the context (as OpenAI's chat API)."""
-    return max(1, engine.context_length - len(prompt_ids))
+    """A request that sets no limit gets the model's `max_tokens` default (models.yaml), so a
+    small model's loop ends in seconds; cut to what the context has left, as a limit rather
+    than an error. Without a default, the rest of the context (as OpenAI's chat API)."""
+    room = max(1, engine.context_length - len(prompt_ids))
+    return min(engine.defaults.get("max_tokens", room), room)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
