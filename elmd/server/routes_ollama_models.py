@@ -157,7 +157,7 @@ def _chat_template(spec: ModelSpec) -> str:
 
 
 @router.delete("/api/delete", response_class=Response, responses={200: {"description": "Deleted (no body)."},
-                                                                 **errors.ollama_responses(400, 404, 503)})
+                                                                 **errors.ollama_responses(400, 404)})
 async def delete(body: OllamaModelRequest, manager: ModelManager = Depends(get_manager)) -> Response:
     name = model_id(manager, _requested(body))
     if manager.catalog.is_pinned(name):
