@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from conftest import TINY_MODEL
+from elmd.server import page
 
 CHAT = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 KEY = "elmd-test-key-0123456789"
@@ -130,6 +131,17 @@ def test_every_endpoint_but_health_needs_the_key(keyed, authorization, code):
         assert_error(response, 401, code)
         assert response.headers["www-authenticate"] == "Bearer"
     assert httpx.get(f"{keyed.base_url}/health").status_code == 200
+
+
+def test_openapi_json_says_which_operations_need_the_key(keyed, server):
+    schema = httpx.get(f"{keyed.base_url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert "security" not in schema["paths"]["/health"]["get"]
+    assert schema["paths"]["/v1/chat/completions"]["post"]["security"] == [{"bearer": []}]
+    assert all(operation.get("security") == [{"bearer": []}] for path, operations in schema["paths"].items()
+               if path != "/health" and path not in page.PATHS for operation in operations.values())
+    unkeyed = httpx.get(f"{server.base_url}/openapi.json").json()  # a daemon without a key asks for none
+    assert "securitySchemes" not in unkeyed.get("components", {})
 
 
 def test_the_key_admits_the_official_client(keyed):

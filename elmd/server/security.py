@@ -18,10 +18,12 @@ From the outside in:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
 import socket
+from typing import Callable
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
@@ -74,6 +76,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     if key is not None:
         app.add_middleware(ApiKeyCheck, key=key)
+        app.openapi = functools.partial(_openapi_with_bearer, app.openapi)
     origins = [origin.rstrip("/").lower() for origin in settings.allow_origins]
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
@@ -81,6 +84,21 @@ def install(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(OriginCheck, allowed=frozenset(origins))
     if is_loopback(settings.host):
         app.add_middleware(HostCheck, allowed=allowed_hosts(settings.host))
+
+
+def _openapi_with_bearer(generate: Callable[[], dict]) -> dict:
+    """The schema with the key as a bearer scheme on every operation ApiKeyCheck guards, so
+    clients generated from it send the key (and fuzzers know which calls need it)."""
+    schema = generate()  # FastAPI keeps it, so this marks it once
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    if "bearer" not in schemes:
+        schemes["bearer"] = {"type": "http", "scheme": "bearer",
+                             "description": "The daemon's API key (ELMD_API_KEY or the file `elmd key` wrote)."}
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                if path not in OPEN_PATHS:
+                    operation["security"] = [{"bearer": []}]
+    return schema
 
 
 def allowed_hosts(bind_host: str) -> frozenset[str]:
