@@ -14,9 +14,16 @@
 // NativePlan runs the whole layer stack of one step in a single call from Python, with
 // these and the matmul kernels of qgemv.cpp: at batch 1 the Python calls between ~112 ops
 // per 270M token had cost ~1.4 ms of 8.3. Its `prefill` runs a prompt chunk of one
-// sequence the same way, the row-wise ops split over threads by rows and attention left
-// to ATen's SDPA: there the ~40 ATen norm, RoPE and SwiGLU ops per layer (a quarter of
-// a 256-token chunk on the 270M) were each a pass over the chunk's activations.
+// sequence the same way, the row-wise ops split over threads by rows: there the ~40 ATen
+// norm, RoPE and SwiGLU ops per layer (a quarter of a 256-token chunk on the 270M) were
+// each a pass over the chunk's activations.
+//
+// Batch-invariant: every op computes a row (a token) alone, in an order that does not
+// depend on the other rows, and a prompt chunk's attention is decode_attention with one row
+// per position. So a token's logits are bitwise the same in a decode step of any batch, in
+// a prompt chunk of any split, and after a prefix-cache hit of any length
+// (tests/test_batch_invariance.py). Not on AMX CPUs, whose prompt matmuls and attention
+// (amx.cpp) round to bf16 from kAmxRows rows on.
 //
 // float32 activations only (the CPU's dtype), with a float32 or float16 KV cache;
 // elmd/engine/openelm.py keeps the ATen path for everything else and checks this against
@@ -196,11 +203,55 @@ void norm_rope_rows(at::Tensor& qkv, const float* q_norm, const float* k_norm, d
   });
 }
 
+// The two halves of one query row's attention, compiled once and shared by decode steps
+// and prompt chunks, so that a row's result is bitwise the same however it is batched
+// (no inlining: one instance of the arithmetic, whatever the caller).
+//
+// Row b: QK-norm and RoPE of its query heads into q [q_heads, D] (pre-scaled by `scale`),
+// of its key into the cache at (slot, pos); its value into the cache.
+template <typename T>
+__attribute__((noinline)) void prepare_row(const float* row, const float* qn, const float* kn, double eps,
+                                           const float* c, const float* s, int64_t q_heads, int64_t kv_heads,
+                                           int64_t D, float scale, float* q, T* kc, T* vc, int64_t slot, int64_t L,
+                                           int64_t pos) {
+  for (int64_t h = 0; h < q_heads; ++h) {
+    float* qh = q + h * D;
+    rms_norm(row + h * D, qn, D, eps, qh);
+    rope(qh, c, s, D, scale);
+  }
+  for (int64_t h = 0; h < kv_heads; ++h) {
+    const int64_t at_pos = ((slot * kv_heads + h) * L + pos) * D;
+    float key[1024];
+    rms_norm(row + (q_heads + h) * D, kn, D, eps, key);
+    rope(key, c, s, D, 1.f);
+    store_row(key, kc + at_pos, D);
+    store_row(row + (q_heads + kv_heads + h) * D, vc + at_pos, D);
+  }
+}
+
+// One kv head's group of query heads over its first n cached positions.
+template <typename T>
+__attribute__((noinline)) void attend_row(const float* queries, int64_t group, int64_t D, const T* keys,
+                                          const T* values, int64_t n, std::vector<float>& p, float* y) {
+  p.resize(group * n);
+  switch (D) {
+    case 32: attend<2>(queries, group, keys, values, n, p.data(), y); break;
+    case 64: attend<4>(queries, group, keys, values, n, p.data(), y); break;
+    case 128: attend<8>(queries, group, keys, values, n, p.data(), y); break;
+    default: attend_any(queries, group, D, keys, values, n, p.data(), y);
+  }
+}
+
 }  // namespace
 
-// qkv [B, (Hq + 2 Hkv) * D] (the fused projection of one token per sequence); k_cache,
+// qkv [B, (Hq + 2 Hkv) * D] (the fused projection of one token per row); k_cache,
 // v_cache [slots, Hkv, L, D]; slots, positions int64 [B]; cos, sin [max_len, D].
 // Returns the attention output [B, Hq * D] before out_proj.
+//
+// Each row is a query at its own position, attending to its slot's positions up to its own,
+// computed alone whatever the other rows: a decode step (one row per sequence) and a prompt
+// chunk (one row per position of one sequence, all written before any attends) give a row the
+// same bits. Rows take threads in an order that pairs short spans with long ones.
 at::Tensor decode_attention(const at::Tensor& qkv, const c10::optional<at::Tensor>& q_norm,
                             const c10::optional<at::Tensor>& k_norm, double eps, const at::Tensor& cos,
                             const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots,
@@ -236,46 +287,27 @@ at::Tensor decode_attention(const at::Tensor& qkv, const c10::optional<at::Tenso
 
   // Generic over the cache's element type (float or at::Half).
   auto run = [&](auto* kc, auto* vc) {
-    // The new token's key and value into the cache, normed query heads into q (pre-scaled).
-    for (int64_t b = 0; b < B; ++b) {
-      const float* row = in + b * qkv.size(1);
-      const float* c = cp + pos[b] * D;
-      const float* s = sp + pos[b] * D;
-      for (int64_t h = 0; h < q_heads; ++h) {
-        float* qh = qp + (b * q_heads + h) * D;
-        rms_norm(row + h * D, qn, D, eps, qh);
-        rope(qh, c, s, D, scale);
-      }
-      for (int64_t h = 0; h < kv_heads; ++h) {
-        const int64_t at_pos = ((slot[b] * kv_heads + h) * L + pos[b]) * D;
-        float key[1024];
-        rms_norm(row + (q_heads + h) * D, kn, D, eps, key);
-        rope(key, c, s, D, 1.f);
-        store_row(key, kc + at_pos, D);
-        store_row(row + (q_heads + kv_heads + h) * D, vc + at_pos, D);
-      }
-    }
+    // Every row's key and value into the cache, its normed query heads into q (pre-scaled).
+    at::parallel_for(0, B, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b)
+        prepare_row(in + b * qkv.size(1), qn, kn, eps, cp + pos[b] * D, sp + pos[b] * D, q_heads, kv_heads, D, scale,
+                    qp + b * q_heads * D, kc, vc, slot[b], L, pos[b]);
+    });
 
-    // One (sequence, kv head) per task: its group of query heads reads each cached key and
-    // value once. Threads only when the spans make it worth an OpenMP region.
+    // One (row, kv head) per task: its group of query heads reads each cached key and value
+    // once. Threads only when the spans make it worth an OpenMP region. Tasks go by rows
+    // 0, B-1, 1, B-2, ...: a prompt chunk's rows grow in span, and each thread's contiguous
+    // share then gets as many long rows as short ones.
     int64_t work = 0;
     for (int64_t b = 0; b < B; ++b) work += (pos[b] + 1) * D * q_heads;
     const int64_t grain = work > (1 << 17) ? 1 : B * kv_heads;
     at::parallel_for(0, B * kv_heads, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> p;
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / kv_heads, h = task % kv_heads, n = pos[b] + 1;
-        const auto* keys = kc + (slot[b] * kv_heads + h) * L * D;
-        const auto* values = vc + (slot[b] * kv_heads + h) * L * D;
-        const float* queries = qp + (b * q_heads + h * group) * D;
-        float* y = op + (b * q_heads + h * group) * D;
-        p.resize(group * n);
-        switch (D) {
-          case 32: attend<2>(queries, group, keys, values, n, p.data(), y); break;
-          case 64: attend<4>(queries, group, keys, values, n, p.data(), y); break;
-          case 128: attend<8>(queries, group, keys, values, n, p.data(), y); break;
-          default: attend_any(queries, group, D, keys, values, n, p.data(), y);
-        }
+        const int64_t r = task / kv_heads, h = task % kv_heads;
+        const int64_t b = r % 2 == 0 ? r / 2 : B - 1 - r / 2;
+        attend_row(qp + (b * q_heads + h * group) * D, group, D, kc + (slot[b] * kv_heads + h) * L * D,
+                   vc + (slot[b] * kv_heads + h) * L * D, pos[b] + 1, p, op + (b * q_heads + h * group) * D);
       }
     });
   };
@@ -398,8 +430,11 @@ struct NativePlan : torch::CustomClassHolder {
 
   // A prompt chunk of one sequence: x [T, dim] float32, the embedded tokens at positions
   // start .. start + T - 1 (the residual stream, updated in place), their keys and values
-  // written to cache row `slot`; attention over the row's first start + T positions by
-  // ATen's SDPA. Returns the final norm of every position [T, dim], ready for the head.
+  // written to cache row `slot`. Each position attends as a decode step's row would
+  // (decode_attention, one row per position), so its logits are bitwise those of any other
+  // split of the prompt, or of decoding it token by token: every other op here is per row.
+  // (On AMX, layers on bf16/int8/int4 weights take amx.cpp's attention instead, which rounds
+  // to bf16 and is not batch-invariant.) Returns the final norm of every position [T, dim].
   at::Tensor prefill(at::Tensor x, std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches, int64_t slot,
                      int64_t start) {
     const size_t layers = q_heads.size();
@@ -408,33 +443,29 @@ struct NativePlan : torch::CustomClassHolder {
     const int64_t T = x.size(0), span = start + T;
     TORCH_CHECK(start >= 0 && slot >= 0 && slot < k_caches[0].size(0) && span <= k_caches[0].size(2),
                 "NativePlan: slot or positions out of the cache");
-    // Query t (position start + t) sees cached positions up to its own.
-    const c10::optional<at::Tensor> mask =
-        start == 0 ? c10::nullopt : c10::optional<at::Tensor>(at::ones({T, span}, x.options().dtype(at::kBool)).tril(start));
+    const at::Tensor slots = at::full({T}, slot, x.options().dtype(at::kLong));
+    const at::Tensor positions = at::arange(start, span, x.options().dtype(at::kLong));
     at::Tensor h = rms_norm_rows(x, norms[0], eps);
     for (size_t i = 0; i < layers; ++i) {
       const at::Tensor* n = &norms[4 * i];
       const PlanLinear* lin = &linears[4 * i];
-      const int64_t kv_heads = k_caches[i].size(1), D = k_caches[i].size(3), hq = q_heads[i];
+      const int64_t D = k_caches[i].size(3);
       at::Tensor qkv = lin[0](h);
-      norm_rope_rows(qkv, optional_data(optional_norm(n[1])), optional_data(optional_norm(n[2])), eps, cos, sin, start,
-                     hq, kv_heads, D);
-      const at::Tensor heads = qkv.view({T, hq + 2 * kv_heads, D}).transpose(0, 1);  // [heads, T, D]
-      const at::Tensor keys = k_caches[i].select(0, slot), values = v_caches[i].select(0, slot);
-      keys.slice(1, start, span).copy_(heads.slice(0, hq, hq + kv_heads));
-      values.slice(1, start, span).copy_(heads.slice(0, hq + kv_heads));
       if constexpr (kAmxBuild) {
         if (amx_attention(lin[0], D)) {
+          const int64_t kv_heads = k_caches[i].size(1), hq = q_heads[i];
+          norm_rope_rows(qkv, optional_data(optional_norm(n[1])), optional_data(optional_norm(n[2])), eps, cos, sin,
+                         start, hq, kv_heads, D);
+          const at::Tensor heads = qkv.view({T, hq + 2 * kv_heads, D}).transpose(0, 1);  // [heads, T, D]
+          const at::Tensor keys = k_caches[i].select(0, slot), values = v_caches[i].select(0, slot);
+          keys.slice(1, start, span).copy_(heads.slice(0, hq, hq + kv_heads));
+          values.slice(1, start, span).copy_(heads.slice(0, hq + kv_heads));
           h = finish_layer(i, x, amx_prefill_attention(qkv, hq, keys, values, start));
           continue;
         }
       }
-      // A float16 cache is widened for SDPA: a copy of the span, small beside the chunk's matmuls.
-      const at::Tensor y = at::scaled_dot_product_attention(
-          heads.slice(0, 0, hq).unsqueeze(0), keys.slice(1, 0, span).to(at::kFloat).unsqueeze(0),
-          values.slice(1, 0, span).to(at::kFloat).unsqueeze(0), mask, 0.0, /*is_causal=*/start == 0, c10::nullopt,
-          /*enable_gqa=*/hq != kv_heads);
-      h = finish_layer(i, x, y[0].transpose(0, 1).reshape({T, hq * D}));
+      h = finish_layer(i, x, decode_attention(qkv, optional_norm(n[1]), optional_norm(n[2]), eps, cos, sin,
+                                              k_caches[i], v_caches[i], slots, positions, q_heads[i]));
     }
     return h;
   }
@@ -449,7 +480,7 @@ struct NativePlan : torch::CustomClassHolder {
   }
 
   // Prompt attention on AMX (amx.cpp) for layers whose matmuls already round activations to
-  // bf16 there (bf16, int8, int4 weights); float32 layers keep SDPA's float32 attention.
+  // bf16 there (bf16, int8, int4 weights); float32 layers keep decode_attention's float32.
   static bool amx_attention(const PlanLinear& qkv_proj, int64_t D) {
     if constexpr (kAmxBuild) return qkv_proj.kind != PlanLinear::kFloat && D % 64 == 0 && amx_available();
     return false;
