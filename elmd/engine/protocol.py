@@ -9,6 +9,7 @@ backends.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import queue
 import threading
@@ -165,8 +166,20 @@ class BackendInfo:
     context_length: int
     vocab_size: int
     memory_bytes: int = 0  # the weights, measured at load
-    # Runtime details; on the CPU, PyTorch's cpu_kernels, cpu_kernels_reason, cpu_kernels_building.
+    # Runtime details; on the CPU, PyTorch's cpu_kernels, cpu_kernels_reason, cpu_kernels_building;
+    # model_digest (the torch backend's digest of the checkpoint's config and tensor layout).
     extra: dict = field(default_factory=dict)
+
+    @property
+    def system_fingerprint(self) -> str:
+        """What decides a reply's bits besides the request (OpenAI's `system_fingerprint`):
+        backend, device, dtype, quant, CPU kernel path, KV cache dtype and model. Two replies
+        under one fingerprint to the same greedy request are the same (where the kernel path is
+        batch-invariant, see tests/test_batch_invariance.py); it changes, for instance, when the
+        native kernels finish building and the model moves to them."""
+        keys = ("cpu_kernels", "kv_cache_dtype", "model_digest")
+        parts = [self.name, self.device, self.dtype, self.quant, *(str(self.extra.get(k)) for k in keys)]
+        return "fp_" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)

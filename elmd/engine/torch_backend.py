@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 
@@ -108,6 +109,22 @@ def load_quantized_model(model_dir: Path, quant: str, dtype: torch.dtype, device
     return quant_store.load(model_dir, quant, dtype, device)
 
 
+def model_digest(model_dir: Path, sample: int = 1 << 20) -> str:
+    """A digest of a checkpoint for BackendInfo.system_fingerprint: config.json, and each weight
+    file's name, size, first and last `sample` bytes (its safetensors header and two ends of its
+    data; reading every weight would cost seconds per gigabyte at each load)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.name == "config.json" or path.suffix == ".safetensors":
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}:".encode())
+            with open(path, "rb") as f:
+                digest.update(f.read(sample))
+                f.seek(max(0, size - sample))
+                digest.update(f.read(sample))
+    return digest.hexdigest()[:16]
+
+
 def kv_cache_dtype_name(model: OpenELM) -> str:
     return str(model.transformer.layers[0].attn.cache.k.dtype).removeprefix("torch.")
 
@@ -196,7 +213,8 @@ class TorchBackend:
             extra={"slots": slots, "cuda_graphs": runner.decode_graphs is not None,
                    "compile_decode": runner.decode_graphs is not None and compile_decode, "speculation": speculation,
                    "draft": Path(draft_dir).name if draft else None,
-                   "kv_cache_dtype": kv_cache_dtype_name(model), **(cpu_kernels(runner, building) if device == "cpu" else {})},
+                   "kv_cache_dtype": kv_cache_dtype_name(model), "model_digest": model_digest(model_dir),
+                   **(cpu_kernels(runner, building) if device == "cpu" else {})},
         )
         if building:
             native.build_in_background().add_done_callback(lambda _: self._use_built_kernels())
