@@ -44,6 +44,8 @@ def test_malformed_json_is_400(server):
         ({"max_tokens": "10"}, "max_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 0}, "n"),
+        ({"n": 2.5}, "n"),
+        ({"n": True}, "n"),
         ({"stream": "yes"}, "stream"),
         ({"stop": 5}, "stop"),
         ({"top_logprobs": 50}, "top_logprobs"),
@@ -57,6 +59,13 @@ def test_malformed_json_is_400(server):
 )
 def test_wrong_types_and_values_name_the_parameter(server, extra, param):
     assert_error(chat(server, {"model": TINY_MODEL, "messages": USER, "max_tokens": 2, **extra}), 400, param=param)
+
+
+def test_an_integer_written_with_a_zero_fraction_is_an_integer(server):
+    """JSON Schema's `integer` (and so openapi.json) admits 2.0; a client generated from it may send that."""
+    reply = chat(server, {"model": TINY_MODEL, "messages": USER, "max_tokens": 2.0, "n": 2.0, "seed": 7.0})
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["choices"]) == 2 and reply.json()["usage"]["completion_tokens"] <= 4
 
 
 def test_missing_model_is_400(server):

@@ -12,13 +12,23 @@ import math
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer
 
 from elmd.server.limits import (MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES,
                                 MAX_TOP_LOGPROBS, SEED_RANGE)
 from elmd.settings import parse_duration
 
 # --------------------------------------------------------------------------- requests
+
+
+def _integral(value: Any) -> Any:
+    """6.0 as 6: JSON Schema's `integer` admits a number with a zero fraction (and so do the
+    clients generated from openapi.json); 6.5, "6" and true stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# A request's integer field (strict validation otherwise refuses every float).
+Int = Annotated[int, BeforeValidator(_integral)]
 
 # The roles a message may have, each as the chat template sees it; "tool" results are
 # rendered apart (elmd/server/tools.py). Any other role is refused by name.
@@ -186,14 +196,14 @@ class _Generation(_KeepAlive, _Stops):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    n: Int = Field(1, ge=1, le=MAX_N)
+    seed: Int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # extras that local servers accept
-    top_k: int | None = Field(None, ge=0)
+    top_k: Int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool | None = None  # vLLM's: generate exactly max_tokens (benchmarks)
@@ -227,10 +237,10 @@ class _Generation(_KeepAlive, _Stops):
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -287,7 +297,7 @@ class ChatCompletionRequest(_Generation):
         return names
 
 
-TokenIds = list[int]
+TokenIds = list[Int]
 
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -297,10 +307,10 @@ NonEmptyTokenIds = Annotated[TokenIds, Field(min_length=1)]
 class CompletionRequest(_Generation):
     prompt: NonEmptyStr | list[NonEmptyStr] | NonEmptyTokenIds | list[NonEmptyTokenIds] = Field(
         json_schema_extra={"minItems": 1})  # a batch of none is refused by the route
-    max_tokens: int | None = Field(None, ge=0)
+    max_tokens: Int | None = Field(None, ge=0)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    best_of: int | None = Field(None, ge=1, description="Only the value of `n` (or null) is accepted.")
+    logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: Int | None = Field(None, ge=1, description="Only the value of `n` (or null) is accepted.")
     suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
 
     @field_validator("prompt")
@@ -347,7 +357,7 @@ class TokenizeRequest(_Request):
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 # --------------------------------------------------------------------------- responses

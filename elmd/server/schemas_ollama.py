@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from elmd.server.limits import MAX_MESSAGES, SEED_RANGE
-from elmd.server.schemas import MESSAGE_ROLES, Tool, _DropNone, _KeepAlive, _Request, _Stops
+from elmd.server.schemas import MESSAGE_ROLES, Int, Tool, _DropNone, _KeepAlive, _Request, _Stops
 from elmd.store import MAX_NAME_LENGTH, NAME_PATTERN
 
 # --------------------------------------------------------------------------- requests
@@ -25,18 +25,18 @@ class OllamaOptions(_Stops):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    num_predict: int | None = None  # -1: until the context is full, as -2
+    num_predict: Int | None = None  # -1: until the context is full, as -2
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: Int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    num_ctx: int | None = Field(None, ge=1)  # the model's context is fixed; accepted, not used
+    seed: Int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    num_ctx: Int | None = Field(None, ge=1)  # the model's context is fixed; accepted, not used
     # not implemented: a value that changes sampling -> 400 naming the option
-    mirostat: int | None = Field(None, json_schema_extra={"enum": [0, None]})
+    mirostat: Int | None = Field(None, json_schema_extra={"enum": [0, None]})
     tfs_z: float | None = Field(None, json_schema_extra={"enum": [1, None]})
     typical_p: float | None = Field(None, json_schema_extra={"enum": [1, None]})
 
@@ -87,7 +87,7 @@ class _OllamaGeneration(_KeepAlive):
     format: str | dict[str, Any] | None = Field(None, json_schema_extra={"pattern": "^(json)?$"})
     think: bool | str | None = Field(None, json_schema_extra={"enum": [False, None]})
     logprobs: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
-    top_logprobs: int | None = Field(None, json_schema_extra={"enum": [0, None]})
+    top_logprobs: Int | None = Field(None, json_schema_extra={"enum": [0, None]})
     metadata: dict[str, Any] | None = None  # Open WebUI's own bookkeeping; not used
 
     def sampling(self) -> OllamaOptions:
@@ -122,7 +122,7 @@ class OllamaGenerateRequest(_OllamaGeneration):
     images: list[str] | None = Field(None, json_schema_extra={"maxItems": 0})  # text only
     suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
     template: str | None = Field(None, json_schema_extra={"maxLength": 0})
-    context: list[int] | None = Field(None, json_schema_extra={"maxItems": 0})
+    context: list[Int] | None = Field(None, json_schema_extra={"maxItems": 0})
 
     def unsupported_params(self) -> list[str]:
         names = super().unsupported_params()
@@ -166,7 +166,7 @@ class OllamaEmbedRequest(_KeepAlive):
     prompt: str | None = None
     options: dict[str, Any] | None = None
     truncate: bool | None = None
-    dimensions: int | None = None
+    dimensions: Int | None = None
 
 
 # --------------------------------------------------------------------------- responses

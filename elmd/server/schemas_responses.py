@@ -12,8 +12,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from elmd.server.limits import MAX_MESSAGES, MAX_TOP_LOGPROBS, SEED_RANGE
-from elmd.server.schemas import (REFUSES_UNKNOWN, ROLES, TextPart, TokenLogprobInfo, _DropNone, _KeepAlive, _OmitNone,
-                                 _Request, _Stops, present, when)
+from elmd.server.schemas import (REFUSES_UNKNOWN, ROLES, Int, TextPart, TokenLogprobInfo, _DropNone, _KeepAlive,
+                                 _OmitNone, _Request, _Stops, present, when)
 
 # --------------------------------------------------------------------------- requests
 
@@ -84,7 +84,7 @@ class ResponsesRequest(_KeepAlive, _Stops):
     model: str
     input: str | list[InputItem] = Field(max_length=MAX_MESSAGES)
     instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+    max_output_tokens: Int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     stream: bool = False
@@ -92,8 +92,8 @@ class ResponsesRequest(_KeepAlive, _Stops):
     store: bool = True
     text: TextParam | None = None
     # extras that local servers accept (as on /v1/chat/completions), `stop` among them
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    top_k: int | None = Field(None, ge=0)
+    seed: Int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    top_k: Int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -106,13 +106,13 @@ class ResponsesRequest(_KeepAlive, _Stops):
     prompt_cache_key: str | None = None
     service_tier: str | None = None
     stream_options: dict[str, Any] | None = None
-    max_tool_calls: int | None = None
+    max_tool_calls: Int | None = None
     parallel_tool_calls: bool | None = None
     tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     # not implemented: present and meaningful -> 400 naming the field
     include: list[str] | None = Field(None, json_schema_extra={"items": {"enum": [LOGPROBS]}})
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     reasoning: dict[str, Any] | None = Field(None, json_schema_extra=MEANINGLESS)
     background: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
     conversation: Any = Field(None, json_schema_extra=MEANINGLESS)
