@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 README = REPO / "README.md"
 README_ADDRESS = "127.0.0.1:8356"
-RUNNABLE = {"python": "python", "sh": "sh"}
+RUNNABLE = {"python", "sh"}
 BLOCK_TIMEOUT_S = 120  # every block together takes about a minute on a busy 2-core machine
 
 SKIPPED = {
