@@ -279,8 +279,9 @@ class Scheduler:
         sampler walks them as plain steps would, one token each, keeping guessed tokens while
         it picks them and stopping at the first it does not (keeping its own pick). Exact for
         any sampling: a guess made without the target's logits (copied, or the draft's greedy
-        pick) is a point-mass draft, for which speculative rejection sampling is this walk (logits differ from a plain step's by float rounding
-        only: the pass multiplies several positions at once). Positions past the first miss
+        pick) is a point-mass draft, for which speculative rejection sampling is this walk (on the native
+        plan at int8/int4 the pass's logits are bitwise a plain step's, tests/test_batch_invariance.py;
+        elsewhere they differ by float rounding: the pass multiplies several positions at once). Positions past the first miss
         leave keys and values beyond `filled`, which later steps overwrite."""
         room = min(self.model.cache_length - len(seq.tokens), seq.params.max_tokens - seq.generated - 1)
         proposal = seq.lookup.propose(seq.tokens, room) if room > 0 else []
