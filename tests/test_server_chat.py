@@ -76,6 +76,9 @@ def test_chat_completion_shape_and_usage(server, client):
     assert completion.usage.completion_tokens == 8
     assert completion.usage.total_tokens == completion.usage.prompt_tokens + 8
     assert raw["choices"][0]["message"]["content"] == choice.message.content  # same seed, same text
+    # What the reply's bits depend on besides the request: backend, device, dtype, quant, kernels, model.
+    engine = server.manager.loaded()[completion.model]
+    assert completion.system_fingerprint == raw["system_fingerprint"] == engine.info.system_fingerprint
 
 
 def test_same_seed_stream_equals_non_stream(client):

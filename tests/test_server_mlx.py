@@ -45,7 +45,8 @@ def test_chat_stream_equals_non_stream(mlx_server):
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True)
                        if c.choices)
     assert streamed == whole.choices[0].message.content
-    assert whole.system_fingerprint == "elmd-mlx"
+    fingerprint = mlx_server.manager.loaded()[TINY_MODEL].info.system_fingerprint
+    assert whole.system_fingerprint == raw["system_fingerprint"] == fingerprint and fingerprint.startswith("fp_")
 
 
 def test_completions_echo_logprobs(mlx_server):

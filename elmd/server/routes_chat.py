@@ -114,7 +114,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
         top = body.top_logprobs or 0
         params = generation.choice_params(engine, body, max_tokens, top if body.logprobs else None, constraint)
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-                    system_fingerprint=f"elmd-{engine.info.name}")
+                    system_fingerprint=engine.info.system_fingerprint)
         if body.stream:
             streams = [engine.astream(prompt_ids, p, reply=True) for p in params]
             if use.active:

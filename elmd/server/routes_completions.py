@@ -126,7 +126,7 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
         prompts = [await _prepare(engine, body, p, max_tokens) for p in raw_prompts]
         params = generation.choice_params(engine, body, max_tokens, body.logprobs, constraint)
         meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-                    system_fingerprint=f"elmd-{engine.info.name}")
+                    system_fingerprint=engine.info.system_fingerprint)
         jobs = [(k * body.n + i, prompt, p) for k, prompt in enumerate(prompts) for i, p in enumerate(params)]
         if body.stream:
             return sse_response(_stream(engine, body, meta, jobs, lease.deadline), lease)
