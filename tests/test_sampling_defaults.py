@@ -122,3 +122,18 @@ def test_a_max_tokens_default_beyond_the_context_is_cut_to_what_fits(tiny_checkp
                                                     extra_body={"ignore_eos": True})
     assert completion.usage.prompt_tokens == prompt
     assert (completion.usage.completion_tokens, completion.choices[0].finish_reason) == (context - prompt, "length")
+
+
+def test_ollama_s_unlimited_num_predict_fills_the_context_past_the_default(tiny_checkpoint, tmp_path):
+    """num_predict -1 (no limit) and -2 (fill the context) are Ollama's: the client asked for the
+    whole context, so the model's default does not cut the reply."""
+    override_sampling(tmp_path, "smollm2-135m-instruct", {"max_tokens": 5})
+    with serve_as(tiny_checkpoint, tmp_path, "smollm2-135m-instruct") as daemon:
+        context = httpx.get(f"{daemon.url}/v1/models/{daemon.model}").json()["context_length"]
+        prompt = "a " * (context - 40)  # leaves a few dozen tokens, so filling them is quick
+        for unlimited in (-1, -2):
+            body = {"model": daemon.model, "prompt": prompt, "raw": True, "stream": False,
+                    "options": {"seed": 7, "num_predict": unlimited}}
+            reply = httpx.post(f"{daemon.url}/api/generate", json=body, timeout=120).raise_for_status().json()
+            assert reply["eval_count"] > 5 and reply["prompt_eval_count"] + reply["eval_count"] <= context, reply
+

@@ -121,11 +121,16 @@ def check_context(engine: Engine, prompt_ids: list[int], max_tokens: int, param:
         raise APIError(400, str(exc), param=param, code="context_length_exceeded") from None
 
 
+def context_room(engine: Engine, prompt_ids: list[int]) -> int:
+    """The tokens a reply may have after `prompt_ids` before the context is full."""
+    return max(1, engine.context_length - len(prompt_ids))
+
+
 def default_max_tokens(engine: Engine, prompt_ids: list[int]) -> int:
     """A request that sets no limit gets the model's `max_tokens` default (models.yaml), so a
     small model's loop ends in seconds; cut to what the context has left, as a limit rather
     than an error. Without a default, the rest of the context (as OpenAI's chat API)."""
-    room = max(1, engine.context_length - len(prompt_ids))
+    room = context_room(engine, prompt_ids)
     return min(engine.defaults.get("max_tokens", room), room)
 
 

@@ -31,6 +31,9 @@ from elmd.server.streaming import NDJSON, merge, ndjson_response, streamed
 router = APIRouter()
 
 NS = 1_000_000_000
+# Ollama's num_predict -1 (no limit) and -2 (fill the context): the client asks for the whole
+# context, so the model's max_tokens default does not apply.
+UNLIMITED = (-1, -2)
 
 
 def timestamp(seconds: float | None = None) -> str:
@@ -187,7 +190,12 @@ async def _generate(request: Request, manager: ModelManager, model: str, body: _
         ids = prompt_ids(engine)
         options = body.sampling()
         wanted = options.num_predict
-        max_tokens = wanted if wanted is not None and wanted > 0 else generation.default_max_tokens(engine, ids)
+        if wanted in UNLIMITED:
+            max_tokens = generation.context_room(engine, ids)
+        elif wanted is not None and wanted > 0:
+            max_tokens = wanted
+        else:
+            max_tokens = generation.default_max_tokens(engine, ids)
         generation.check_context(engine, ids, max_tokens, param, max_tokens_param="options.num_predict")
         if use is not None and use.active:
             constraint = tools.tool_constraint(use)

@@ -25,7 +25,7 @@ class OllamaOptions(_Stops):
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
-    num_predict: Int | None = None  # -1: until the context is full, as -2
+    num_predict: Int | None = None  # -1 and -2: until the context is full; unset or 0: the model's default
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: Int | None = Field(None, ge=0)
