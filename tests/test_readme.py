@@ -14,18 +14,14 @@ untested silently; a SKIPPED key that matches no block fails too.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
-import httpx
 import pytest
-from live_daemon import REPO, Daemon, free_port, stop, wait_until_ready
+from live_daemon import REPO, Daemon, offline_daemon
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a first CPU kernel build takes minutes
 
@@ -33,7 +29,6 @@ README = REPO / "README.md"
 README_ADDRESS = "127.0.0.1:8356"
 RUNNABLE = {"python", "sh"}
 BLOCK_TIMEOUT_S = 120  # every block together takes about a minute on a busy 2-core machine
-KERNEL_BUILD_TIMEOUT_S = 600
 
 SKIPPED = {
     # Installing the package: the test already runs in the installed venv.
@@ -94,30 +89,11 @@ def test_every_block_is_run_or_skipped_for_a_stated_reason():
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory) -> Iterator[Daemon]:
-    """`elmd serve` as the README starts it (no --model: the offline model), on a free port,
-    once its CPU kernels are built: the engine block then loads them from the cache. A script
-    that exits while its own process still builds them aborts (SIGABRT) after its answer, an
-    engine bug of its own, not the README's."""
-    root = tmp_path_factory.mktemp("readme-daemon")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ELMD_")}
-    env.update(ELMD_HOME=str(root / "elmd"), ELMD_PORT=str(port), HF_HUB_OFFLINE="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO))
-    log_path = root / "daemon.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "elmd", "serve"], env=env, stdin=subprocess.DEVNULL,
-                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(url, process, log_path, timeout=600)  # converts the model first
-        deadline = time.monotonic() + KERNEL_BUILD_TIMEOUT_S
-        while httpx.get(f"{url}/health", timeout=10).json()["cpu_kernels_building"]:
-            assert time.monotonic() < deadline, "the daemon's CPU kernels did not finish building"
-            time.sleep(1)
-        yield Daemon(url, "smollm2-135m-instruct", process, env)
-    finally:
-        if process.poll() is None:
-            stop(process)
+    """The offline model's daemon once its CPU kernels are built: the engine block then loads
+    them from the cache. A script that exits while its own process still builds them aborts
+    (SIGABRT) after its answer, an engine bug of its own, not the README's."""
+    with offline_daemon(tmp_path_factory.mktemp("readme-daemon")) as daemon:
+        yield daemon
 
 
 @pytest.mark.parametrize("block", TO_RUN, ids=str)
