@@ -207,9 +207,10 @@ def _run_build(future: Future) -> None:
 
 COMPILED_SECONDS = 10  # a cached build loads in about a second; longer means it compiled
 BUILD_SECONDS_FILE = "elmd-build-seconds"  # beside the builds' folders: what the last compile here took
-# What a first build took where it was measured (issue 31: the first start of a fresh install
-# on a 2-core Xeon, the build niced beside the requests served meanwhile).
-MEASURED_FIRST_BUILD = "113-152 s on a 2-core machine"
+# What a first build took where it was measured: the first start of a fresh install, the build
+# niced beside the requests served meanwhile (benchmarks/first_start.py): 50 s on a 2-core AMD
+# EPYC (Zen 4), 113-152 s on a 2-core Intel Xeon (issue 31).
+MEASURED_FIRST_BUILD = "50-152 s on 2-core machines"
 _extensions_root: Path | None = None  # where builds go (TORCH_EXTENSIONS_DIR), once one has started
 
 
