@@ -167,7 +167,7 @@ class BackendInfo:
     vocab_size: int
     memory_bytes: int = 0  # the weights, measured at load
     # Runtime details; on the CPU, PyTorch's cpu_kernels, cpu_kernels_reason, cpu_kernels_building;
-    # model_digest (the torch backend's digest of the checkpoint's config and tensor layout).
+    # model_digest (the torch backend's digest of the checkpoint's config and weight files, sampled).
     extra: dict = field(default_factory=dict)
 
     @property

@@ -116,6 +116,7 @@ MEANINGS = {
          "out; retry after `Retry-After` seconds.",
 }
 EVERY_ROUTE = (403, 413, 500)  # the middleware's refusals, and the unexpected
+GENERATION = (400, 404, 429, 499, 503)  # what a route that generates may answer besides those
 
 
 def responses(*statuses: int, keyed: bool = True) -> dict[int, dict]:

@@ -100,7 +100,7 @@ def token_logprobs(engine: Engine, logprobs: list[TokenLogprob], top: int) -> li
 
 
 @router.post("/v1/chat/completions", response_model=None,
-             responses={**streamed(ChatCompletion, ChatCompletionChunk), **errors.responses(400, 404, 429, 499, 503)})
+             responses={**streamed(ChatCompletion, ChatCompletionChunk), **errors.responses(*errors.GENERATION)})
 async def chat_completions(body: ChatCompletionRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
     use = tool_use(body)

@@ -113,7 +113,7 @@ def _echoed(prompt: _Prompt, body: CompletionRequest) -> tuple[str, list[int], l
 
 
 @router.post("/v1/completions", response_model=None,
-             responses={**streamed(Completion, Completion), **errors.responses(400, 404, 429, 499, 503)})
+             responses={**streamed(Completion, Completion), **errors.responses(*errors.GENERATION)})
 async def completions(body: CompletionRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
     constraint = request_constraint(body)

@@ -126,7 +126,7 @@ def ollama_calls(reply: tools.ToolReply) -> list[OllamaToolCall] | None:
 
 
 @router.post("/api/chat", response_model=None, responses={**streamed(OllamaChatResponse, OllamaChatResponse, NDJSON),
-                                                        **errors.ollama_responses(400, 404, 429, 499, 503)})
+                                                        **errors.ollama_responses(*errors.GENERATION)})
 async def chat(body: OllamaChatRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
     use = tool_use(body)
@@ -147,7 +147,7 @@ async def chat(body: OllamaChatRequest, request: Request, manager: ModelManager 
 
 @router.post("/api/generate", response_model=None,
              responses={**streamed(OllamaGenerateResponse, OllamaGenerateResponse, NDJSON),
-                        **errors.ollama_responses(400, 404, 429, 499, 503)})
+                        **errors.ollama_responses(*errors.GENERATION)})
 async def generate(body: OllamaGenerateRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     generation.reject_unsupported(body)
     if body.images:

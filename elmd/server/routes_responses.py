@@ -164,7 +164,7 @@ class _Draft:
 
 
 @router.post("/v1/responses", response_model=None,
-             responses={**streamed(ResponseObject, ResponseEvent), **errors.responses(400, 404, 429, 499, 503)})
+             responses={**streamed(ResponseObject, ResponseEvent), **errors.responses(*errors.GENERATION)})
 async def create_response(body: ResponsesRequest, request: Request, manager: ModelManager = Depends(get_manager),
                           store: ResponseStore = Depends(get_store)):
     generation.reject_unsupported(body)
