@@ -16,7 +16,7 @@ import time
 import httpx
 
 from elmd.settings import SHUTDOWN_GRACE_SECONDS
-from live_daemon import running_daemon
+from live_daemon import running_daemon, wait_for_cpu_kernels
 
 SHORT_SECONDS = 1.0  # the short request's length: in flight at SIGTERM, done well within the grace period
 LONG_TOKENS = 2000  # far longer than the grace period: cancelled
@@ -64,10 +64,11 @@ def tokens_per_second_beside(daemon) -> float:
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_checkpoint, tmp_path):
     with running_daemon(tiny_checkpoint, tmp_path) as daemon:
+        wait_for_cpu_kernels(daemon)  # a kernel build beside the test takes both cores: too slow to size the short request
         long = Stream(daemon, LONG_TOKENS)
         long.start()
         assert long.started.wait(60), "the long stream never started"
-        short_tokens = max(20, int(tokens_per_second_beside(daemon) * SHORT_SECONDS))
+        short_tokens = max(4, int(tokens_per_second_beside(daemon) * SHORT_SECONDS))
         for _ in range(4):  # a machine so fast that the short request ends before SIGTERM: make it longer
             short = Stream(daemon, short_tokens)
             short.start()
