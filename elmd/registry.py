@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from elmd import paths
 from elmd.choices import Dtype, Quant, Runtime
+from elmd.sampling_options import MaxTokens, SamplingShape
 from elmd.store import validate_name
 
 FILE_NAME = "models.yaml"
@@ -61,20 +62,13 @@ class ModelSource(BaseModel):
     tokenizer: Source
 
 
-class SamplingDefaults(BaseModel):
-    """The sampling parameters a model's `sampling` may set, in the API's ranges: checked when
-    models.yaml is read, so a typo stops `elmd serve` at start instead of failing requests."""
+class SamplingDefaults(SamplingShape):
+    """The sampling options a model's `sampling` may set, in the API's ranges (one
+    declaration, elmd/sampling_options.py): checked when models.yaml is read, so a typo stops
+    `elmd serve` at start instead of failing requests."""
 
     model_config = ConfigDict(extra="forbid")
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: tuple[str, ...] | None = None  # as SamplingParams holds it
+    max_tokens: MaxTokens | None = None
 
 
 class ModelEntry(BaseModel):

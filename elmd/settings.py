@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     request_timeout: float = Field(600.0, gt=0)  # seconds from arrival to the last token
     retry_after: int = Field(1, ge=1)  # seconds suggested in Retry-After
 
-    # the PyTorch engine
+    # the engines: the prefix cache on both backends, the rest on PyTorch
     prefix_cache_bytes: int = Field(256 << 20, ge=0)  # KV of earlier conversations kept for reuse; 0: off
     kv_cache_dtype: Literal["auto", "float16", "float32"] = "auto"  # auto: float16 beside float32 activations on the CPU
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA only)

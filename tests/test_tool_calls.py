@@ -18,10 +18,10 @@ import pytest
 from conftest import TINY_MODEL
 from openai_schema import validate
 
-from elmd.server import routes_ollama
-from elmd.server.routes_chat import template_messages, tool_use
-from elmd.server.schemas import ChatCompletionRequest
-from elmd.server.schemas_ollama import OllamaChatRequest
+from elmd.server.ollama import generate as ollama_generate
+from elmd.server.openai.messages import template_messages, tool_use
+from elmd.server.openai.schemas import ChatCompletionRequest
+from elmd.server.ollama.schemas import OllamaChatRequest
 from elmd.server.tools import parse_reply
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
@@ -394,7 +394,7 @@ def test_ollama_round_trip_renders_calls_and_results():
                      {"role": "tool", "content": "18C"},  # no tool_name: the call it answers is the last one
                      {"role": "assistant", "content": "It is 18C."},
                      {"role": "tool", "content": "9C", "tool_name": "get_weather"}]})
-    messages = routes_ollama.chat_messages(body, routes_ollama.tool_use(body))
+    messages = ollama_generate.chat_messages(body, ollama_generate.tool_use(body))
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert '"name": "get_weather"' in messages[0]["content"]
     assert json.loads(messages[2]["content"]) == {"tool_calls": [{"name": "get_weather",

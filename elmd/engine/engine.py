@@ -9,12 +9,14 @@ sees each one start, each token, and its end, through `Engine.watch`.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterable, Iterator, Protocol
 
-from elmd.engine.grammar import GrammarCompiler, TokenMatcher
-from elmd.engine.protocol import (Backend, BackendInfo, CacheBytes, Finished, SamplingParams, Step, StepChannel,
-                                  TokenLogprob)
+from elmd.engine.grammar import GrammarError  # noqa: F401  (raised by Engine.grammar and compile_constraint; the server catches it from here)
+from elmd.engine.grammar import GrammarCompiler, TokenMatcher, grammar_of
+from elmd.engine.protocol import (Backend, BackendInfo, CacheBytes, Constraint, Finished, SamplingParams, Step,
+                                  StepChannel, TokenLogprob)
 from elmd.engine.tokenizer import Tokenizer
 
 
@@ -111,6 +113,17 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+def compile_constraint(constraint: Constraint) -> None:
+    """Compile `constraint` without a model (GrammarError when it cannot be followed), so a
+    request's schema is refused by name before any model loads."""
+    grammar_of(constraint)
+
+
+def chat_template_of(model_dir: str | Path, chat_template: str | None = None) -> str:
+    """The chat template a model directory's tokenizer applies (`chat_template` overrides it)."""
+    return Tokenizer.from_dir(model_dir, chat_template).chat_template
 
 
 class Engine:

@@ -9,10 +9,12 @@ from typing import Callable
 from fastapi import FastAPI
 
 from elmd import __version__
-from elmd.server import (errors, metrics, page, routes_chat, routes_completions, routes_models, routes_ollama,
-                         routes_ollama_models, routes_responses, routes_tokenize, security)
+from elmd.server import errors, metrics, page, security
 from elmd.server.manager import ModelManager
-from elmd.server.response_store import ResponseStore
+from elmd.server.ollama import generate as ollama_generate, models as ollama_models
+from elmd.server.openai import chat, completions, models, tokenize
+from elmd.server.responses import routes as responses
+from elmd.server.responses.store import ResponseStore
 from elmd.settings import Settings
 
 
@@ -38,7 +40,6 @@ def create_app(settings: Settings, manager: ModelManager, preload: str | None = 
     errors.install(app)
     security.install(app, settings)
     metrics.install(app, manager)  # after security: its request counter runs first, so refusals count too
-    for module in (routes_models, routes_chat, routes_completions, routes_tokenize, routes_responses, routes_ollama,
-                   routes_ollama_models, page):
+    for module in (models, chat, completions, tokenize, responses, ollama_generate, ollama_models, page):
         app.include_router(module.router)
     return app

@@ -18,12 +18,29 @@ from typing import Callable, Iterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from elmd.engine.engine import MemoryBudgetError
-from elmd.server.schemas import ErrorBody, ErrorResponse
-from elmd.server.schemas_ollama import OllamaError
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class OllamaError(BaseModel):
+    """Every failure on Ollama's routes (OpenAI's routes send `ErrorResponse`)."""
+
+    error: str
+
 
 log = logging.getLogger("elmd.server")
 

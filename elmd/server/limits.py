@@ -4,10 +4,10 @@ the daemon (memory, CPU, time) far beyond what a real client needs. Each violati
 
 from __future__ import annotations
 
+# declared with the sampling options they bound
+from elmd.sampling_options import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, SEED_RANGE  # noqa: F401
+
 MAX_MESSAGES = 512  # a 2048-token context cannot hold more turns than this anyway
 MAX_N = 16  # choices per request (each is a sequence in the batch)
 MAX_PROMPTS = 128  # prompts in one /v1/completions batch (lm-evaluation-harness sends a few dozen)
-MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; evaluation tasks sometimes pass a handful more
-MAX_STOP_LENGTH = 256  # characters per stop sequence
 MAX_TOP_LOGPROBS = 20  # as OpenAI
-SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit seed, as the samplers' generators take

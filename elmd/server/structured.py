@@ -5,10 +5,9 @@ loads."""
 
 from __future__ import annotations
 
-from elmd.engine.grammar import GrammarError, grammar_of
+from elmd.engine.engine import GrammarError, compile_constraint
 from elmd.engine.protocol import Constraint
 from elmd.server.errors import invalid
-from elmd.server.schemas import _Generation
 
 ANY_OBJECT: dict = {"type": "object"}
 
@@ -16,7 +15,7 @@ ANY_OBJECT: dict = {"type": "object"}
 def checked(constraint: Constraint, param: str, what: str) -> Constraint:
     """`constraint`, or a 400 naming `param` when llguidance cannot compile it."""
     try:
-        grammar_of(constraint)
+        compile_constraint(constraint)
     except GrammarError as exc:
         raise invalid(f"Invalid {what} for '{param}': {exc}", param=param, code="invalid_value") from None
     return constraint
@@ -53,15 +52,3 @@ def ollama_format_constraint(output_format: str | dict | None) -> Constraint | N
     raise invalid(f"invalid format '{output_format}': use \"json\" or a JSON schema", param="format")
 
 
-def request_constraint(body: _Generation) -> Constraint | None:
-    """The constraint `body` asks for, from whichever one field sets it (they are exclusive)."""
-    response_format = getattr(body, "response_format", None)
-    if response_format is not None and response_format.type == "json_object":
-        return json_output(None, "response_format")
-    if response_format is not None and response_format.type == "json_schema":
-        return json_output(response_format.json_schema.schema_, "response_format.json_schema.schema")
-    if body.json_schema is not None:
-        return json_output(body.json_schema, "json_schema")
-    if body.grammar is not None:
-        return checked(Constraint("gbnf", body.grammar), "grammar", "grammar")
-    return None

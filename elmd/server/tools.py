@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from elmd.engine.protocol import Constraint
-from elmd.server.schemas import FunctionCall, FunctionDefinition, ToolCall
+from elmd.server.wire import FunctionCall, FunctionDefinition, ToolCall
 from elmd.server.structured import ANY_OBJECT, checked
 
 

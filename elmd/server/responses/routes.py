@@ -17,14 +17,13 @@ from fastapi import APIRouter, Depends, Request
 
 from elmd.engine.engine import Chunk, Engine
 from elmd.engine.protocol import SamplingParams, TokenLogprob
-from elmd.server import errors, generation, structured, tools
+from elmd.server import errors, pipeline, structured, tools
 from elmd.server.deps import get_manager
 from elmd.server.errors import APIError, invalid, unsupported
 from elmd.server.manager import ModelManager
-from elmd.server.response_store import ResponseStore
-from elmd.server.routes_chat import ROLES, joined_text, token_logprobs
-from elmd.server.schemas import FunctionDefinition, TextPart, TokenLogprobInfo
-from elmd.server.schemas_responses import (DeletedResponse, FunctionCallItem, IncompleteDetails, InputItem,
+from elmd.server.responses.store import ResponseStore
+from elmd.server.wire import ROLES, FunctionDefinition, TextPart, TokenLogprobInfo, joined_text, token_logprobs
+from elmd.server.responses.schemas import (DeletedResponse, FunctionCallItem, IncompleteDetails, InputItem,
                                            InputTokensDetails, NamedFunctionChoice, OutputMessage, OutputText,
                                            ResponseErrorEvent, ResponseEvent, ResponseObject, ResponsesRequest,
                                            ResponseText, ResponseUsage, TEXT_PARTS)
@@ -167,7 +166,7 @@ class _Draft:
              responses={**streamed(ResponseObject, ResponseEvent), **errors.responses(*errors.GENERATION)})
 async def create_response(body: ResponsesRequest, request: Request, manager: ModelManager = Depends(get_manager),
                           store: ResponseStore = Depends(get_store)):
-    generation.reject_unsupported(body)
+    pipeline.reject_unsupported(body)
     use = tool_use(body)
     history: list[dict] = []
     names: dict[str, str] = {}
@@ -186,20 +185,23 @@ async def create_response(body: ResponsesRequest, request: Request, manager: Mod
         constraint = tools.tool_constraint(use)
     else:
         constraint = structured.text_format_constraint(body.text.format if body.text else None)
-    async with await manager.lease(body.model, body.keep_alive_seconds()) as lease:
-        engine = lease.engine
-        prompt_ids = engine.tokenizer.encode_chat(tools.with_system_prompt(system + conversation, use))
-        max_tokens = body.max_output_tokens or generation.default_max_tokens(engine, prompt_ids)
-        generation.check_context(engine, prompt_ids, max_tokens, "input", max_tokens_param="max_output_tokens")
-        [params] = generation.choice_params(engine, body, max_tokens, body.logprobs(), constraint)
+    messages = tools.with_system_prompt(system + conversation, use)
+    generation = pipeline.GenerationRequest(
+        model=body.model, keep_alive=body.keep_alive_seconds(),
+        encode=lambda engine: [engine.tokenizer.encode_chat(messages)], prompt_param="input",
+        sampling=body.sampling_values(), max_tokens=body.max_output_tokens, max_tokens_param="max_output_tokens",
+        logprobs=body.logprobs(), constraint=constraint)
+    async with pipeline.admit(manager, generation) as admitted:
+        engine = admitted.engine
+        [prompt_ids], [params] = admitted.prompts, admitted.params
         draft = _Draft(body, params, len(prompt_ids), engine)
         if body.stream:
             sequence = count()
             chunks = engine.astream(prompt_ids, params, reply=True)
-            events = _stream(draft, use, chunks, sequence, lease.deadline, store, conversation)
-            return sse_response(events, lease, named=True, done=False,
+            events = _stream(draft, use, chunks, sequence, admitted.lease.deadline, store, conversation)
+            return sse_response(events, admitted.lease, named=True, done=False,
                                 error=lambda exc: _error_event(exc, next(sequence)))
-        result = await generation.until_done(request, engine.agenerate(prompt_ids, params, reply=True), lease)
+        result = await admitted.wait(request, engine.agenerate(prompt_ids, params, reply=True))
     reply = tools.parse_reply(result.text, result.finish_reason) if use.active else \
         tools.ToolReply(result.text, None, result.finish_reason)
     response = draft.finished(draft.output(reply, result.logprobs), result.finish_reason,

@@ -11,46 +11,35 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from elmd.engine.engine import Chunk, Engine
-from elmd.server import errors, generation, structured, tools
+from elmd.server import errors, pipeline, structured, tools
 from elmd.server.deps import get_manager
 from elmd.server.errors import APIError, invalid
-from elmd.server.manager import Lease, ModelManager
-from elmd.server.routes_chat import ROLES
-from elmd.server.schemas_ollama import (OllamaChatMessage, OllamaChatRequest, OllamaChatResponse, OllamaFunctionCall,
+from elmd.server.manager import ModelManager
+from elmd.server.ollama.common import NS, model_id, timestamp
+from elmd.server.wire import ROLES
+from elmd.server.ollama.schemas import (OllamaChatMessage, OllamaChatRequest, OllamaChatResponse, OllamaFunctionCall,
                                         OllamaGenerateRequest, OllamaGenerateResponse, OllamaToolCall,
                                         _OllamaGeneration)
 from elmd.server.streaming import NDJSON, merge, ndjson_response, streamed
 
 router = APIRouter()
 
-NS = 1_000_000_000
 # Ollama's num_predict -1 (no limit) and -2 (fill the context): the client asks for the whole
 # context, so the model's max_tokens default does not apply.
 UNLIMITED = (-1, -2)
 
 
-def timestamp(seconds: float | None = None) -> str:
-    """RFC 3339 in UTC, as Ollama writes `created_at`."""
-    moment = datetime.fromtimestamp(time.time() if seconds is None else seconds, timezone.utc)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def model_id(manager: ModelManager, name: str) -> str:
-    """The model a request names; Ollama's clients add `:latest` to untagged names."""
-    bare = name.removesuffix(":latest")
-    if bare != name:
-        try:
-            manager.spec(name)
-        except APIError:
-            return bare
-    return name
+def max_tokens(num_predict: int | None) -> int | str | None:
+    """`num_predict` in the pipeline's terms: unset or 0 (or below -2) take the model's default."""
+    if num_predict in UNLIMITED:
+        return pipeline.FILL_CONTEXT
+    return num_predict if num_predict is not None and num_predict > 0 else None
 
 
 @dataclass
@@ -128,7 +117,7 @@ def ollama_calls(reply: tools.ToolReply) -> list[OllamaToolCall] | None:
 @router.post("/api/chat", response_model=None, responses={**streamed(OllamaChatResponse, OllamaChatResponse, NDJSON),
                                                         **errors.ollama_responses(*errors.GENERATION)})
 async def chat(body: OllamaChatRequest, request: Request, manager: ModelManager = Depends(get_manager)):
-    generation.reject_unsupported(body)
+    pipeline.reject_unsupported(body)
     use = tool_use(body)
     messages = chat_messages(body, use)
     model = model_id(manager, body.model)
@@ -149,7 +138,7 @@ async def chat(body: OllamaChatRequest, request: Request, manager: ModelManager 
              responses={**streamed(OllamaGenerateResponse, OllamaGenerateResponse, NDJSON),
                         **errors.ollama_responses(*errors.GENERATION)})
 async def generate(body: OllamaGenerateRequest, request: Request, manager: ModelManager = Depends(get_manager)):
-    generation.reject_unsupported(body)
+    pipeline.reject_unsupported(body)
     if body.images:
         raise no_images("images")
     model = model_id(manager, body.model)
@@ -184,38 +173,33 @@ async def _generate(request: Request, manager: ModelManager, model: str, body: _
                     prompt_ids: Callable[[Engine], list[int]], param: str, shape: Shape,
                     use: tools.ToolUse | None = None):
     clock = _Clock()
-    async with await manager.lease(model, body.keep_alive_seconds()) as lease:
-        clock.loaded = time.monotonic()
-        engine = lease.engine
-        ids = prompt_ids(engine)
-        options = body.sampling()
-        wanted = options.num_predict
-        if wanted in UNLIMITED:
-            max_tokens = generation.context_room(engine, ids)
-        elif wanted is not None and wanted > 0:
-            max_tokens = wanted
-        else:
-            max_tokens = generation.default_max_tokens(engine, ids)
-        generation.check_context(engine, ids, max_tokens, param, max_tokens_param="options.num_predict")
-        if use is not None and use.active:
-            constraint = tools.tool_constraint(use)
-        else:
-            constraint = structured.ollama_format_constraint(body.format)
-        [params] = generation.choice_params(engine, options, max_tokens, None, constraint)
+    if use is not None and use.active:
+        constraint = tools.tool_constraint(use)
+    else:
+        constraint = structured.ollama_format_constraint(body.format)
+    options = body.sampling()
+    generation = pipeline.GenerationRequest(
+        model=model, keep_alive=body.keep_alive_seconds(), encode=lambda engine: [prompt_ids(engine)],
+        prompt_param=param, sampling=options.sampling_values(), max_tokens=max_tokens(options.num_predict),
+        max_tokens_param="options.num_predict", constraint=constraint)
+    async with pipeline.admit(manager, generation) as admitted:
+        clock.loaded = admitted.leased_at
+        [ids], [params] = admitted.prompts, admitted.params
         clock.prompt_tokens = len(ids)
-        chunks = engine.astream(ids, params, reply=True)
+        chunks = admitted.engine.astream(ids, params, reply=True)
         if body.stream:
-            return ndjson_response(_stream(chunks, clock, lease, shape, use), lease, error=APIError.ollama_body)
-        text, reason = await generation.until_done(request, _collect(chunks, clock, lease), lease)
+            return ndjson_response(_stream(chunks, clock, admitted.lease.deadline, shape, use), admitted.lease,
+                                   error=APIError.ollama_body)
+        text, reason = await admitted.wait(request, _collect(chunks, clock, admitted.lease.deadline))
     if use is None or not use.active:
         return shape(text, True, reason, **clock.timings())
     reply = tools.parse_reply(text, reason)
     return shape(reply.content or "", True, reason, ollama_calls(reply), **clock.timings())
 
 
-async def _pieces(chunks: AsyncIterator[Chunk], clock: _Clock, lease: Lease) -> AsyncIterator[Chunk]:
+async def _pieces(chunks: AsyncIterator[Chunk], clock: _Clock, deadline: float) -> AsyncIterator[Chunk]:
     """The generation's chunks within the request's deadline, timed for Ollama's counters."""
-    async for _, chunk in merge([chunks], lease.deadline):
+    async for _, chunk in merge([chunks], deadline):
         if not clock.first_token:
             clock.first_token = time.monotonic()
         if chunk.usage is not None:
@@ -223,21 +207,21 @@ async def _pieces(chunks: AsyncIterator[Chunk], clock: _Clock, lease: Lease) -> 
         yield chunk
 
 
-async def _collect(chunks: AsyncIterator[Chunk], clock: _Clock, lease: Lease) -> tuple[str, str]:
+async def _collect(chunks: AsyncIterator[Chunk], clock: _Clock, deadline: float) -> tuple[str, str]:
     text, reason = [], "stop"
-    async for chunk in _pieces(chunks, clock, lease):
+    async for chunk in _pieces(chunks, clock, deadline):
         text.append(chunk.text)
         reason = chunk.finish_reason or reason
     return "".join(text), reason
 
 
-async def _stream(chunks: AsyncIterator[Chunk], clock: _Clock, lease: Lease, shape: Shape,
+async def _stream(chunks: AsyncIterator[Chunk], clock: _Clock, deadline: float, shape: Shape,
                   use: tools.ToolUse | None) -> AsyncIterator[BaseModel]:
     """One object per piece of text (under tools: the answer's, as it is written, or one
     object with the calls once complete), then the last (`done: true`) with the counters."""
     reason = "stop"
     reply = tools.ReplyStream(use)
-    async for chunk in _pieces(chunks, clock, lease):
+    async for chunk in _pieces(chunks, clock, deadline):
         text = reply.add(chunk.text)
         if text:
             yield shape(text, False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from elmd.server.schemas_responses import ResponseObject
+from elmd.server.responses.schemas import ResponseObject
 
 MAX_RESPONSES = 1024
 MAX_CHARACTERS = 32 << 20  # text of the kept conversations, all together

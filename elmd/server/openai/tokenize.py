@@ -11,10 +11,10 @@ from elmd.engine.engine import Engine
 from elmd.server import errors
 from elmd.server.deps import get_manager
 from elmd.server.errors import invalid
-from elmd.server.generation import check_token_ids
+from elmd.server.pipeline import check_token_ids
 from elmd.server.manager import ModelManager
-from elmd.server.routes_chat import template_messages
-from elmd.server.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, TokenizerInfo
+from elmd.server.openai.messages import template_messages
+from elmd.server.openai.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, TokenizerInfo
 
 router = APIRouter()
 

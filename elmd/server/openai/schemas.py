@@ -1,87 +1,27 @@
-"""Every request and response body of the HTTP API, in OpenAI's shapes.
-
-Requests are validated strictly (a string where a number belongs is a 400 naming the
-field, never a silent coercion). Fields a client may send that elmd does not implement
-are declared too, so that `unsupported_params` can name them instead of ignoring them;
-a top-level field nobody declared is refused as OpenAI refuses it (`unrecognized_params`).
-"""
+"""OpenAI's chat completions, completions, tokenize and model-list bodies (and elmd's
+/health), built from the shared pieces of elmd/server/wire.py."""
 
 from __future__ import annotations
 
-import math
-import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from elmd.server.limits import (MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_STOP_LENGTH, MAX_STOP_SEQUENCES,
-                                MAX_TOP_LOGPROBS, SEED_RANGE)
-from elmd.settings import parse_duration
+from elmd.engine.protocol import Constraint
+from elmd.sampling_options import Int, MaxTokens, SamplingOptions
+from elmd.server.structured import checked, json_output
+from elmd.server.limits import MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_TOP_LOGPROBS
+from elmd.server.wire import (MESSAGE_ROLES, NULL, REFUSES_UNKNOWN, UNSET, FunctionCall, TextPart,
+                              TokenLogprobInfo, Tool, ToolCall, _DropNone, _KeepAlive, _OmitNone, _Request,
+                              present, when)
 
 # --------------------------------------------------------------------------- requests
-
-
-def _integral(value: Any) -> Any:
-    """6.0 as 6: JSON Schema's `integer` admits a number with a zero fraction (and so do the
-    clients generated from openapi.json); 6.5, "6" and true stay refused."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-# A request's integer field (strict validation otherwise refuses every float).
-Int = Annotated[int, BeforeValidator(_integral)]
-
-# The roles a message may have, each as the chat template sees it; "tool" results are
-# rendered apart (elmd/server/tools.py). Any other role is refused by name.
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-MESSAGE_ROLES = [*ROLES, "tool"]
-
-# For requests that keep unknown fields only to refuse them by name: the schema says they are refused.
-REFUSES_UNKNOWN = ConfigDict(strict=True, extra="allow", json_schema_extra={"additionalProperties": False})
-
-# What the schema allows of a field elmd declares but does not implement (any other value is
-# a 400 naming it): null, or any value that sets nothing.
-NULL = {"enum": [None]}
-UNSET = {"enum": [None, False, 0, "", [], {}]}
-
-
-def present(*names: str) -> dict:
-    """A schema clause for what the routes check after validation: each of `names` set, not null."""
-    return {"required": list(names), "properties": {name: {"not": {"type": "null"}} for name in names}}
-
-
-def when(field: str, values: list, then: dict) -> dict:
-    """A schema clause: `then` applies where `field` is one of `values` (or absent, if its default is)."""
-    return {"if": {"properties": {field: {"enum": values}}}, "then": then}
-
-
-class _Request(BaseModel):
-    # Unknown fields inside a message or an option object are ignored (clients echo back
-    # assistant messages with fields such as `annotations`); at the top level of a
-    # generation request they are kept, to be refused by name.
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    def unrecognized_params(self) -> list[str]:
-        """Top-level fields that are neither OpenAI's nor a documented extension (kept only
-        by requests that allow extra fields, to refuse them; others ignore them)."""
-        return list(self.model_extra or {})
-
-
-class FunctionCall(_Request):
-    name: str
-    arguments: str
 
 
 class MessageToolCall(_Request):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
-
-
-class TextPart(_Request):
-    model_config = ConfigDict(json_schema_extra={"allOf": [present("text")]})
-
-    type: str = Field(json_schema_extra={"enum": ["text"]})  # a str: other kinds are refused as unsupported
-    text: str | None = None
 
 
 class ChatMessage(_Request):
@@ -105,18 +45,6 @@ class ChatMessage(_Request):
 class StreamOptions(_Request):
     include_usage: bool = False
     include_obfuscation: bool | None = None
-
-
-class FunctionDefinition(_Request):
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class Tool(_Request):
-    type: Literal["function"]
-    function: FunctionDefinition
 
 
 class NamedFunction(_Request):
@@ -143,70 +71,17 @@ class ResponseFormat(_Request):
 LogitBias = dict[str, Annotated[float, Field(ge=-100, le=100)]]
 
 
-# A keep_alive string as elmd.settings.parse_duration reads it: seconds ("300", "-1") or a duration ("1h30m").
-DURATION = r"^\s*[+-]*((\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|(\d+(\.\d+)?(ms|s|m|h))+)\s*$"
-
-
-class _KeepAlive(_Request):
-    # Ollama's: seconds or "5m"; negative: forever
-    keep_alive: str | int | float | None = Field(None, json_schema_extra={"pattern": DURATION})
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _duration(cls, value: str | int | float | None) -> str | int | float | None:
-        if isinstance(value, str) and not re.match(DURATION, value):  # what the schema says, no more
-            raise ValueError(f"invalid duration {value!r}: use seconds or e.g. '5m', '1h30m'")
-        seconds = parse_duration(value)  # a ValueError here is a 400 naming keep_alive; inf: forever
-        if seconds is not None and math.isnan(seconds):  # NaN: not JSON, yet Python's parser reads it
-            raise ValueError("expected a number of seconds or a duration such as '5m'")
-        return value
-
-    def keep_alive_seconds(self) -> tuple[bool, float | None]:
-        """(whether the request set keep_alive, seconds or None for forever)."""
-        if "keep_alive" not in self.model_fields_set or self.keep_alive is None:
-            return False, None
-        return True, parse_duration(self.keep_alive)
-
-
-class _Stops(_Request):
-    """`stop`: one string or a list, as sent; held as a tuple from here on (the one place it
-    is normalised), as SamplingParams and models.yaml's `sampling` have it."""
-
-    stop: str | list[str] | tuple[str, ...] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _bounded_stops(cls, stop: str | list[str] | None) -> tuple[str, ...] | None:
-        if stop is None:
-            return None
-        stops = (stop,) if isinstance(stop, str) else tuple(stop)
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        if any(len(s) > MAX_STOP_LENGTH for s in stops):
-            raise ValueError(f"a stop sequence has at most {MAX_STOP_LENGTH} characters")
-        return stops
-
-
-class _Generation(_KeepAlive, _Stops):
+class _Generation(_KeepAlive, SamplingOptions):
     """The fields the chat and completions requests share. Fields beyond OpenAI's are the
     extensions elmd implements (see README); any other is refused by name."""
 
     model_config = REFUSES_UNKNOWN
 
     model: str
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
     n: Int = Field(1, ge=1, le=MAX_N)
-    seed: Int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # extras that local servers accept
-    top_k: Int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    ignore_eos: bool | None = None  # vLLM's: generate exactly max_tokens (benchmarks)
+    # extras that local servers accept (top_k, min_p, repetition_penalty, ignore_eos among the sampling options)
     json_schema: dict[str, Any] | None = None  # llama.cpp's: the output follows this JSON schema
     grammar: str | None = None  # llama.cpp's: the output follows this GBNF (or Lark) grammar
     logit_bias: LogitBias | None = None
@@ -228,6 +103,19 @@ class _Generation(_KeepAlive, _Stops):
         """The fields that constrain the output; at most one may be set."""
         return [name for name in ("json_schema", "grammar") if getattr(self, name) is not None]
 
+    def constraint(self) -> Constraint | None:
+        """The constraint this request asks for, from whichever one field sets it (they are exclusive)."""
+        response_format = getattr(self, "response_format", None)
+        if response_format is not None and response_format.type == "json_object":
+            return json_output(None, "response_format")
+        if response_format is not None and response_format.type == "json_schema":
+            return json_output(response_format.json_schema.schema_, "response_format.json_schema.schema")
+        if self.json_schema is not None:
+            return json_output(self.json_schema, "json_schema")
+        if self.grammar is not None:
+            return checked(Constraint("gbnf", self.grammar), "grammar", "grammar")
+        return None
+
     def invalid_params(self) -> list[tuple[str, str]]:
         constrained = self.constraint_params()
         if len(constrained) > 1:
@@ -237,8 +125,8 @@ class _Generation(_KeepAlive, _Stops):
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_tokens: Int | None = Field(None, ge=1)
-    max_completion_tokens: Int | None = Field(None, ge=1)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = None
@@ -363,25 +251,6 @@ class DetokenizeRequest(_Request):
 # --------------------------------------------------------------------------- responses
 
 
-class _DropNone(BaseModel):
-    """Serializes without the fields that are None (for objects OpenAI sends sparsely)."""
-
-    @model_serializer(mode="wrap")
-    def _without_none(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None}
-
-
-class _OmitNone(BaseModel):
-    """Serializes without the fields named in `omit_none` while they are None: fields OpenAI
-    leaves out rather than sending as null."""
-
-    omit_none: ClassVar[tuple[str, ...]] = ()
-
-    @model_serializer(mode="wrap")
-    def _without_none(self, handler):
-        return {k: v for k, v in handler(self).items() if v is not None or k not in self.omit_none}
-
-
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
@@ -392,29 +261,17 @@ class Usage(BaseModel):
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprobInfo(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-    top_logprobs: list[TopLogprob]
 
 
 class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprobInfo] | None
     refusal: list[TokenLogprobInfo] | None = None
-
-
-class ToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
 
 
 class AssistantMessage(_OmitNone):
@@ -552,14 +409,3 @@ class TokenizerInfo(BaseModel):
     chat_template: str | None
     model_max_length: int
     vocab_size: int
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody

@@ -8,44 +8,33 @@ reproduce (mirostat, tail-free and typical sampling) are refused by name instead
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from elmd.server.limits import MAX_MESSAGES, SEED_RANGE
-from elmd.server.schemas import MESSAGE_ROLES, Int, Tool, _DropNone, _KeepAlive, _Request, _Stops
+from elmd.sampling_options import Int, RepetitionPenalty, SamplingShape, Seed
+from elmd.server.limits import MAX_MESSAGES
+from elmd.server.wire import MESSAGE_ROLES, Tool, _DropNone, _KeepAlive, _Request
 from elmd.store import MAX_NAME_LENGTH, NAME_PATTERN
 
 # --------------------------------------------------------------------------- requests
 
 
-class OllamaOptions(_Stops):
-    """`options`: the sampling parameters elmd maps (names as Ollama's), runtime settings
-    that have no meaning here (num_thread, num_gpu, use_mmap, ...) ignored."""
+class OllamaOptions(SamplingShape):
+    """`options`: the sampling options (elmd/sampling_options.py, `repeat_penalty` as Ollama
+    names it) and `num_predict`; runtime settings that have no meaning here (num_thread,
+    num_gpu, use_mmap, ...) ignored."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
 
     num_predict: Int | None = None  # -1 and -2: until the context is full; unset or 0: the model's default
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    top_k: Int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repeat_penalty: float | None = Field(None, gt=0)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: Int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    repetition_penalty: RepetitionPenalty | None = Field(None, alias="repeat_penalty")
+    seed: Seed | None = None
     num_ctx: Int | None = Field(None, ge=1)  # the model's context is fixed; accepted, not used
     # not implemented: a value that changes sampling -> 400 naming the option
     mirostat: Int | None = Field(None, json_schema_extra={"enum": [0, None]})
     tfs_z: float | None = Field(None, json_schema_extra={"enum": [1, None]})
     typical_p: float | None = Field(None, json_schema_extra={"enum": [1, None]})
-
-    n: ClassVar[int] = 1
-    ignore_eos: ClassVar[None] = None
-
-    @property
-    def repetition_penalty(self) -> float | None:
-        return self.repeat_penalty
 
     def unsupported_params(self) -> list[str]:
         names = []
@@ -254,12 +243,6 @@ class OllamaShow(BaseModel):
 
 class OllamaVersion(BaseModel):
     version: str
-
-
-class OllamaError(BaseModel):
-    """Every failure on Ollama's routes (OpenAI's routes send `ErrorResponse`)."""
-
-    error: str
 
 
 class OllamaStatus(BaseModel):

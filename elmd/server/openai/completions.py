@@ -14,13 +14,12 @@ from fastapi import APIRouter, Depends, Request
 
 from elmd.engine.engine import Chunk, Engine
 from elmd.engine.protocol import SamplingParams, TokenLogprob
-from elmd.server import errors, generation
+from elmd.server import errors, pipeline
 from elmd.server.deps import get_manager
 from elmd.server.errors import invalid
 from elmd.server.manager import ModelManager
-from elmd.server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
+from elmd.server.openai.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
 from elmd.server.streaming import merge, sse_response, streamed
-from elmd.server.structured import request_constraint
 
 router = APIRouter()
 
@@ -48,7 +47,7 @@ class _Piece:
 def _prompt_ids(engine: Engine, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
         return engine.tokenizer.encode(prompt)
-    generation.check_token_ids(engine, prompt, "prompt")
+    pipeline.check_token_ids(engine, prompt, "prompt")
     return list(prompt)
 
 
@@ -73,9 +72,7 @@ def _completion_logprobs(engine: Engine, ids: list[int], scores: list[TokenLogpr
     )
 
 
-async def _prepare(engine: Engine, body: CompletionRequest, prompt: str | list[int], max_tokens: int) -> _Prompt:
-    ids = _prompt_ids(engine, prompt)
-    generation.check_context(engine, ids, max_tokens, "prompt")
+async def _prepare(engine: Engine, body: CompletionRequest, prompt: str | list[int], ids: list[int]) -> _Prompt:
     decoded, offsets = _offsets(engine, ids)
     text = prompt if isinstance(prompt, str) else decoded
     scores = None
@@ -115,23 +112,26 @@ def _echoed(prompt: _Prompt, body: CompletionRequest) -> tuple[str, list[int], l
 @router.post("/v1/completions", response_model=None,
              responses={**streamed(Completion, Completion), **errors.responses(*errors.GENERATION)})
 async def completions(body: CompletionRequest, request: Request, manager: ModelManager = Depends(get_manager)):
-    generation.reject_unsupported(body)
-    constraint = request_constraint(body)
+    pipeline.reject_unsupported(body)
+    constraint = body.constraint()
     raw_prompts = body.prompts()
     if not raw_prompts:
         raise invalid("'prompt' must not be empty.", param="prompt")
-    async with await manager.lease(body.model, body.keep_alive_seconds()) as lease:
-        engine = lease.engine
-        max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        prompts = [await _prepare(engine, body, p, max_tokens) for p in raw_prompts]
-        params = generation.choice_params(engine, body, max_tokens, body.logprobs, constraint)
+    generation = pipeline.GenerationRequest(
+        model=body.model, keep_alive=body.keep_alive_seconds(),
+        encode=lambda engine: [_prompt_ids(engine, p) for p in raw_prompts], prompt_param="prompt",
+        sampling=body.sampling_values(), max_tokens=DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
+        n=body.n, logprobs=body.logprobs, logit_bias=body.logit_bias, constraint=constraint)
+    async with pipeline.admit(manager, generation) as admitted:
+        engine = admitted.engine
+        prompts = [await _prepare(engine, body, raw, ids) for raw, ids in zip(raw_prompts, admitted.prompts)]
         meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
                     system_fingerprint=engine.info.system_fingerprint)
-        jobs = [(k * body.n + i, prompt, p) for k, prompt in enumerate(prompts) for i, p in enumerate(params)]
+        jobs = [(k * body.n + i, prompt, p) for k, prompt in enumerate(prompts) for i, p in enumerate(admitted.params)]
         if body.stream:
-            return sse_response(_stream(engine, body, meta, jobs, lease.deadline), lease)
-        work = asyncio.gather(*(_collect(engine, prompt, p, body.echo) for _, prompt, p in jobs))
-        results = await generation.until_done(request, work, lease)
+            return sse_response(_stream(engine, body, meta, jobs, admitted.lease.deadline), admitted.lease)
+        results = await admitted.wait(request, asyncio.gather(
+            *(_collect(engine, prompt, p, body.echo) for _, prompt, p in jobs)))
     choices = []
     for (index, prompt, _), (pieces, last) in zip(jobs, results):
         text, ids, scores, offsets = _echoed(prompt, body)
@@ -155,7 +155,7 @@ async def _collect(engine: Engine, prompt: _Prompt, params: SamplingParams, echo
 def _usage(prompts: list[_Prompt], finals: list[Chunk | None]) -> Usage:
     completion_tokens = sum(c.usage.completion_tokens for c in finals if c is not None and c.usage)
     cached = sum(c.usage.cached_tokens for c in finals if c is not None and c.usage)
-    return generation.usage(sum(len(p.ids) for p in prompts), completion_tokens, cached)
+    return Usage.of(sum(len(p.ids) for p in prompts), completion_tokens, cached)
 
 
 async def _stream(engine: Engine, body: CompletionRequest, meta: dict, jobs: list, deadline: float) -> AsyncIterator[Completion]:

@@ -20,16 +20,17 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from safetensors import SafetensorError, safe_open
 
+from elmd.engine.engine import chat_template_of
 from elmd.offline import OFFLINE_ENVIRONMENT
 from elmd.server import errors
 from elmd.server.deps import get_manager
-from elmd.server.errors import APIError, invalid
+from elmd.server.errors import APIError, OllamaError, invalid
 from elmd.catalog import ModelSpec
 from elmd.server.manager import ModelManager
-from elmd.server.routes_ollama import NS, model_id, timestamp
-from elmd.server.schemas_ollama import (OllamaEmbedRequest, OllamaError, OllamaModel, OllamaModelDetails,
-                                        OllamaModelRequest, OllamaPullRequest, OllamaRunning, OllamaRunningModel,
-                                        OllamaShow, OllamaStatus, OllamaTags, OllamaVersion)
+from elmd.server.ollama.common import NS, model_id, timestamp
+from elmd.server.ollama.schemas import (OllamaEmbedRequest, OllamaModel, OllamaModelDetails, OllamaModelRequest,
+                                        OllamaPullRequest, OllamaRunning, OllamaRunningModel, OllamaShow,
+                                        OllamaStatus, OllamaTags, OllamaVersion)
 from elmd.server.streaming import NDJSON, ndjson_response, streamed
 from elmd.store import MANIFEST, InvalidModelName, ModelNotFound, UnsafeModelFile, resolve_inside, validate_name
 
@@ -151,9 +152,7 @@ async def show(body: OllamaModelRequest, manager: ModelManager = Depends(get_man
 
 
 def _chat_template(spec: ModelSpec) -> str:
-    from elmd.engine.tokenizer import Tokenizer
-
-    return Tokenizer.from_dir(spec.path, spec.chat_template).chat_template
+    return chat_template_of(spec.path, spec.chat_template)
 
 
 @router.delete("/api/delete", response_class=Response, responses={200: {"description": "Deleted (no body)."},

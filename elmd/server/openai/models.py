@@ -11,7 +11,7 @@ from elmd.server import errors
 from elmd.server.deps import get_manager
 from elmd.catalog import ModelSpec
 from elmd.server.manager import ModelManager
-from elmd.server.schemas import Health, ModelCard, ModelList
+from elmd.server.openai.schemas import Health, ModelCard, ModelList
 
 router = APIRouter()
 

@@ -1,27 +1,37 @@
-"""What chat and completions share: a request's sampling parameters for each of its `n`
-choices, the context-length check, usage totals, and waiting for a non-streamed result
-while watching the deadline and the client."""
+"""The one pipeline under every API dialect. A dialect (openai/, responses/, ollama/)
+checks its body, renders its prompt and translates its fields into a `GenerationRequest`;
+`admit` then runs what every generation needs, in one order: lease the model (loading it,
+queueing, keep_alive), encode the prompt, settle max_tokens (the request's, the model's
+default, or the context's room), check the context, and build one SamplingParams per
+choice. The dialect turns the engine's chunks back into its own wire format, streamed or
+waited for (`Admitted.wait`), within the request's deadline."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Protocol, TypeVar
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, TypeVar
 
 from starlette.requests import Request
 
-from elmd.engine.engine import ContextLengthError, Engine
-from elmd.engine.grammar import GrammarError
+from elmd.engine.engine import ContextLengthError, Engine, GrammarError
 from elmd.engine.protocol import Constraint, SamplingParams
 from elmd.server.errors import APIError, invalid, timed_out, unsupported
-from elmd.server.manager import Lease
-from elmd.server.schemas import PromptTokensDetails, Usage, _Generation
+from elmd.server.manager import Lease, ModelManager
 
 T = TypeVar("T")
 
+# max_tokens that asks for the whole context (Ollama's num_predict -1 and -2): the model's
+# max_tokens default does not apply.
+FILL_CONTEXT = "context"
 
-def reject_unsupported(body: _Generation) -> None:
+
+def reject_unsupported(body) -> None:
     """400 for a parameter nobody defined (OpenAI's wording), a feature elmd does not
-    implement or a contradictory combination, by name."""
+    implement or a contradictory combination, by name. Every dialect's request has
+    `unrecognized_params`, `unsupported_params` and `invalid_params`."""
     for name in body.unrecognized_params():
         raise invalid(f"Unrecognized request argument supplied: {name}", param=name)
     names = body.unsupported_params()
@@ -31,26 +41,64 @@ def reject_unsupported(body: _Generation) -> None:
         raise invalid(message, param=param)
 
 
-class SamplingRequest(Protocol):
-    """What `choice_params` reads from a request: chat and completions bodies, a Responses
-    request and Ollama's options all have these fields."""
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request of any dialect, in the pipeline's terms. `encode` turns the dialect's
+    prompt into token ids on the model's tokenizer (one list per prompt: only completions
+    sends several); `*_param` name the fields a 400 points at, as the dialect spells them."""
 
-    temperature: float | None
-    top_p: float | None
-    top_k: int | None
-    min_p: float | None
-    repetition_penalty: float | None
-    presence_penalty: float | None
-    frequency_penalty: float | None
-    seed: int | None
-    ignore_eos: bool | None
-    stop: tuple[str, ...] | None
-    n: int
+    model: str
+    keep_alive: tuple[bool, float | None]
+    encode: Callable[[Engine], list[list[int]]]
+    prompt_param: str
+    sampling: dict[str, Any]  # SamplingOptions.values(): what the request set
+    max_tokens: int | Literal["context"] | None = None  # None: the model's default
+    max_tokens_param: str = "max_tokens"
+    n: int = 1
+    logprobs: int | None = None
+    logit_bias: dict[str, float] | None = None
+    constraint: Constraint | None = None
 
 
-def logit_bias(engine: Engine, body: SamplingRequest) -> tuple[tuple[int, float], ...] | None:
+@dataclass
+class Admitted:
+    """A request that holds its model: its prompts as token ids and one SamplingParams per
+    choice. `leased_at` is when the model was ready for it (Ollama's load_duration)."""
+
+    lease: Lease
+    prompts: list[list[int]]
+    params: list[SamplingParams]
+    leased_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def engine(self) -> Engine:
+        return self.lease.engine
+
+    async def wait(self, request: Request, work: Awaitable[T]) -> T:
+        return await until_done(request, work, self.lease)
+
+
+@asynccontextmanager
+async def admit(manager: ModelManager, request: GenerationRequest) -> AsyncIterator[Admitted]:
+    """The request with its model leased for as long as the block runs (a stream takes the
+    lease over with `sse_response`/`ndjson_response`)."""
+    async with await manager.lease(request.model, request.keep_alive) as lease:
+        leased_at = time.monotonic()
+        engine = lease.engine
+        prompts = request.encode(engine)
+        longest = max(prompts, key=len)
+        if request.max_tokens == FILL_CONTEXT:
+            max_tokens = context_room(engine, longest)
+        else:
+            max_tokens = default_max_tokens(engine, longest) if request.max_tokens is None else request.max_tokens
+        for ids in prompts:
+            check_context(engine, ids, max_tokens, request.prompt_param, request.max_tokens_param)
+        params = choice_params(engine, request, max_tokens)
+        yield Admitted(lease, prompts, params, leased_at)
+
+
+def logit_bias(engine: Engine, requested: dict[str, float] | None) -> tuple[tuple[int, float], ...] | None:
     """`logit_bias` as (token id, bias) pairs; a 400 for a key that is not a token id."""
-    requested = getattr(body, "logit_bias", None)  # chat and completions have it
     if not requested:
         return None
     vocab = engine.info.vocab_size
@@ -63,36 +111,22 @@ def logit_bias(engine: Engine, body: SamplingRequest) -> tuple[tuple[int, float]
     return tuple(pairs)
 
 
-def choice_params(engine: Engine, body: SamplingRequest, max_tokens: int, logprobs: int | None,
-                  constraint: Constraint | None = None) -> list[SamplingParams]:
-    """One SamplingParams per choice. With a seed, choice i uses seed + i, so the choices
-    differ from each other yet the whole response is reproducible."""
-    bias = logit_bias(engine, body)
-    if constraint is not None:
+def choice_params(engine: Engine, request: GenerationRequest, max_tokens: int) -> list[SamplingParams]:
+    """One SamplingParams per choice: the request's options over the model's defaults. With
+    a seed, choice i uses seed + i, so the choices differ from each other yet the whole
+    response is reproducible."""
+    bias = logit_bias(engine, request.logit_bias)
+    if request.constraint is not None:
         try:
             engine.grammar()
         except GrammarError as exc:
             raise invalid(f"This model cannot constrain its output: {exc}", code="unsupported_parameter") from None
+    seed = request.sampling.get("seed")
     try:
-        return [
-            engine.params(
-                max_tokens=max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                top_k=body.top_k,
-                min_p=body.min_p,
-                repetition_penalty=body.repetition_penalty,
-                presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty,
-                seed=None if body.seed is None else body.seed + i,
-                stop=body.stop or None,
-                logprobs=logprobs,
-                ignore_eos=body.ignore_eos,
-                logit_bias=bias,
-                constraint=constraint,
-            )
-            for i in range(body.n)
-        ]
+        return [engine.params(**{**request.sampling, "seed": None if seed is None else seed + i},
+                              max_tokens=max_tokens, logprobs=request.logprobs, logit_bias=bias,
+                              constraint=request.constraint)
+                for i in range(request.n)]
     except (TypeError, ValueError) as exc:
         raise invalid(f"Invalid sampling parameters: {exc}") from None
 
@@ -132,15 +166,6 @@ def default_max_tokens(engine: Engine, prompt_ids: list[int]) -> int:
     than an error. Without a default, the rest of the context (as OpenAI's chat API)."""
     room = context_room(engine, prompt_ids)
     return min(engine.defaults.get("max_tokens", room), room)
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
-    )
 
 
 async def until_done(request: Request, work: Awaitable[T], lease: Lease) -> T:

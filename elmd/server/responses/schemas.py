@@ -7,13 +7,14 @@ so that `unsupported_params` names them instead of ignoring them.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from elmd.server.limits import MAX_MESSAGES, MAX_TOP_LOGPROBS, SEED_RANGE
-from elmd.server.schemas import (REFUSES_UNKNOWN, ROLES, Int, TextPart, TokenLogprobInfo, _DropNone, _KeepAlive,
-                                 _OmitNone, _Request, _Stops, present, when)
+from elmd.sampling_options import Int, MaxTokens, SamplingOptions
+from elmd.server.limits import MAX_MESSAGES, MAX_TOP_LOGPROBS
+from elmd.server.wire import (REFUSES_UNKNOWN, ROLES, TextPart, TokenLogprobInfo, _DropNone, _KeepAlive, _OmitNone,
+                              _Request, present, when)
 
 # --------------------------------------------------------------------------- requests
 
@@ -78,27 +79,18 @@ class TextParam(_Request):
     verbosity: str | None = None
 
 
-class ResponsesRequest(_KeepAlive, _Stops):
+class ResponsesRequest(_KeepAlive, SamplingOptions):
     model_config = REFUSES_UNKNOWN
 
     model: str
     input: str | list[InputItem] = Field(max_length=MAX_MESSAGES)
     instructions: str | None = None
-    max_output_tokens: Int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    max_output_tokens: MaxTokens | None = None
     stream: bool = False
     previous_response_id: str | None = None
     store: bool = True
     text: TextParam | None = None
-    # extras that local servers accept (as on /v1/chat/completions), `stop` among them
-    seed: Int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    top_k: Int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, le=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    ignore_eos: bool | None = None
+    # the sampling options (elmd/sampling_options.py), `stop` and the extras local servers accept among them
     # harmless metadata, accepted and not used
     metadata: dict[str, str] | None = None
     user: str | None = None
@@ -118,8 +110,6 @@ class ResponsesRequest(_KeepAlive, _Stops):
     conversation: Any = Field(None, json_schema_extra=MEANINGLESS)
     prompt: Any = Field(None, json_schema_extra=MEANINGLESS)
     truncation: str | None = Field(None, json_schema_extra={"enum": ["disabled", None]})
-
-    n: ClassVar[int] = 1  # one output message per response
 
     def unsupported_params(self) -> list[str]:
         names = [f"tools[{i}].type" for i, tool in enumerate(self.tools or []) if tool.type != "function"]

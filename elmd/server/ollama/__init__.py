@@ -1,0 +1,1 @@
+"""Ollama's API: generation (/api/chat, /api/generate) and its model routes."""
