@@ -20,18 +20,25 @@ def _integral(value: Any) -> Any:
 # An integer field of a request (strict validation otherwise refuses every float).
 Int = Annotated[int, BeforeValidator(_integral)]
 
+
+def integer(**bounds: int) -> Any:
+    """An integer field type with `bounds` (Field's ge, le, ...) that accepts integral floats.
+    The bounds sit inside the integral check, where the JSON schema states them as
+    minimum/maximum (outside it, pydantic leaks them as unknown `ge`/`le` keywords)."""
+    return Annotated[Annotated[int, Field(**bounds)], BeforeValidator(_integral)]
+
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit seed, as the samplers' generators take
 MAX_STOP_SEQUENCES = 16  # OpenAI allows 4; evaluation tasks sometimes pass a handful more
 MAX_STOP_LENGTH = 256  # characters per stop sequence
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(ge=0, le=1)]
-TopK = Annotated[Int, Field(ge=0)]  # 0: off
+TopK = integer(ge=0)  # 0: off
 MinP = Annotated[float, Field(ge=0, le=1)]
 RepetitionPenalty = Annotated[float, Field(gt=0)]  # multiplicative; 1: off
 Penalty = Annotated[float, Field(ge=-2, le=2)]  # OpenAI's presence and frequency penalties
-Seed = Annotated[Int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]
-MaxTokens = Annotated[Int, Field(ge=1)]
+Seed = integer(ge=SEED_RANGE[0], le=SEED_RANGE[1])
+MaxTokens = integer(ge=1)
 
 
 class SamplingShape(BaseModel):

@@ -1,5 +1,6 @@
 """The example programs in clients/ run, unchanged, against a live daemon process: Python
-with the official openai SDK, curl, and Node with the official openai and ollama npm packages. The
+with the official openai SDK, curl, and Node with the official openai, ollama and @anthropic-ai/sdk npm
+packages. The
 tiny model's answers are gibberish, so the checks are about the stream, not the words."""
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def node_client() -> None:
     """The Node clients with their dependencies (the official `openai` and `ollama` packages) installed."""
     if not shutil.which("node") or not shutil.which("npm"):
         pytest.skip("node and npm are not installed")
-    if all((NODE_CLIENT / "node_modules" / package).is_dir() for package in ("openai", "ollama")):
+    if all((NODE_CLIENT / "node_modules" / package).is_dir() for package in ("openai", "ollama", "@anthropic-ai/sdk")):
         return
     install = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE_CLIENT,
                              capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -91,3 +92,11 @@ def test_node_ollama_package_client(daemon, node_client):
     result = run_client(["node", "ollama_chat.mjs", "Why is the sky blue?"], client_env(daemon), cwd=NODE_CLIENT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_node_anthropic_package_client(daemon, node_client):
+    result = run_client(["node", "anthropic_chat.mjs", "Why is the sky blue?"], client_env(daemon), cwd=NODE_CLIENT)
+    assert result.returncode == 0, result.stderr
+    text, _, summary = result.stdout.rstrip("\n").rpartition("\n")
+    assert text.strip()
+    assert re.fullmatch(r"\[(end_turn|max_tokens), \d+ tokens\]", summary), summary

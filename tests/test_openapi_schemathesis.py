@@ -30,7 +30,7 @@ MAX_EXAMPLES = 30  # per operation and phase; both modes together take about two
 # Operations whose valid requests may still be refused with 400 for what no schema can say:
 # a prompt longer than the model's context, token ids outside its vocabulary, a grammar or
 # JSON schema that does not compile, or a combination of fields (tool_choice without tools).
-MODEL_DEPENDENT = "^(/v1/(chat/completions|completions|responses)|/api/(chat|generate)|/tokenize|/detokenize)$"
+MODEL_DEPENDENT = "^(/v1/(chat/completions|completions|responses|messages|messages/count_tokens)|/api/(chat|generate)|/tokenize|/detokenize)$"
 
 CONFIG = f"""
 [[operations]]

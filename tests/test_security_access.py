@@ -137,8 +137,11 @@ def test_openapi_json_says_which_operations_need_the_key(keyed, server):
     schema = httpx.get(f"{keyed.base_url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert "security" not in schema["paths"]["/health"]["get"]
-    assert schema["paths"]["/v1/chat/completions"]["post"]["security"] == [{"bearer": []}]
-    assert all(operation.get("security") == [{"bearer": []}] for path, operations in schema["paths"].items()
+    assert schema["components"]["securitySchemes"]["x-api-key"] == {
+        "type": "apiKey", "in": "header", "name": "x-api-key", "description": "The same key, as Anthropic's clients send it."}
+    either = [{"bearer": []}, {"x-api-key": []}]  # OpenAPI: any one of the listed schemes
+    assert schema["paths"]["/v1/chat/completions"]["post"]["security"] == either
+    assert all(operation.get("security") == either for path, operations in schema["paths"].items()
                if path != "/health" and path not in page.PATHS for operation in operations.values())
     unkeyed = httpx.get(f"{server.base_url}/openapi.json").json()  # a daemon without a key asks for none
     assert "securitySchemes" not in unkeyed.get("components", {})

@@ -45,6 +45,7 @@ class Chunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" (OpenAI's words)
     usage: "Usage | None" = None
+    stop_sequence: str | None = None  # the stop string that ended the generation (Anthropic's API names it)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Completion:
     logprobs: list[TokenLogprob]
     finish_reason: str
     usage: Usage
+    stop_sequence: str | None = None
 
 
 class GenerationWatch(Protocol):
@@ -87,6 +89,7 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.hold = max((len(s) - 1 for s in self.stops), default=0)
         self.pending = ""
+        self.matched: str | None = None  # the stop string found (the earliest in the text)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was hit)."""
@@ -94,8 +97,9 @@ class StopMatcher:
         if not self.stops:
             out, self.pending = self.pending, ""
             return out, False
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(at, stop) for stop in self.stops if (at := self.pending.find(stop)) >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda hit: hit[0])
             out, self.pending = self.pending[:cut], ""
             return out, True
         keep = self._partial_tail()
@@ -292,7 +296,7 @@ class _TextAssembler:
         emitted, hit = self.stops.feed(self._strip(self.detok.add(step.token_id)))
         if hit:
             self.done = True
-            return Chunk(emitted, [step.token_id], logprobs, "stop", self._usage())
+            return Chunk(emitted, [step.token_id], logprobs, "stop", self._usage(), self.stops.matched)
         return Chunk(emitted, [step.token_id], logprobs)
 
     def finish(self, finished: Finished | None) -> Chunk:
@@ -303,7 +307,7 @@ class _TextAssembler:
         tail, hit = self.stops.feed(self._strip(self.detok.flush()))
         tail = tail if hit else tail + self.stops.flush()
         reason = "length" if finished is not None and finished.reason == "length" and not hit else "stop"
-        return Chunk(tail, [], [], reason, self._usage())
+        return Chunk(tail, [], [], reason, self._usage(), self.stops.matched)
 
 
 def _collect(chunks: list[Chunk]) -> Completion:
@@ -314,4 +318,5 @@ def _collect(chunks: list[Chunk]) -> Completion:
         logprobs=[lp for c in chunks for lp in c.logprobs],
         finish_reason=last.finish_reason or "stop",
         usage=last.usage or Usage(0, 0),
+        stop_sequence=last.stop_sequence,
     )

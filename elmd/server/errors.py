@@ -42,10 +42,26 @@ class OllamaError(BaseModel):
     error: str
 
 
+class AnthropicErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(BaseModel):
+    """Every failure on Anthropic's routes (`/v1/messages...`)."""
+
+    type: str = "error"
+    error: AnthropicErrorBody
+
+
 log = logging.getLogger("elmd.server")
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict"}
 OLLAMA_PREFIX = "/api/"
+ANTHROPIC_PREFIX = "/v1/messages"
+# Anthropic's error types by status (its 529 "overloaded" is elmd's 503).
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
 class APIError(Exception):
@@ -71,9 +87,18 @@ class APIError(Exception):
     def ollama_body(self) -> dict:
         return {"error": self.message}
 
+    def anthropic_body(self) -> dict:
+        kind = ANTHROPIC_TYPES.get(self.status, "api_error")
+        return AnthropicError(error=AnthropicErrorBody(type=kind, message=self.message)).model_dump()
+
     def response(self, path: str = "") -> JSONResponse:
         """The error in the shape of the API that `path` belongs to."""
-        body = self.ollama_body() if path.startswith(OLLAMA_PREFIX) else self.body()
+        if path.startswith(OLLAMA_PREFIX):
+            body = self.ollama_body()
+        elif path.startswith(ANTHROPIC_PREFIX):
+            body = self.anthropic_body()
+        else:
+            body = self.body()
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
@@ -120,7 +145,8 @@ def timed_out(retry_after: int) -> APIError:
 MEANINGS = {
     400: "The request is invalid: malformed JSON, a wrong type or value, a missing, unknown or unsupported "
          "parameter, or more tokens than the model's context holds. `param` names the parameter.",
-    401: "An API key is configured and the request did not present it as `Authorization: Bearer KEY`.",
+    401: "An API key is configured and the request did not present it as `Authorization: Bearer KEY` (or "
+         "`x-api-key: KEY`, as Anthropic's clients send it).",
     403: "The Host or Origin header names another site (DNS rebinding, a cross-site request).",
     404: "The model (or stored response) the request names does not exist.",
     413: "The request body is larger than ELMD_MAX_BODY_BYTES.",
@@ -146,6 +172,11 @@ def responses(*statuses: int, keyed: bool = True) -> dict[int, dict]:
 def ollama_responses(*statuses: int) -> dict[int, dict]:
     """`responses` for an Ollama route (`/api/...`): the same statuses, Ollama's error body."""
     return {status: {**response, "model": OllamaError} for status, response in responses(*statuses).items()}
+
+
+def anthropic_responses(*statuses: int) -> dict[int, dict]:
+    """`responses` for an Anthropic route (`/v1/messages...`): the same statuses, its error body."""
+    return {status: {**response, "model": AnthropicError} for status, response in responses(*statuses).items()}
 
 
 def param_name(loc: tuple) -> str | None:

@@ -10,7 +10,8 @@ From the outside in:
   Origin on cross-site GETs (`<img src>`, links), so those are recognised by their
   `Sec-Fetch-Site` header instead (a GET can load a model: /tokenizer_info).
 - CORS (only with --allow-origin): the named origins get Access-Control-Allow-Origin.
-- ApiKeyCheck (when a key is configured): `Authorization: Bearer KEY` on every route
+- ApiKeyCheck (when a key is configured): `Authorization: Bearer KEY` (or `x-api-key: KEY`, as
+  Anthropic's SDKs send it) on every route
   but /health and the chat page's static files, compared in constant time; 401 in OpenAI's error shape.
 - BodySizeLimit: a body larger than `max_body_bytes` is refused with 413 before the
   app parses it (Content-Length or counted while reading a chunked body).
@@ -80,7 +81,8 @@ def install(app: FastAPI, settings: Settings) -> None:
     origins = [origin.rstrip("/").lower() for origin in settings.allow_origins]
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "DELETE"],
-                           allow_headers=["authorization", "content-type"], max_age=600)
+                           allow_headers=["authorization", "content-type", "x-api-key", "anthropic-version", "anthropic-beta"],
+                           max_age=600)
     app.add_middleware(OriginCheck, allowed=frozenset(origins))
     if is_loopback(settings.host):
         app.add_middleware(HostCheck, allowed=allowed_hosts(settings.host))
@@ -94,10 +96,12 @@ def _openapi_with_bearer(generate: Callable[[], dict]) -> dict:
     if "bearer" not in schemes:
         schemes["bearer"] = {"type": "http", "scheme": "bearer",
                              "description": "The daemon's API key (ELMD_API_KEY or the file `elmd key` wrote)."}
+        schemes["x-api-key"] = {"type": "apiKey", "in": "header", "name": "x-api-key",
+                                "description": "The same key, as Anthropic's clients send it."}
         for path, operations in schema["paths"].items():
             for operation in operations.values():
                 if path not in OPEN_PATHS:
-                    operation["security"] = [{"bearer": []}]
+                    operation["security"] = [{"bearer": []}, {"x-api-key": []}]
     return schema
 
 
@@ -179,13 +183,16 @@ class ApiKeyCheck:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            error = self._check(_header(scope, b"authorization"))
+            error = self._check(_header(scope, b"authorization"), _header(scope, b"x-api-key"))
             if error is not None:
                 return await _refuse(scope, receive, send, error)
         await self.app(scope, receive, send)
 
-    def _check(self, authorization: str | None) -> APIError | None:
+    def _check(self, authorization: str | None, x_api_key: str | None) -> APIError | None:
+        """The key as a bearer token, or in `x-api-key` as Anthropic's SDKs send it."""
         scheme, _, presented = (authorization or "").strip().partition(" ")
+        if x_api_key is not None and not (scheme.lower() == "bearer" and presented.strip()):
+            scheme, presented = "bearer", x_api_key
         if scheme.lower() != "bearer" or not presented.strip():
             return APIError(401, "You didn't provide an API key. Send it in an Authorization header using Bearer "
                             "auth (Authorization: Bearer YOUR_KEY).", code="missing_api_key",

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from elmd.sampling_options import Int, RepetitionPenalty, SamplingShape, Seed
+from elmd.sampling_options import Int, RepetitionPenalty, SamplingShape, Seed, integer
 from elmd.server.limits import MAX_MESSAGES
 from elmd.server.wire import MESSAGE_ROLES, Tool, _DropNone, _KeepAlive, _Request
 from elmd.store import MAX_NAME_LENGTH, NAME_PATTERN
@@ -30,7 +30,7 @@ class OllamaOptions(SamplingShape):
     num_predict: Int | None = None  # -1 and -2: until the context is full; unset or 0: the model's default
     repetition_penalty: RepetitionPenalty | None = Field(None, alias="repeat_penalty")
     seed: Seed | None = None
-    num_ctx: Int | None = Field(None, ge=1)  # the model's context is fixed; accepted, not used
+    num_ctx: integer(ge=1) | None = None  # the model's context is fixed; accepted, not used
     # not implemented: a value that changes sampling -> 400 naming the option
     mirostat: Int | None = Field(None, json_schema_extra={"enum": [0, None]})
     tfs_z: float | None = Field(None, json_schema_extra={"enum": [1, None]})

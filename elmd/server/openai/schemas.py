@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from elmd.engine.protocol import Constraint
-from elmd.sampling_options import Int, MaxTokens, SamplingOptions
+from elmd.sampling_options import Int, MaxTokens, SamplingOptions, integer
 from elmd.server.structured import checked, json_output
 from elmd.server.limits import MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_TOP_LOGPROBS
 from elmd.server.wire import (MESSAGE_ROLES, NULL, REFUSES_UNKNOWN, UNSET, FunctionCall, TextPart,
@@ -78,7 +78,7 @@ class _Generation(_KeepAlive, SamplingOptions):
     model_config = REFUSES_UNKNOWN
 
     model: str
-    n: Int = Field(1, ge=1, le=MAX_N)
+    n: integer(ge=1, le=MAX_N) = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     # extras that local servers accept (top_k, min_p, repetition_penalty, ignore_eos among the sampling options)
@@ -128,7 +128,7 @@ class ChatCompletionRequest(_Generation):
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -195,10 +195,10 @@ NonEmptyTokenIds = Annotated[TokenIds, Field(min_length=1)]
 class CompletionRequest(_Generation):
     prompt: NonEmptyStr | list[NonEmptyStr] | NonEmptyTokenIds | list[NonEmptyTokenIds] = Field(
         json_schema_extra={"minItems": 1})  # a batch of none is refused by the route
-    max_tokens: Int | None = Field(None, ge=0)
+    max_tokens: integer(ge=0) | None = None
     echo: bool = False
-    logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    best_of: Int | None = Field(None, ge=1, description="Only the value of `n` (or null) is accepted.")
+    logprobs: integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+    best_of: integer(ge=1) | None = Field(None, description="Only the value of `n` (or null) is accepted.")
     suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
 
     @field_validator("prompt")

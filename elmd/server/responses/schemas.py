@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from elmd.sampling_options import Int, MaxTokens, SamplingOptions
+from elmd.sampling_options import Int, MaxTokens, SamplingOptions, integer
 from elmd.server.limits import MAX_MESSAGES, MAX_TOP_LOGPROBS
 from elmd.server.wire import (REFUSES_UNKNOWN, ROLES, TextPart, TokenLogprobInfo, _DropNone, _KeepAlive, _OmitNone,
                               _Request, present, when)
@@ -104,7 +104,7 @@ class ResponsesRequest(_KeepAlive, SamplingOptions):
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
     # not implemented: present and meaningful -> 400 naming the field
     include: list[str] | None = Field(None, json_schema_extra={"items": {"enum": [LOGPROBS]}})
-    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: integer(ge=0, le=MAX_TOP_LOGPROBS) | None = None
     reasoning: dict[str, Any] | None = Field(None, json_schema_extra=MEANINGLESS)
     background: bool | None = Field(None, json_schema_extra={"enum": [False, None]})
     conversation: Any = Field(None, json_schema_extra=MEANINGLESS)
