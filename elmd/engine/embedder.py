@@ -63,8 +63,13 @@ class Embedder:
 
     @classmethod
     def from_dir(cls, path: str | Path, dtype: str | torch.dtype = "float32") -> "Embedder":
+        """Load the model in `path`; `dtype` ("float32" or "bfloat16") is the weights' and the
+        activations', the vectors are float32 either way."""
         path = Path(path)
-        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
         model = load_bert(path, dtype)
         pooling, normalize = read_modules(path)
         st_config = _read_json(path / "sentence_bert_config.json") or {}
