@@ -1,0 +1,182 @@
+"""BERT in PyTorch: the encoder behind sentence-embedding models (all-MiniLM, bge, ...).
+
+One file, like openelm.py. Module names follow the Hugging Face checkpoint
+(`embeddings.word_embeddings.weight`, `encoder.layer.N.attention.self.query.weight`, ...),
+so loading is a plain state dict; a `bert.` prefix on every name is accepted and the pooler
+is ignored (sentence-transformers pools the token states itself). No KV cache: an
+embedding is one bidirectional pass over a padded batch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from elmd.engine.checkpoint import CheckpointError, expected_shapes, iter_tensors, weight_files
+
+CHECKPOINT_PREFIX = "bert."
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    position_embedding_type: str = "absolute"
+    pad_token_id: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        """From config.json; refuses what this network would compute differently (RoBERTa's
+        offset positions, relative position embeddings, other activations)."""
+        if d.get("model_type") != "bert":
+            raise ValueError(f"unsupported model_type {d.get('model_type')!r}: embedding models must be 'bert'")
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        if cfg.hidden_act != "gelu":
+            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r}: only 'gelu' (erf) is implemented")
+        if cfg.position_embedding_type != "absolute":
+            raise ValueError(f"unsupported position_embedding_type {cfg.position_embedding_type!r}")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(f"hidden_size {cfg.hidden_size} is not a multiple of {cfg.num_attention_heads} heads")
+        return cfg
+
+
+def uninitialized_embedding(rows: int, dim: int) -> nn.Embedding:
+    """An embedding that skips its N(0, 1) init: the weights always come from a checkpoint, and on
+    the meta device that init imports torch._refs (about a second; see openelm.Transformer)."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = uninitialized_embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embeddings = uninitialized_embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = uninitialized_embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Single-segment input: every token has type 0 and positions count from 0 (right padding)."""
+        T = tokens.shape[1]
+        x = self.word_embeddings(tokens) + self.position_embeddings.weight[:T] + self.token_type_embeddings.weight[0]
+        return self.LayerNorm(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+                   for proj in (self.query, self.key, self.value))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return y.transpose(1, 2).reshape(B, T, C)
+
+
+class DenseResidualNorm(nn.Module):
+    """BERT's `dense -> + residual -> LayerNorm`, after attention and after the MLP."""
+
+    def __init__(self, width: int, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(width, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(h) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.self = SelfAttention(cfg)
+        self.output = DenseResidualNorm(cfg.hidden_size, cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(x, mask), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.intermediate = Intermediate(cfg)
+        self.output = DenseResidualNorm(cfg.intermediate_size, cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.attention(x, mask)
+        return self.output(self.intermediate(h), h)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class Bert(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [B, T, hidden] of `tokens` [B, T]; `attention_mask` [B, T] (bool) marks
+        the real tokens of a right-padded batch, None when nothing is padding."""
+        mask = None if attention_mask is None else attention_mask[:, None, None, :]
+        x = self.embeddings(tokens)
+        for layer in self.encoder.layer:
+            x = layer(x, mask)
+        return x
+
+
+def read_bert_config(model_dir: Path) -> BertConfig:
+    path = Path(model_dir) / "config.json"
+    try:
+        return BertConfig.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no config.json in the model directory") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_bert(model_dir: Path, dtype: torch.dtype = torch.float32) -> Bert:
+    """Build the network from config.json and fill it from the safetensors weights, on the CPU."""
+    model_dir = Path(model_dir)
+    cfg = read_bert_config(model_dir)
+    with torch.device("meta"):
+        model = Bert(cfg)
+    prefixed = CHECKPOINT_PREFIX + "embeddings.word_embeddings.weight" in weight_files(model_dir)
+    prefix = CHECKPOINT_PREFIX if prefixed else ""
+    wanted = {prefix + name: shape for name, shape in expected_shapes(model).items()}
+    state = {name.removeprefix(prefix): tensor.to(dtype) for name, tensor in iter_tensors(model_dir, wanted)}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
