@@ -3,13 +3,16 @@
 Each sequence owns a `Sampler` with its parameters, its own seeded generator and its
 token counts, so sequences that share a batch never influence each other: a seeded
 request gives the same tokens alone or beside others. A constrained sequence's sampler
-also holds its grammar matcher: tokens the grammar forbids get no probability.
+also holds its grammar matcher: tokens the grammar forbids get no probability. The rules
+(what each parameter means, in which order) are elmd/engine/sampling_rules.py's; this
+file does each step with torch.
 """
 
 from __future__ import annotations
 
 import torch
 
+from elmd.engine import sampling_rules
 from elmd.engine.grammar import TokenMatcher
 from elmd.engine.protocol import SamplingParams, TokenLogprob
 
@@ -21,10 +24,7 @@ class Sampler:
         self.matcher = matcher
         self.bias = logit_bias(params, vocab_size, device)
         self.generator = torch.Generator(device=device)
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()
+        self.generator.manual_seed(sampling_rules.seed_of(params))
         # Token bookkeeping only where a penalty reads it: each write is a device op per
         # token (two kernel launches on a GPU, ~20 us of the scheduler's host time here).
         if params.penalized:
@@ -38,42 +38,56 @@ class Sampler:
             self.seen[token_id] = True
             self.counts[token_id] += 1
 
-    def apply_penalties(self, logits: torch.Tensor) -> torch.Tensor:
-        """Repetition (CTRL-style, over prompt and output), presence and frequency (OpenAI-style,
-        over the output) penalties."""
-        p = self.params
-        if p.repetition_penalty != 1.0:
-            scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-            logits = torch.where(self.seen, scaled, logits)
-        if p.presence_penalty or p.frequency_penalty:
-            logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
-        return logits
+    # ---- sampling_rules.LogitsOps ---------------------------------------------------
 
-    def choose(self, logits: torch.Tensor) -> int:
-        p = self.params
-        logits = self.apply_penalties(logits)
-        if self.bias is not None:
-            logits = logits + self.bias
-        if self.matcher is not None:
-            allowed = torch.from_numpy(self.matcher.allowed()).to(logits.device, non_blocking=True)
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        if p.greedy:
-            return int(torch.argmax(logits))
+    def repetition(self, logits: torch.Tensor, penalty: float) -> torch.Tensor:
+        scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+        return torch.where(self.seen, scaled, logits)
+
+    def presence_frequency(self, logits: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+        return logits - frequency * self.counts - presence * (self.counts > 0).float()
+
+    def add_bias(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.bias
+
+    def forbid(self, logits: torch.Tensor) -> torch.Tensor:
+        allowed = torch.from_numpy(self.matcher.allowed()).to(logits.device, non_blocking=True)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    # ---- sampling_rules.SamplerOps --------------------------------------------------
+
+    def argmax(self, logits: torch.Tensor) -> int:
+        return int(torch.argmax(logits))
+
+    def temperature(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
         # A legal but extreme temperature or repetition penalty (1e-320, 1e-300) overflows
         # float32 logits to inf, and inf - inf is NaN in softmax: cap at the largest finite value.
-        logits = (logits / p.temperature).nan_to_num(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
-        if p.top_k > 0 and p.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = sorted_probs.cumsum(-1)
-            drop = cumulative - sorted_probs > p.top_p  # keep the smallest prefix reaching top_p
-            probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        return (logits / temperature).nan_to_num(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+
+    def top_k(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        kth = torch.topk(logits, k).values[-1]
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=-1)
+
+    def min_p(self, probs: torch.Tensor, min_p: float) -> torch.Tensor:
+        return probs.masked_fill(probs < min_p * probs.max(), 0.0)
+
+    def top_p(self, probs: torch.Tensor, top_p: float) -> torch.Tensor:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = sorted_probs.cumsum(-1)
+        drop = cumulative - sorted_probs > top_p  # keep the smallest prefix reaching top_p
+        return probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+
+    def draw(self, probs: torch.Tensor) -> int:
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    # ---- the scheduler's side -------------------------------------------------------
+
+    def choose(self, logits: torch.Tensor) -> int:
+        logits = sampling_rules.adjust(self, logits, self.params, constrained=self.matcher is not None)
+        return sampling_rules.choose(self, logits, self.params)
 
     def sample(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
         """Pick a token from fp32 logits [V]; report its log-probability under the model
