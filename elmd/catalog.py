@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from elmd.choices import pick_backend
+from elmd.quant import Quant
 from elmd.registry import ModelEntry, Registry
 from elmd.settings import Settings
 from elmd.store import InvalidModelName, Store, StoredModel
@@ -26,9 +28,9 @@ class ModelSpec:
 
     id: str
     path: Path
-    backend: str
+    backend: str  # "torch" | "mlx": `auto` decided
     dtype: str
-    quant: str
+    quant: Quant  # concrete for `backend` (a bare int4's group written out)
     chat_template: str | None = None
     defaults: dict = field(default_factory=dict)
     context_length: int | None = None  # from models.yaml; the loaded engine's is authoritative
@@ -42,21 +44,23 @@ class ModelSpec:
 
 
 def default_quant(entry: ModelEntry | None, manifest: dict | None = None) -> str:
-    """The quant a model serves with unless the operator picks one: what its install
-    chose (the store's manifest), else its models.yaml entry's, else none."""
+    """The quant a model serves with unless the operator picks one, as spelled (a bare int4
+    resolves per backend): what its install chose (the store's manifest), else its
+    models.yaml entry's, else none. Installs (`pull`, `import`) and serving both ask this."""
     return (manifest or {}).get("default_quant") or (entry.default_quant if entry else "none")
 
 
-def serving_quant(stored: StoredModel, registry: Registry) -> str:
-    """The quant an installed model serves with unless `serve --quant` says otherwise: what
-    `elmd list` and `elmd show` print (the manifest's own `quant` names the float files)."""
-    return default_quant(registry.get(stored.name.split(":")[0]), stored.manifest)
+def serving_quant(stored: StoredModel, registry: Registry) -> Quant:
+    """The quant an installed model serves with here unless `serve --quant` says otherwise:
+    what `elmd list` and `elmd show` print (the manifest's `quant` is what is stored)."""
+    return Quant.parse(default_quant(registry.get(stored.name.split(":")[0]), stored.manifest), pick_backend())
 
 
 class Catalog:
     def __init__(self, settings: Settings, registry: Registry, store: Store, pinned: ModelSpec | None = None):
         self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
         self._missing_drafts: set[str] = set()
+        self._drafts: dict[str, ModelSpec] = {}  # installed drafts by name, resolved once
 
     def entry(self, name: str) -> ModelEntry | None:
         """The models.yaml entry of a model name (a tag such as `:latest` ignored)."""
@@ -64,10 +68,13 @@ class Catalog:
 
     def _draft(self, model_id: str, entry: ModelEntry | None) -> ModelSpec | None:
         """The draft for `model_id`: the operator's (`--draft`), else its models.yaml entry's,
-        when installed; a draft that is not is said once in the log."""
+        when installed; a draft that is not is said once in the log. Found once, a draft is
+        kept (while its folder is there): a request's lookup reads no manifest for it."""
         name = self.settings.draft or (entry.draft if entry else None)
         if not name or name == "none" or name == model_id or not self.settings.speculation:
             return None
+        if name in self._drafts and self._drafts[name].path.is_dir():
+            return self._drafts[name]
         try:
             stored = self.store.get(name) if self.store.exists(name) else None
         except InvalidModelName:
@@ -78,7 +85,8 @@ class Catalog:
                 log.warning("draft model %s is not installed: speculation uses prompt lookup (elmd pull %s)", name, name)
             return None
         entry = self.entry(stored.name)
-        return self._spec(stored.name, stored.path, entry, default_quant(entry, stored.manifest), draft=None)
+        self._drafts[name] = self._spec(stored.name, stored.path, entry, default_quant(entry, stored.manifest), draft=None)
+        return self._drafts[name]
 
     def directory(self, path: Path, model_id: str | None = None) -> ModelSpec:
         """A model directory the operator gave `serve`, served as `model_id` (default: its
@@ -95,13 +103,15 @@ class Catalog:
 
     def _spec(self, model_id: str, path: Path, entry: ModelEntry | None, quant: str,
               draft: ModelSpec | None) -> ModelSpec:
+        """The one place settings (first), the store's manifest and the models.yaml entry meet."""
         settings = self.settings
+        backend = pick_backend(settings.backend)
         return ModelSpec(
             id=model_id,
             path=path,
-            backend=settings.backend,
+            backend=backend,
             dtype=entry.dtype if entry and settings.dtype == "auto" else settings.dtype,
-            quant=settings.quant or quant,
+            quant=Quant.parse(settings.quant or quant, backend),
             chat_template=entry.chat_template if entry else None,
             defaults=dict(entry.sampling) if entry else {},
             context_length=entry.context_length if entry else None,

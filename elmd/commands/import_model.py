@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from elmd.choices import QUANTS
+from elmd.choices import QUANTS, pick_backend
 
 # The file-type tags llama.cpp's tools append to GGUF names ("model.Q4_1.gguf", "model-f16.gguf").
 QUANT_SUFFIX = re.compile(r"[.-](q\d[a-z0-9_]*|iq\d[a-z0-9_]*|f16|bf16|f32)$")
@@ -35,8 +35,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--quant", choices=QUANTS,
                         help="also store the weights quantized this way, so no load has to (default: the "
-                        "default_quant of the models.yaml entry of that name, else none; int4 keeps a GGUF's Q4_1 "
-                        "blocks exactly)")
+                        "default_quant of the models.yaml entry of that name, else none; stored where the PyTorch backend "
+                        "runs, as `elmd pull` does: MLX quantizes as it loads; int4 keeps a GGUF's Q4_1 blocks exactly)")
     parser.add_argument("--force", action="store_true", help="replace a model of the same name")
     parser.set_defaults(func=run)
 
@@ -49,14 +49,16 @@ def default_name(source: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from elmd.catalog import default_quant
     from elmd.convert import UnsupportedModelError, UnsupportedTokenizerError
     from elmd.convert.checkpoint_dir import CheckpointDirError
+    from elmd.registry import Registry
     from elmd.store import InvalidModelName
 
     source: Path = args.source.expanduser()
     try:
         name = args.name or default_name(source)
-        quant = args.quant or default_quant(name)
+        quant = args.quant or default_quant(Registry.load().get(name))
         if source.is_dir():
             installed = _install_dir(source, name, quant, args.force)
         elif source.is_file():
@@ -79,28 +81,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def default_quant(name: str) -> str:
-    """The models.yaml default_quant of a model named `name`, where the PyTorch backend runs
-    (MLX quantizes as it loads); else none."""
-    from elmd.choices import pick_backend
-    from elmd.registry import Registry
-
-    entry = Registry.load().get(name)
-    return entry.default_quant if entry and pick_backend("auto") == "torch" else "none"
-
-
 def _install_gguf(source: Path, name: str, dtype: str, quant: str, force: bool) -> Path:
     from elmd.convert import import_gguf
+    from elmd.pull import stored_quant
     from elmd.store import Store, sha256_file, write_manifest
 
     store = Store()
+    stored = stored_quant(quant, pick_backend())
     with store.installing(name, overwrite=force) as tmp:
         print(f"converting {source} ...", file=sys.stderr)
-        import_gguf(source, tmp, dtype=dtype, quant=quant, progress=True)
+        import_gguf(source, tmp, dtype=dtype, quant=stored, progress=True)
         write_manifest(
             tmp,
             source={"kind": "gguf-file", "path": str(source.resolve()), "sha256": sha256_file(source)},
             revision=None,
+            quant=stored,
             dtype=dtype,
             default_quant=quant,
         )
@@ -110,13 +105,15 @@ def _install_gguf(source: Path, name: str, dtype: str, quant: str, force: bool) 
 def _install_dir(source: Path, name: str, quant: str, force: bool) -> Path:
     from elmd.convert.checkpoint_dir import copy_checkpoint
     from elmd.engine import quant_store
+    from elmd.pull import stored_quant
     from elmd.store import Store, write_manifest
 
     store = Store()
+    stored = stored_quant(quant, pick_backend())
     with store.installing(name, overwrite=force) as tmp:
         copy_checkpoint(source, tmp)
-        if quant != "none":
-            quant_store.write(tmp, quant, progress=True)
+        if not stored.is_none:
+            quant_store.write(tmp, stored, progress=True)
         write_manifest(tmp, source={"kind": "local-dir", "path": str(source.resolve())}, revision=None,
-                       default_quant=quant)
+                       quant=stored, default_quant=quant)
     return store.path(name)

@@ -26,14 +26,14 @@ def run(args: argparse.Namespace) -> int:
     registry = Registry.load()
     if args.json:
         print(json.dumps([{"name": m.name, "path": str(m.path), "size_bytes": m.size_bytes,
-                           "quant": serving_quant(m, registry), "manifest": m.manifest} for m in models], indent=2))
+                           "quant": str(serving_quant(m, registry)), "manifest": m.manifest} for m in models], indent=2))
         return 0
     if not models:
         print("no models installed (try `elmd pull smollm2-135m-instruct`)")
         return 0
     rows = [("NAME", "SIZE", "QUANT", "SOURCE", "CREATED")]
     for m in models:
-        rows.append((m.name, human_size(m.size_bytes), serving_quant(m, registry),
+        rows.append((m.name, human_size(m.size_bytes), str(serving_quant(m, registry)),
                      describe_source(m.manifest.get("source")), m.manifest.get("created", "?")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:

@@ -74,15 +74,9 @@ def run(args: argparse.Namespace) -> int:
     from elmd.settings import Settings
     from elmd.store import Store
 
-    flags = {
-        "model": args.model, "backend": args.backend, "dtype": args.dtype, "quant": args.quant,
-        "host": args.host, "port": args.port, "keep_alive": args.keep_alive,
-        "max_loaded_models": args.max_loaded_models, "memory_budget_bytes": args.memory_budget_bytes,
-        "max_concurrent_requests": args.max_concurrent_requests, "max_queued_requests": args.max_queued_requests,
-        "request_timeout": args.request_timeout, "allow_origins": args.allow_origins,
-        "api_key_file": args.api_key_file, "max_body_bytes": args.max_body_bytes, "log_file": args.log_file,
-        "log_prompts": args.log_prompts, "speculation": args.speculation, "draft": args.draft,
-    }  # fmt: skip
+    # Each flag's dest is its Settings field; a flag not given leaves the field to the
+    # environment, config.yaml or the default.
+    flags = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
     try:
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:

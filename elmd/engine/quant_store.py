@@ -23,13 +23,14 @@ from elmd.engine.checkpoint import CheckpointError, expected_shapes, iter_tensor
 from elmd.engine.openelm import OpenELM
 from elmd.engine.quantize import (BF16Linear, QuantizedEmbedding, QuantizedLinear, QuantSpec, empty_quantized,
                                   fill_quantized, parse_quant, quantized_metadata, stored_spec)
+from elmd.quant import Quant
 
 # A tensor as the checkpoint holds it (float), or already in the stored layout of its module
 # (a GGUF's Q4_1 blocks, converted exactly).
 Tensors = Iterable[tuple[str, "torch.Tensor | dict[str, torch.Tensor]"]]
 
 
-def stored_path(model_dir: str | Path, quant: str | QuantSpec) -> Path:
+def stored_path(model_dir: str | Path, quant: str | Quant | QuantSpec) -> Path:
     """Where `quant`'s weights are kept, named by what they hold (int4 and int4-g32 share
     one file), a name that mlx-lm's `model*.safetensors` glob skips."""
     return Path(model_dir) / f"elmd-{parse_quant(quant).name}.safetensors"
@@ -72,7 +73,7 @@ def quantized_state(model: OpenELM, tensors: Tensors, total: int, progress: bool
     return state
 
 
-def write(model_dir: str | Path, quant: str, tensors: Tensors | None = None, progress: bool = False) -> Path:
+def write(model_dir: str | Path, quant: str | Quant, tensors: Tensors | None = None, progress: bool = False) -> Path:
     """Quantize the float checkpoint in `model_dir` (or `tensors`) into `stored_path`; returns it."""
     from safetensors.torch import save_file
 
@@ -88,7 +89,7 @@ def write(model_dir: str | Path, quant: str, tensors: Tensors | None = None, pro
     return path
 
 
-def load(model_dir: str | Path, quant: str, dtype: torch.dtype, device: str) -> OpenELM:
+def load(model_dir: str | Path, quant: str | Quant, dtype: torch.dtype, device: str) -> OpenELM:
     """The model with `quant`'s weights, from the stored file. A missing file (or one of an
     older format) is written first by a child process, so this process never holds the float
     weights: freed or not, their pages would stay resident here (glibc keeps freed blocks of
@@ -110,12 +111,12 @@ def load(model_dir: str | Path, quant: str, dtype: torch.dtype, device: str) -> 
     return model.eval().requires_grad_(False)
 
 
-def _write_in_child(model_dir: Path, quant: str) -> None:
+def _write_in_child(model_dir: Path, quant: str | Quant) -> None:
     import elmd
 
     package_root = str(Path(elmd.__file__).resolve().parent.parent)  # this elmd, not another install
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "elmd.engine.quant_store", str(model_dir), quant], env=env,
+    result = subprocess.run([sys.executable, "-m", "elmd.engine.quant_store", str(model_dir), str(quant)], env=env,
                             stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no message"])[-1]

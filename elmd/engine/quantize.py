@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elmd.choices import QUANTS
 from elmd.engine.kernels import native
+from elmd.quant import Quant
 
-GROUP_SIZES = (32, 64, 128)
 METADATA_KEY = "elmd.quant"
 
 
@@ -60,8 +59,9 @@ class QuantSpec:
         return cls(**json.loads(text))
 
 
-def parse_quant(quant: str | QuantSpec, embedding: bool = False) -> QuantSpec | None:
-    """"bf16", "int8", "int4" (group 32), "int4-g64", "int4-g128" -> QuantSpec; "none" -> None.
+def parse_quant(quant: str | Quant | QuantSpec, embedding: bool = False) -> QuantSpec | None:
+    """A quantization (a name is parsed by Quant.parse: bare "int4" is group 32 here) -> how
+    this backend lays it out; "none" -> None.
 
     int4 keeps the output head (and the tied embedding) at int8, as MLX's 4-bit models and
     llama.cpp's Q4 files (Q6_K/Q8_0 heads) do: on SmolLM2-135M's real weights an int4 head
@@ -72,16 +72,14 @@ def parse_quant(quant: str | QuantSpec, embedding: bool = False) -> QuantSpec | 
     without rounding the activations."""
     if isinstance(quant, QuantSpec):
         return quant
-    if quant == "none":
+    quant = Quant.parse(quant, "torch")
+    if quant.scheme == "none":
         return None
-    if quant == "bf16":
+    if quant.scheme == "bf16":
         return QuantSpec("bf16", 0, False)
-    if quant == "int8":
+    if quant.scheme == "int8":
         return QuantSpec("int8", 0, embedding)
-    group = 32 if quant == "int4" else int(quant[6:]) if quant.startswith("int4-g") and quant[6:].isdigit() else 0
-    if group in GROUP_SIZES:
-        return QuantSpec("int4", group, embedding, head="int8")
-    raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
+    return QuantSpec("int4", quant.group, embedding, head="int8")
 
 
 def _flat(matmul2d):
@@ -384,29 +382,6 @@ def quantized_metadata(spec: QuantSpec) -> dict[str, str]:
     return {METADATA_KEY: spec.to_json(), FORMAT_KEY: FORMAT}
 
 
-def save_quantized(model: nn.Module, path: str | Path) -> Path:
-    """Write a quantized model's weights (quantized and float alike) to one safetensors file,
-    with the quantization in its metadata, so it loads without quantizing again. Float
-    tensors are written in float32 (and cast to the model's dtype when loaded)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    fixed = _stored_as_is(model)
-    state = {name: (t if name in fixed or not t.is_floating_point() else t.float()).contiguous()
-             for name, t in model.state_dict().items()}
-    save_file(state, str(path), metadata=quantized_metadata(model.quant_spec))
-    return path
-
-
-def quant_of(path: str | Path) -> QuantSpec | None:
-    """The quantization recorded in a safetensors file, or None for an unquantized one."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        text = (f.metadata() or {}).get(METADATA_KEY)
-    return QuantSpec.from_json(text) if text else None
-
-
 def stored_spec(path: str | Path) -> QuantSpec | None:
     """The quantization of a stored file in the current format; None when there is no such
     file, or it is of an older format (bf16 norms from a bf16 load) and must be written again."""
@@ -442,22 +417,10 @@ def fill_quantized(model: nn.Module, state: dict[str, torch.Tensor], dtype: torc
 
 
 def empty_quantized(model: nn.Module, spec: QuantSpec) -> nn.Module:
-    """Swap in quantized modules with unfilled (meta) tensors: the skeleton load_quantized fills."""
+    """Swap in quantized modules with unfilled (meta) tensors: the skeleton fill_quantized fills."""
     if spec.scheme == "bf16":
         model = _swap(model, spec, lambda linear, own: BF16Linear.from_linear(linear, torch.empty_like(linear.weight, dtype=torch.bfloat16, device="meta")))
     else:
         model = _swap(model, spec, lambda linear, own: QuantizedLinear(linear.in_features, linear.out_features, own, "meta"))
     model.quant_spec = spec
     return model
-
-
-def load_quantized(model: nn.Module, path: str | Path, device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Fill `model` (built from its config, on any device including meta) from a file written by
-    save_quantized: swap in empty quantized modules, then load every tensor as stored."""
-    from safetensors.torch import load_file
-
-    spec = quant_of(path)
-    if spec is None:
-        raise ValueError(f"{path}: not a quantized elmd checkpoint (no {METADATA_KEY} metadata)")
-    return fill_quantized(empty_quantized(model, spec), load_file(str(path), device=str(device)), dtype, device)

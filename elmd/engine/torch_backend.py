@@ -17,6 +17,7 @@ from elmd.engine.protocol import BackendInfo, CacheBytes, SamplingParams, StepCh
 from elmd.engine.runner import Runner
 from elmd.engine.sampling import logprob_of
 from elmd.engine.scheduler import Scheduler
+from elmd.quant import Quant
 
 log = logging.getLogger(__name__)
 CACHED_BUILD_SECONDS = 5.0  # how long a load waits for the kernels: a cached build loads in about a second
@@ -45,19 +46,6 @@ def pick_dtype(dtype: str, device: str, model_dim: int) -> torch.dtype:
     if dtype == "float16" and model_dim >= 3072:
         raise ValueError("float16 overflows in OpenELM-3B-sized models; use bfloat16 or float32")
     return DTYPES[dtype]
-
-
-def cpu_fast_path(dtype: torch.dtype, quant: str, device: str) -> tuple[torch.dtype, str]:
-    """bf16 activations on the CPU run as float32, with one warning: the CPU's fast paths (the
-    native decode plan, its int8/int4/bf16 kernels) take float32 activations, and with bf16
-    ones a model fell back to ATen's ops at under half the speed (270M int4: 62 vs 141
-    tok/s). Unquantized weights become bf16 (`--quant bf16`), so bf16 still halves them."""
-    if device != "cpu" or dtype != torch.bfloat16:
-        return dtype, quant
-    fast_quant = "bf16" if quant == "none" else quant
-    log.warning("--dtype bfloat16 on the CPU: activations run in float32, which the CPU's fast kernels take; "
-                "weights as --quant %s", fast_quant)
-    return torch.float32, fast_quant
 
 
 def pick_kv_cache_dtype(kv_cache_dtype: str, runner: Runner) -> torch.dtype | None:
@@ -98,13 +86,13 @@ def set_threads() -> None:
     torch.set_num_threads(cores)
 
 
-def load_quantized_model(model_dir: Path, quant: str, dtype: torch.dtype, device: str) -> OpenELM:
+def load_quantized_model(model_dir: Path, quant: Quant, dtype: torch.dtype, device: str) -> OpenELM:
     """The weights quantized as `quant`, from the stored file (see quant_store: written once,
-    then read without quantizing); with "none", the float weights as they are."""
+    then read without quantizing); with none, the float weights as they are."""
     from elmd.engine import quant_store
     from elmd.engine.quantize import quantize_model
 
-    if quant == "none":
+    if quant.is_none:
         return quantize_model(load_model(model_dir, dtype=dtype, device=device), quant)
     return quant_store.load(model_dir, quant, dtype, device)
 
@@ -151,7 +139,7 @@ class TorchBackend:
         self,
         model_dir: str | Path,
         dtype: str = "auto",
-        quant: str = "none",
+        quant: str | Quant = "none",
         device: str = "auto",
         slots: int = 8,
         prefix_cache_bytes: int = 256 << 20,
@@ -160,12 +148,14 @@ class TorchBackend:
         kv_cache_dtype: str = "auto",
         speculation: bool = True,
         draft_dir: str | Path | None = None,
-        draft_quant: str = "none",
+        draft_quant: str | Quant = "none",
     ):
         """`cuda_graphs`: replay decode steps from CUDA graphs (ignored off CUDA); with
         `compile_decode`, of a torch.compile'd step (cuda_graphs.compiled_step: fewer, fused
         kernels per graph, for compiles of tens of seconds on the first steps).
         `kv_cache_dtype`: auto, float16 or float32 (see pick_kv_cache_dtype).
+        `dtype` and `quant` are run as given: plan_load turns bf16 activations on the CPU into
+        float32 ones beside bf16 weights.
         `speculation`: speculation at batch 1 (see Scheduler): with `draft_dir` (a smaller
         model with the same tokenizer, weights as `draft_quant`) its guesses, else prompt
         lookup's."""
@@ -177,10 +167,11 @@ class TorchBackend:
             set_threads()
             building = native.ops_after(CACHED_BUILD_SECONDS) is None and not native.build_in_background().done()
         cfg = read_config(Path(model_dir))
-        torch_dtype, quant = cpu_fast_path(pick_dtype(dtype, device, cfg.model_dim), quant, device)
+        torch_dtype = pick_dtype(dtype, device, cfg.model_dim)
+        quant, draft_quant = Quant.parse(quant, "torch"), Quant.parse(draft_quant, "torch")
         self.name, self._kv_cache_dtype = Path(model_dir).name, kv_cache_dtype
 
-        def load(path: Path, quant: str, graphs: bool) -> Runner:
+        def load(path: Path, quant: Quant, graphs: bool) -> Runner:
             runner = Runner(load_quantized_model(path, quant, torch_dtype, device))
             runner.use_native_plan()
             runner.model.kv_cache_dtype = pick_kv_cache_dtype(kv_cache_dtype, runner)
@@ -206,7 +197,7 @@ class TorchBackend:
             name="torch",
             device=device,
             dtype=str(torch_dtype).removeprefix("torch."),
-            quant=quant,
+            quant=str(quant),
             context_length=cfg.context_length,
             vocab_size=cfg.vocab_size,
             memory_bytes=weights,

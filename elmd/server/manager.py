@@ -88,10 +88,15 @@ class Lease:
 
 
 def load_model(spec: ModelSpec, **engine_options) -> "Engine":
-    """The real loader; `engine_options` tune the PyTorch backend (batch slots, prefix cache,
-    CUDA graphs, KV cache dtype, speculation), which also runs the spec's draft model."""
+    """The real loader. `engine_options` are the server's settings for the backends (batch
+    slots, prefix cache, CUDA graphs, KV cache dtype, speculation); plan_load gives each
+    backend its own and names any the spec's backend lacks. The PyTorch backend also runs the
+    spec's draft model. The slots are the requests generating at once on either backend: on
+    MLX, its batch."""
     from elmd.engine.load import load_engine
 
+    if spec.backend == "mlx" and "slots" in engine_options:
+        engine_options["max_batch"] = engine_options.pop("slots")
     if spec.draft is not None:
         engine_options.update(draft_dir=spec.draft.path, draft_quant=spec.draft.quant)
     return load_engine(

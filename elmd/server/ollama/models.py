@@ -84,7 +84,7 @@ def _digest(spec: ModelSpec) -> str:
 def _details(spec: ModelSpec) -> OllamaModelDetails:
     family = _config(spec).get("model_type", "openelm")
     return OllamaModelDetails(format="safetensors", family=family, families=[family],
-                              parameter_size=_parameter_size(_parameter_count(spec)), quantization_level=spec.quant)
+                              parameter_size=_parameter_size(_parameter_count(spec)), quantization_level=str(spec.quant))
 
 
 def _entry(spec: ModelSpec) -> dict:
