@@ -164,26 +164,48 @@ def wait_ready(base: str, server: subprocess.Popen, timeout: float = 300) -> flo
     return None
 
 
-class StreamedReply:
-    """One streamed chat reply as a client sees it: when it was asked, when its first and
-    last text arrived, its completion tokens (the usage chunk) and its text."""
+def serve_offline_model(home: Path, log: Path) -> tuple[str, subprocess.Popen]:
+    """`elmd serve` at its defaults (the offline model) on a free port, once it is ready
+    and its native CPU kernels are built: figures on the path it serves from then on."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELMD_")}
+    env.update(ELMD_HOME=str(home), ELMD_PORT=str(port), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "elmd", "serve"], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    if wait_ready(base, server, timeout=1800) is None:
+        server.kill()
+        sys.exit(f"the daemon did not become ready; its log: {log}")
+    while httpx.get(f"{base}/health", timeout=10).json().get("cpu_kernels_building"):
+        time.sleep(1)
+    return base, server
 
-    def __init__(self, base: str, model: str, prompt: str, max_tokens: int):
+
+class StreamedReply:
+    """One streamed reply as a client sees it: when it was asked, when its first and last
+    text arrived, its completion tokens (from the stream's usage) and its text. `dialect`:
+    OpenAI's chat completions or Anthropic's Messages API, the same request in each."""
+
+    def __init__(self, base: str, model: str, prompt: str, max_tokens: int, dialect: str = "chat"):
         body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-                "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+                "max_tokens": max_tokens, "stream": True}
+        if dialect == "chat":
+            path, body["stream_options"] = "/v1/chat/completions", {"include_usage": True}
+        else:
+            path = "/v1/messages"
         self.start, self.first, self.last, self.tokens, parts = time.perf_counter(), None, None, 0, []
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=600) as response:
+        with httpx.stream("POST", base + path, json=body, timeout=600) as response:
             response.raise_for_status()
             for line in response.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                event = json.loads(line[6:])
-                if event.get("choices") and event["choices"][0]["delta"].get("content"):
+                text, tokens = _streamed_text_and_tokens(json.loads(line[6:]))
+                if text:
                     self.last = time.perf_counter()
                     self.first = self.first or self.last
-                    parts.append(event["choices"][0]["delta"]["content"])
-                if event.get("usage"):
-                    self.tokens = event["usage"]["completion_tokens"]
+                    parts.append(text)
+                self.tokens = tokens or self.tokens
         self.text = "".join(parts)
 
     @property
@@ -195,3 +217,16 @@ class StreamedReply:
         """Tokens after the first over their span (0 for a reply of one token)."""
         span = (self.last - self.first) if self.first and self.last else 0.0
         return (self.tokens - 1) / span if span > 0 and self.tokens > 1 else 0.0
+
+
+def _streamed_text_and_tokens(event: dict) -> tuple[str, int]:
+    """The text and the completion-token count (0 where absent) one SSE event carries, in
+    chat's chunks or the Messages API's typed events."""
+    if "choices" in event:
+        text = event["choices"][0]["delta"].get("content") if event["choices"] else None
+        return text or "", (event.get("usage") or {}).get("completion_tokens", 0)
+    if event.get("type") == "content_block_delta" and event["delta"].get("type") == "text_delta":
+        return event["delta"]["text"], 0
+    if event.get("type") == "message_delta":
+        return "", event["usage"]["output_tokens"]
+    return "", 0

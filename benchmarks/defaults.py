@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from common import OFFLINE_MODEL, REPO, free_port, wait_ready
+from common import OFFLINE_MODEL, serve_offline_model
 
 from elmd.registry import Registry
 
@@ -94,24 +92,6 @@ def write_sampling(home: Path, sampling: dict | None) -> None:
         user_file.write_text(yaml.safe_dump({"models": [{**entry, "sampling": sampling}]}))
 
 
-def serve(home: Path, log: Path) -> tuple[str, subprocess.Popen]:
-    """`elmd serve` at its defaults (the offline model) on a free port, once it is ready
-    and its native CPU kernels are built: figures on the path it serves from then on."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ELMD_")}
-    env.update(ELMD_HOME=str(home), ELMD_PORT=str(port), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "elmd", "serve"], env=env, stdin=subprocess.DEVNULL,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    if wait_ready(base, server, timeout=1800) is None:
-        server.kill()
-        sys.exit(f"the daemon did not become ready; its log: {log}")
-    while httpx.get(f"{base}/health", timeout=10).json().get("cpu_kernels_building"):
-        time.sleep(1)
-    return base, server
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/elmd-bench-defaults"),
@@ -123,7 +103,7 @@ def main(argv=None) -> int:
     home = args.work / "home"
     home.mkdir(parents=True, exist_ok=True)
     write_sampling(home, args.sampling)
-    base, server = serve(home, args.work / "daemon.log")
+    base, server = serve_offline_model(home, args.work / "daemon.log")
     try:
         first = Reply(base, README_CURL_PROMPT, args.limit)
         print(f"README curl example, first answer: {first.finish}, {first.tokens} tokens, {first.seconds:.1f} s")
