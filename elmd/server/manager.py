@@ -29,18 +29,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("elmd.server")
 
 
-def load_model(spec: ModelSpec, **engine_options) -> "Engine":
+def load_model(spec: ModelSpec, draft: ModelSpec | None = None, **engine_options) -> "Engine":
     """The real loader. `engine_options` are the server's settings for the backends (batch
     slots, prefix cache, CUDA graphs, KV cache dtype, speculation); plan_load gives each
-    backend its own and names any the spec's backend lacks. The PyTorch backend also runs the
-    spec's draft model. The slots are the requests generating at once on either backend: on
-    MLX, its batch."""
+    backend its own and names any the spec's backend lacks. The PyTorch backend also runs
+    `draft`, the model that guesses for this one. The slots are the requests generating at
+    once on either backend: on MLX, its batch."""
     from elmd.engine.load import load_engine
 
     if spec.backend == "mlx" and "slots" in engine_options:
         engine_options["max_batch"] = engine_options.pop("slots")
-    if spec.draft is not None:
-        engine_options.update(draft_dir=spec.draft.path, draft_quant=spec.draft.quant)
+    if draft is not None:
+        engine_options.update(draft_dir=draft.path, draft_quant=draft.quant)
     return load_engine(
         spec.path,
         model_id=spec.id,
@@ -64,11 +64,7 @@ class ModelManager:
         self.settings, self.catalog = settings, catalog
         self._residency = Residency(settings)
         self._admission = Admission(settings)
-        self._loader = Loader(settings, self._residency, loader or functools.partial(
-            load_model, slots=settings.max_concurrent_requests, prefix_cache_bytes=settings.prefix_cache_bytes,
-            cuda_graphs=settings.cuda_graphs, compile_decode=settings.compile_decode, kv_cache_dtype=settings.kv_cache_dtype,
-            speculation=settings.speculation,
-        ))
+        self._loader = Loader(settings, self._residency, loader or self._load)
         self._tasks: set[asyncio.Task] = set()
         self.loads = self._loader.loads  # successful loads per model
         self.unloads = self._residency.unloads
@@ -82,6 +78,14 @@ class ModelManager:
     @generation_watch.setter
     def generation_watch(self, watch: Callable[[str, int], "GenerationWatch"] | None) -> None:
         self._loader.generation_watch = watch
+
+    def _load(self, spec: ModelSpec) -> "Engine":
+        """The real loader, with the server's settings for the backends; `spec`'s draft is
+        read from the store here, once per load, not at each request's lookup."""
+        s = self.settings
+        return load_model(spec, self.catalog.draft(spec), slots=s.max_concurrent_requests,
+                          prefix_cache_bytes=s.prefix_cache_bytes, cuda_graphs=s.cuda_graphs,
+                          compile_decode=s.compile_decode, kv_cache_dtype=s.kv_cache_dtype, speculation=s.speculation)
 
     # ------------------------------------------------------------------ resolution
 
