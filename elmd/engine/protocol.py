@@ -155,6 +155,13 @@ class StepChannel:
                 self._waiters.remove((loop, ready))
 
 
+def context_length(config: dict) -> int:
+    """The tokens a sequence may hold under an OpenELM config.json: its context, capped where
+    its rotary embedding stops (Apple's defaults for a key it lacks). Both backends and the
+    model routes ask this, so the three cannot disagree."""
+    return min(config.get("max_context_length", 2048), config.get("rope_max_length", 4096))
+
+
 @dataclass
 class BackendInfo:
     """What a loaded backend tells the service about itself."""
