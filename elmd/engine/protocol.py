@@ -1,8 +1,9 @@
 """The contract between the HTTP service and a backend (PyTorch or MLX).
 
-The service imports only this module and `elmd.engine.engine`; it never learns which
-runtime answers. A backend turns prompt token ids into generated token ids; text
-(detokenization, stop strings, chat templates) is handled above it, once, for all
+The service imports this module, `elmd.engine.engine` (a loaded model as it sees one,
+grammars and chat templates included) and, to load a model, `elmd.engine.load`; it never
+learns which runtime answers. A backend turns prompt token ids into generated token ids;
+text (detokenization, stop strings, chat templates) is handled above it, once, for all
 backends.
 """
 
