@@ -29,6 +29,9 @@ log = logging.getLogger("elmd.server")
 
 
 class Loader:
+    """One task per model being installed or loaded, which every request for it awaits, and
+    the errors /health reports until the model loads."""
+
     def __init__(self, settings: Settings, residency: Residency, load: Callable[[ModelSpec], "Engine"]):
         self.settings, self.residency = settings, residency
         self._load_engine = load

@@ -46,6 +46,9 @@ class Resident:
 
 
 class Residency:
+    """The resident models and the one memory budget they share, so that loads (make_room)
+    and growing caches (fit_budget, cache_budget) are weighed against the same figures."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.models: dict[str, Resident] = {}
