@@ -35,7 +35,7 @@ class ModelSpec:
     defaults: dict = field(default_factory=dict)
     context_length: int | None = None  # from models.yaml; the loaded engine's is authoritative
     created: int = 0
-    draft: "ModelSpec | None" = None  # the installed model that guesses for this one (speculation)
+    draft: str | None = None  # the model that guesses for this one (speculation): a name; Catalog.draft reads it
 
     def estimated_bytes(self) -> int:
         """Resident size before loading: the weight files' size (a fair upper bound for
@@ -59,34 +59,25 @@ def serving_quant(stored: StoredModel, registry: Registry) -> Quant:
 class Catalog:
     def __init__(self, settings: Settings, registry: Registry, store: Store, pinned: ModelSpec | None = None):
         self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
-        self._missing_drafts: set[str] = set()
-        self._drafts: dict[str, ModelSpec] = {}  # installed drafts by name, resolved once
 
     def entry(self, name: str) -> ModelEntry | None:
         """The models.yaml entry of a model name (a tag such as `:latest` ignored)."""
         return self.registry.get(name) or self.registry.get(name.split(":")[0])
 
-    def _draft(self, model_id: str, entry: ModelEntry | None) -> ModelSpec | None:
-        """The draft for `model_id`: the operator's (`--draft`), else its models.yaml entry's,
-        when installed; a draft that is not is said once in the log. Found once, a draft is
-        kept (while its folder is there): a request's lookup reads no manifest for it."""
-        name = self.settings.draft or (entry.draft if entry else None)
-        if not name or name == "none" or name == model_id or not self.settings.speculation:
+    def draft(self, spec: ModelSpec) -> ModelSpec | None:
+        """The installed model that guesses for `spec`, read from the store when `spec` loads
+        (a request's lookup names it only); one not installed is said in the log, and the
+        model serves with prompt lookup."""
+        if not spec.draft:
             return None
-        if name in self._drafts and self._drafts[name].path.is_dir():
-            return self._drafts[name]
         try:
-            stored = self.store.get(name) if self.store.exists(name) else None
+            stored = self.store.get(spec.draft) if self.store.exists(spec.draft) else None
         except InvalidModelName:
             stored = None
         if stored is None:
-            if name not in self._missing_drafts:
-                self._missing_drafts.add(name)
-                log.warning("draft model %s is not installed: speculation uses prompt lookup (elmd pull %s)", name, name)
+            log.warning("draft model %s is not installed: speculation uses prompt lookup (elmd pull %s)", spec.draft, spec.draft)
             return None
-        entry = self.entry(stored.name)
-        self._drafts[name] = self._spec(stored.name, stored.path, entry, default_quant(entry, stored.manifest), draft=None)
-        return self._drafts[name]
+        return self.stored(stored)
 
     def directory(self, path: Path, model_id: str | None = None) -> ModelSpec:
         """A model directory the operator gave `serve`, served as `model_id` (default: its
@@ -94,18 +85,19 @@ class Catalog:
         `OpenELM-1_1B-Instruct` gets `openelm-1.1b-instruct`'s)."""
         entry = self.registry.get(path.name.lower().replace("_", "."))
         model_id = model_id or path.name
-        return self._spec(model_id, path, entry, default_quant(entry), self._draft(model_id, entry))
+        return self._spec(model_id, path, entry, default_quant(entry))
 
     def stored(self, stored: StoredModel) -> ModelSpec:
         entry = self.entry(stored.name)
-        return self._spec(stored.name, stored.path, entry, default_quant(entry, stored.manifest),
-                          self._draft(stored.name, entry))
+        return self._spec(stored.name, stored.path, entry, default_quant(entry, stored.manifest))
 
-    def _spec(self, model_id: str, path: Path, entry: ModelEntry | None, quant: str,
-              draft: ModelSpec | None) -> ModelSpec:
+    def _spec(self, model_id: str, path: Path, entry: ModelEntry | None, quant: str) -> ModelSpec:
         """The one place settings (first), the store's manifest and the models.yaml entry meet."""
         settings = self.settings
         backend = pick_backend(settings.backend)
+        draft = settings.draft or (entry.draft if entry else None)
+        if not settings.speculation or draft in ("none", model_id):
+            draft = None
         return ModelSpec(
             id=model_id,
             path=path,

@@ -1,6 +1,8 @@
 """The names a user picks from (flags, config.yaml, models.yaml), each vocabulary written
-once: argparse and pydantic check them at the edge, and the same string travels down to the
-backend that parses it once. Also the one rule for which runtime `auto` means."""
+once: argparse and pydantic check them at the edge. For serving, the catalog's spec of a
+model turns `auto` into a runtime and a quant spelling into a concrete elmd.quant.Quant,
+which the load plan carries down to the backend. Also the one rule for which runtime `auto`
+means."""
 
 from __future__ import annotations
 

@@ -102,14 +102,19 @@ def test_the_manifest_records_the_stored_quant_in_the_same_type(store):
     assert store.get("old").quant == Quant()
 
 
-def test_the_draft_is_read_from_the_store_once(store, monkeypatch):
+def test_the_draft_is_read_from_the_store_when_the_model_loads_not_per_request(store, monkeypatch):
     registry = Registry([entry("big", draft="small"), entry("small")])
     install(store, "big")
     install(store, "small", default_quant="int8")
     catalog = Catalog(Settings(backend="torch"), registry, store)
     reads = []
-    get = store.get
+    get, exists = store.get, store.exists
     monkeypatch.setattr(store, "get", lambda name: reads.append(name) or get(name))
-    drafts = [catalog.find("big").draft for _ in range(3)]
-    assert reads.count("small") == 1
-    assert drafts[0] == drafts[2] and drafts[0].quant == Quant("int8")
+    monkeypatch.setattr(store, "exists", lambda name: reads.append(name) or exists(name))
+    specs = [catalog.find("big") for _ in range(3)]
+    assert "small" not in reads and {spec.draft for spec in specs} == {"small"}
+    draft = catalog.draft(specs[0])
+    assert draft.path == get("small").path and draft.quant == Quant("int8")
+    assert catalog.draft(catalog.find("small")) is None
+    assert Catalog(Settings(backend="torch", draft="none"), registry, store).find("big").draft is None
+    assert Catalog(Settings(backend="torch", speculation=False), registry, store).find("big").draft is None

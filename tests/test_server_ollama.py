@@ -146,6 +146,23 @@ def test_tags_show_ps_version(server, client):
     assert httpx.get(f"{server.base_url}/api/version").json()["version"].count(".") == 2
 
 
+def test_show_gives_the_context_the_engine_will_have_before_it_loads(start_server, tiny_checkpoint, tmp_path,
+                                                                     monkeypatch):
+    """A checkpoint whose context passes its rotary embedding's reach: /api/show says the
+    capped length both before the model loads and after (one rule, elmd.engine.protocol)."""
+    from elmd.store import Store
+
+    monkeypatch.setenv("ELMD_HOME", str(tmp_path / "home"))
+    with Store().installing("tiny-long") as folder:
+        shutil.copytree(tiny_checkpoint, folder, dirs_exist_ok=True)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "max_context_length": 8192, "rope_max_length": 1024}))
+    client = ollama.Client(host=start_server().base_url)
+    assert client.show("tiny-long").modelinfo["openelm.context_length"] == 1024
+    client.generate(model="tiny-long", prompt="Hi", options={"num_predict": 1})
+    assert client.ps().models[0].context_length == client.show("tiny-long").modelinfo["openelm.context_length"] == 1024
+
+
 @pytest.mark.parametrize("extra, name", [
     ({"messages": [{"role": "user", "content": "What is this?", "images": ["iVBORw0KGgo="]}]}, "images"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}], "format": "json"}, "format"),

@@ -24,7 +24,7 @@ from elmd.engine.grammar import TokenMatcher
 from elmd.engine.mlx_worker import BatchWorker
 from elmd.engine.mlx_worker import Request as _Request  # the name MLXBackend.__init__ gives its jobs
 from elmd.engine.prefix_cache import PrefixCache
-from elmd.engine.protocol import BackendInfo, CacheBytes, SamplingParams, StepChannel, TokenLogprob
+from elmd.engine.protocol import BackendInfo, CacheBytes, SamplingParams, StepChannel, TokenLogprob, context_length
 from elmd.quant import INT4_GROUP, Quant
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -131,7 +131,7 @@ class MLXBackend(BatchWorker):
             device="mlx-" + ("gpu" if mx.default_device() == mx.gpu else "cpu"),
             dtype=str(self.model.transformer.norm.weight.dtype).removeprefix("mlx.core."),
             quant=str(quant),
-            context_length=min(config.get("max_context_length", 2048), config.get("rope_max_length", 4096)),
+            context_length=context_length(config),
             vocab_size=self._vocab_size,
             memory_bytes=sum(v.nbytes for _, v in nn.utils.tree_flatten(self.model.parameters())),
             extra={"max_batch": max_batch, "prefix_cache_bytes": prefix_cache_bytes},

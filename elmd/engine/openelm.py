@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elmd.engine.protocol import context_length
+
 
 def make_divisible(v: float, divisor: int) -> int:
     """Apple's rounding rule for layer widths (make_divisible in their modeling_openelm.py)."""
@@ -88,7 +90,7 @@ class OpenELMConfig:
 
     @property
     def context_length(self) -> int:
-        return min(self.max_context_length, self.rope_max_length)
+        return context_length(vars(self))
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()

@@ -1,8 +1,9 @@
 """The contract between the HTTP service and a backend (PyTorch or MLX).
 
-The service imports only this module and `elmd.engine.engine`; it never learns which
-runtime answers. A backend turns prompt token ids into generated token ids; text
-(detokenization, stop strings, chat templates) is handled above it, once, for all
+The service imports this module, `elmd.engine.engine` (a loaded model as it sees one,
+grammars and chat templates included) and, to load a model, `elmd.engine.load`; it never
+learns which runtime answers. A backend turns prompt token ids into generated token ids;
+text (detokenization, stop strings, chat templates) is handled above it, once, for all
 backends.
 """
 
@@ -153,6 +154,13 @@ class StepChannel:
         finally:
             with self._lock:
                 self._waiters.remove((loop, ready))
+
+
+def context_length(config: dict) -> int:
+    """The tokens a sequence may hold under an OpenELM config.json: its context, capped where
+    its rotary embedding stops (Apple's defaults for a key it lacks). Both backends and the
+    model routes ask this, so the three cannot disagree."""
+    return min(config.get("max_context_length", 2048), config.get("rope_max_length", 4096))
 
 
 @dataclass

@@ -18,8 +18,9 @@ from starlette.requests import Request
 
 from elmd.engine.engine import ContextLengthError, Engine, GrammarError
 from elmd.engine.protocol import Constraint, SamplingParams
+from elmd.server.admission import Lease
 from elmd.server.errors import APIError, invalid, timed_out, unsupported
-from elmd.server.manager import Lease, ModelManager
+from elmd.server.manager import ModelManager
 
 T = TypeVar("T")
 

@@ -18,8 +18,8 @@ from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
 from elmd.engine.engine import MemoryBudgetError
+from elmd.server.admission import Lease
 from elmd.server.errors import APIError, over_memory_budget, timed_out
-from elmd.server.manager import Lease
 from elmd.settings import SHUTDOWN_GRACE_SECONDS
 
 log = logging.getLogger("elmd.server")

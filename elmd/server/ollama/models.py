@@ -21,6 +21,7 @@ from fastapi.responses import Response
 from safetensors import SafetensorError, safe_open
 
 from elmd.engine.engine import chat_template_of
+from elmd.engine.protocol import context_length
 from elmd.offline import OFFLINE_ENVIRONMENT
 from elmd.server import errors
 from elmd.server.deps import get_manager
@@ -135,7 +136,7 @@ async def show(body: OllamaModelRequest, manager: ModelManager = Depends(get_man
     details = _details(spec)
     engine = manager.loaded().get(spec.id)
     config = _config(spec)
-    context = engine.context_length if engine else spec.context_length or config.get("max_context_length")
+    context = engine.context_length if engine else spec.context_length or (context_length(config) if config else None)
     template = await asyncio.to_thread(_chat_template, spec) if engine is None else engine.tokenizer.chat_template
     parameters = "\n".join(f"{key} {value}" for key, value in sorted(spec.defaults.items()))
     return OllamaShow(
