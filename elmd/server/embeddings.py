@@ -52,13 +52,18 @@ async def embed(manager: ModelManager, request: EmbeddingRequest, http_request: 
         dimensions = check_dimensions(engine, request)
         if not request.inputs:
             return Embedded(torch.empty(0, dimensions), 0, started, leased_at)
-        ids = await asyncio.to_thread(token_ids, engine, request)
-        vectors = await until_done(http_request, engine.aembed(ids), lease)
+        # One hop to a worker thread for both steps (each hop costs a thread wake-up per request).
+        ids, vectors = await until_done(http_request, asyncio.to_thread(_embed, engine, request), lease)
     if dimensions != vectors.shape[1]:
         vectors = vectors[:, :dimensions]
         if engine.normalize:
             vectors = F.normalize(vectors, dim=-1)
     return Embedded(vectors, sum(len(x) for x in ids), started, leased_at)
+
+
+def _embed(engine, request: EmbeddingRequest) -> tuple[list[list[int]], torch.Tensor]:
+    ids = token_ids(engine, request)
+    return ids, engine.embed(ids)
 
 
 def check_dimensions(engine, request: EmbeddingRequest) -> int:

@@ -240,7 +240,7 @@ class ModelManager:
 
     async def _until_installed(self, model_id: str, deadline: float) -> None:
         task = self._installing.get(model_id)
-        if task is None and model_id not in self._errors:
+        if task is None and model_id not in self._resident and model_id not in self._errors:
             install = self.catalog.installable(model_id)  # the offline embedding model, on first use
             if install is not None:
                 task = asyncio.get_running_loop().create_task(self._install(model_id, install))
