@@ -160,6 +160,12 @@ def test_ollama_embed_and_legacy_embeddings(server, reference):
     assert np.abs(np.array(legacy.embedding, dtype=np.float32) - expected[3]).max() < 1e-5
     assert client.embed(model=MODEL, input=[]).embeddings == []  # Ollama's way to load a model
     assert client.embeddings(model=MODEL, prompt="").embedding == []
+    assert MODEL in [m.model for m in client.ps().models]
+    client.embed(model=MODEL, input=[], keep_alive=0)  # ... and to unload it
+    deadline = time.monotonic() + 10
+    while MODEL in [m.model for m in client.ps().models]:
+        assert time.monotonic() < deadline, "keep_alive 0 did not unload the embedding model"
+        time.sleep(0.05)
 
 
 def test_over_long_input_is_refused_or_truncated_as_asked(server, client, reference):
