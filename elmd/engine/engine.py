@@ -133,6 +133,8 @@ def chat_template_of(model_dir: str | Path, chat_template: str | None = None) ->
 class Engine:
     """One servable model. Thread-safe; generations run concurrently in the backend."""
 
+    kind = "generator"  # beside elmd/engine/embedding.py's "embedding"
+
     def __init__(
         self,
         model_id: str,

@@ -12,8 +12,8 @@ from elmd import __version__
 from elmd.server import errors, metrics, page, security
 from elmd.server.anthropic import routes as anthropic
 from elmd.server.manager import ModelManager
-from elmd.server.ollama import generate as ollama_generate, models as ollama_models
-from elmd.server.openai import chat, completions, models, tokenize
+from elmd.server.ollama import embed as ollama_embed, generate as ollama_generate, models as ollama_models
+from elmd.server.openai import chat, completions, embeddings, models, tokenize
 from elmd.server.responses import routes as responses
 from elmd.server.responses.store import ResponseStore
 from elmd.settings import Settings
@@ -41,6 +41,7 @@ def create_app(settings: Settings, manager: ModelManager, preload: str | None = 
     errors.install(app)
     security.install(app, settings)
     metrics.install(app, manager)  # after security: its request counter runs first, so refusals count too
-    for module in (models, chat, completions, tokenize, responses, anthropic, ollama_generate, ollama_models, page):
+    for module in (models, chat, completions, embeddings, tokenize, responses, anthropic, ollama_generate,
+                   ollama_embed, ollama_models, page):
         app.include_router(module.router)
     return app

@@ -144,7 +144,8 @@ def timed_out(retry_after: int) -> APIError:
 # What each error status means, whichever route answers it (its body's `code` says which case).
 MEANINGS = {
     400: "The request is invalid: malformed JSON, a wrong type or value, a missing, unknown or unsupported "
-         "parameter, or more tokens than the model's context holds. `param` names the parameter.",
+         "parameter, more tokens than the model's context holds, or a model of the other kind (an embedding model "
+         "asked to generate, a generator asked to embed). `param` names the parameter.",
     401: "An API key is configured and the request did not present it as `Authorization: Bearer KEY` (or "
          "`x-api-key: KEY`, as Anthropic's clients send it).",
     403: "The Host or Origin header names another site (DNS rebinding, a cross-site request).",
@@ -154,7 +155,6 @@ MEANINGS = {
     499: "The client closed the connection before the answer was ready (what the daemon logs and counts; the "
          "client never reads it).",
     500: "An unexpected error (details in the daemon's log only), a model that fails to load, or a failed pull.",
-    501: "Not implemented by elmd (embeddings).",
     503: "The model is still loading or being installed, does not fit the memory budget, or the request timed "
          "out; retry after `Retry-After` seconds.",
 }

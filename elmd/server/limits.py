@@ -11,3 +11,4 @@ MAX_MESSAGES = 512  # a 2048-token context cannot hold more turns than this anyw
 MAX_N = 16  # choices per request (each is a sequence in the batch)
 MAX_PROMPTS = 128  # prompts in one /v1/completions batch (lm-evaluation-harness sends a few dozen)
 MAX_TOP_LOGPROBS = 20  # as OpenAI
+MAX_EMBEDDING_INPUTS = 2048  # inputs in one embeddings request, as OpenAI

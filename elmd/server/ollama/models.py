@@ -1,5 +1,5 @@
 """Ollama's model endpoints: GET /api/tags (installed), GET /api/ps (loaded), POST /api/show,
-GET /api/version, POST /api/pull, DELETE /api/delete; POST /api/embed answers 501.
+GET /api/version, POST /api/pull, DELETE /api/delete (the embeddings routes are in embed.py).
 
 The daemon itself never touches the network: /api/pull runs `elmd pull` as a child
 process (the one command that downloads, for models named in models.yaml only) and
@@ -25,11 +25,11 @@ from elmd.engine.protocol import context_length
 from elmd.offline import OFFLINE_ENVIRONMENT
 from elmd.server import errors
 from elmd.server.deps import get_manager
-from elmd.server.errors import APIError, OllamaError, invalid
+from elmd.server.errors import APIError, invalid
 from elmd.catalog import ModelSpec
 from elmd.server.manager import ModelManager
 from elmd.server.ollama.common import NS, model_id, timestamp
-from elmd.server.ollama.schemas import (OllamaEmbedRequest, OllamaModel, OllamaModelDetails, OllamaModelRequest,
+from elmd.server.ollama.schemas import (OllamaModel, OllamaModelDetails, OllamaModelRequest,
                                         OllamaPullRequest, OllamaRunning, OllamaRunningModel, OllamaShow,
                                         OllamaStatus, OllamaTags, OllamaVersion)
 from elmd.server.streaming import NDJSON, ndjson_response, streamed
@@ -136,8 +136,12 @@ async def show(body: OllamaModelRequest, manager: ModelManager = Depends(get_man
     details = _details(spec)
     engine = manager.loaded().get(spec.id)
     config = _config(spec)
-    context = engine.context_length if engine else spec.context_length or (context_length(config) if config else None)
-    template = await asyncio.to_thread(_chat_template, spec) if engine is None else engine.tokenizer.chat_template
+    if spec.kind == "embedding":  # no chat template: an encoder answers /api/embed only
+        context = engine.context_length if engine else spec.context_length or (config or {}).get("max_position_embeddings")
+        template = ""
+    else:
+        context = engine.context_length if engine else spec.context_length or (context_length(config) if config else None)
+        template = await asyncio.to_thread(_chat_template, spec) if engine is None else engine.tokenizer.chat_template
     parameters = "\n".join(f"{key} {value}" for key, value in sorted(spec.defaults.items()))
     return OllamaShow(
         modelfile=f"# elmd serves this model from {spec.path}\nFROM {spec.path}\n"
@@ -147,7 +151,8 @@ async def show(body: OllamaModelRequest, manager: ModelManager = Depends(get_man
         details=details,
         model_info={"general.architecture": details.family, "general.parameter_count": _parameter_count(spec),
                     f"{details.family}.context_length": context},
-        capabilities=["completion", "tools"],  # tools: elmd/server/tools.py, for every model
+        # tools: elmd/server/tools.py, for every generator
+        capabilities=["embedding"] if spec.kind == "embedding" else ["completion", "tools"],
         modified_at=timestamp(spec.created),
     )
 
@@ -170,17 +175,6 @@ async def delete(body: OllamaModelRequest, manager: ModelManager = Depends(get_m
     await manager.unload(name)
     await asyncio.to_thread(manager.catalog.store.remove, name)
     return Response(status_code=200)
-
-
-# Always 501 (see the message): documented as the routes' one answer, with no 200.
-@router.post("/api/embed", status_code=501, response_model=OllamaError, response_description=errors.MEANINGS[501],
-             responses=errors.ollama_responses(400))
-@router.post("/api/embeddings", status_code=501, response_model=OllamaError, response_description=errors.MEANINGS[501],
-             responses=errors.ollama_responses(400))
-async def embed(body: OllamaEmbedRequest) -> None:
-    raise APIError(501, "elmd does not serve embeddings: OpenELM is a text generator without an embedding head, and "
-                   "pooled hidden states of a generator are not the embeddings clients expect. Use an embedding "
-                   "model served elsewhere.", type="not_implemented", code="not_implemented")
 
 
 @router.post("/api/pull", response_model=None, responses={**streamed(OllamaStatus, OllamaStatus, NDJSON),

@@ -8,12 +8,12 @@ reproduce (mirostat, tail-free and typical sampling) are refused by name instead
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from elmd.sampling_options import Int, RepetitionPenalty, SamplingShape, Seed, integer
-from elmd.server.limits import MAX_MESSAGES
+from elmd.server.limits import MAX_EMBEDDING_INPUTS, MAX_MESSAGES
 from elmd.server.wire import MESSAGE_ROLES, Tool, _DropNone, _KeepAlive, _Request
 from elmd.store import MAX_NAME_LENGTH, NAME_PATTERN
 
@@ -150,12 +150,30 @@ class OllamaPullRequest(OllamaModelRequest):
 
 
 class OllamaEmbedRequest(_KeepAlive):
+    """POST /api/embed. No input (or an empty one) loads the model and answers no vectors, as
+    Ollama does (how its clients preload a model); `truncate` (default true) cuts over-long
+    inputs, false makes them a 400; `options` are runtime settings, ignored as Ollama
+    ignores those that do not apply."""
+
     model: str
-    input: str | list[str] | None = None
-    prompt: str | None = None
+    input: str | Annotated[list[str], Field(max_length=MAX_EMBEDDING_INPUTS)] | None = None
     options: dict[str, Any] | None = None
-    truncate: bool | None = None
-    dimensions: Int | None = None
+    truncate: bool = True
+    dimensions: integer(ge=1) | None = None
+
+    def inputs(self) -> list[str]:
+        if self.input is None or self.input == "":
+            return []
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class OllamaEmbeddingsRequest(_KeepAlive):
+    """POST /api/embeddings (Ollama's older route): one `prompt`, cut to the model's length;
+    an empty prompt answers an empty vector, as Ollama does."""
+
+    model: str
+    prompt: str = ""
+    options: dict[str, Any] | None = None
 
 
 # --------------------------------------------------------------------------- responses
@@ -250,3 +268,15 @@ class OllamaStatus(BaseModel):
     digest: str | None = None
     total: int | None = None
     completed: int | None = None
+
+
+class OllamaEmbedResponse(BaseModel):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int  # nanoseconds
+    load_duration: int
+    prompt_eval_count: int
+
+
+class OllamaEmbeddingsResponse(BaseModel):
+    embedding: list[float]

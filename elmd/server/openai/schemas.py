@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from elmd.engine.protocol import Constraint
 from elmd.sampling_options import Int, MaxTokens, SamplingOptions, integer
 from elmd.server.structured import checked, json_output
-from elmd.server.limits import MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_TOP_LOGPROBS
+from elmd.server.limits import MAX_EMBEDDING_INPUTS, MAX_MESSAGES, MAX_N, MAX_PROMPTS, MAX_TOP_LOGPROBS
 from elmd.server.wire import (MESSAGE_ROLES, NULL, REFUSES_UNKNOWN, UNSET, FunctionCall, TextPart,
                               TokenLogprobInfo, Tool, ToolCall, _DropNone, _KeepAlive, _OmitNone, _Request,
                               present, when)
@@ -248,6 +248,40 @@ class DetokenizeRequest(_Request):
     tokens: list[Int]
 
 
+TokenId = integer(ge=0)
+
+
+class EmbeddingRequest(_KeepAlive):
+    """POST /v1/embeddings: `input` as a text, texts, token ids or lists of token ids (at
+    most 2,048 inputs, none empty); `encoding_format` float or base64; `dimensions` only
+    where the model allows fewer than its own (else a 400 saying so). Unknown fields are
+    refused by name, as on the other OpenAI routes."""
+
+    model_config = REFUSES_UNKNOWN
+
+    model: str
+    input: (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+           | Annotated[list[TokenId], Field(min_length=1)]
+           | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)])
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: integer(ge=1) | None = None
+    user: str | None = None  # accepted and not used
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The input as a list of texts or a list of token-id lists."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if isinstance(self.input[0], int):
+            return [list(self.input)]
+        return list(self.input)
+
+    def unsupported_params(self) -> list[str]:
+        return []
+
+    def invalid_params(self) -> list[tuple[str, str]]:
+        return []
+
+
 # --------------------------------------------------------------------------- responses
 
 
@@ -409,3 +443,21 @@ class TokenizerInfo(BaseModel):
     chat_template: str | None
     model_max_length: int
     vocab_size: int
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32 (`encoding_format: base64`)
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
