@@ -261,7 +261,7 @@ def main(argv=None) -> int:
         return 0
 
     import llamacpp
-    from kernels import read_bandwidth_gbs  # torch: kept out of the children that only need this file's helpers
+    from matmul_speed import read_bandwidth_gbs  # torch: kept out of the children that only need this file's helpers
 
     if args.llamacpp and not llamacpp.available():
         p.exit(2, f"--llamacpp: {llamacpp.INSTALL_HINT}\n")

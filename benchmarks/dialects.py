@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     (chat_ttft, chat_rate, _), (msg_ttft, msg_rate, _) = rows["chat"], rows["messages"]
     print(f"messages/chat: TTFT {msg_ttft / chat_ttft:.3f}x, decode {msg_rate / chat_rate:.3f}x "
           f"(medians of {args.rounds} interleaved pairs, same daemon, same run)")
-    from kernels import read_bandwidth_gbs  # torch, after the daemon is gone
+    from matmul_speed import read_bandwidth_gbs  # torch, after the daemon is gone
     print(f"read bandwidth: {read_bandwidth_gbs():.1f} GB/s (the decode ceiling is this over the bytes read per token;"
           " benchmarks/bench.py prints it per model)")
     return 0

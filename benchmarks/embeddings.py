@@ -37,9 +37,7 @@ from typing import Callable
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# In place of this script's folder, whose kernels.py would shadow the `kernels` package that
-# transformers (under sentence-transformers) looks for.
-sys.path[0] = str(REPO)
+sys.path.insert(0, str(REPO))
 
 WORDS = ("the model maps each sentence to a vector so that search clustering and deduplication can compare "
          "meanings by cosine similarity rather than by shared words while short queries and long passages "

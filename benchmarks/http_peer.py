@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import llamacpp
-    from kernels import read_bandwidth_gbs
+    from matmul_speed import read_bandwidth_gbs
 
     [model] = model_dirs([args.model], args.work_dir).values()
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]

@@ -11,7 +11,7 @@ x86 CPUs with AVX512-VNNI a quantized model runs straight from the loaded tensor
 CPU kernels or, off the CPU, dequantized per call. Layers whose shape a scheme cannot
 split (rows not a multiple of 16, inputs not a multiple of the group) stay in float.
 
-Measured on a 2-core AVX512 machine (benchmarks/kernels.py, 270M shapes, batch 1), the
+Measured on a 2-core AVX512 machine (benchmarks/matmul_speed.py, 270M shapes, batch 1), the
 native kernels stream weights at close to the machine's read bandwidth, ATen's at about half.
 """
 

@@ -6,7 +6,7 @@ beside the machine's read bandwidth measured in the same run, and as the tok/s i
 matmuls alone would allow. Larger M (continuous batching, prefill) is reported as
 tokens/s through the same weights.
 
-    python benchmarks/kernels.py --shape 270M --m 1 4 16 64 512 --threads 2 --only bf16 int4
+    python benchmarks/matmul_speed.py --shape 270M --m 1 4 16 64 512 --threads 2 --only bf16 int4
 
 On a shared machine, kernels whose OpenMP regions wait on a descheduled thread (ATen's,
 oneDNN's) slow down far more than the load suggests; compare ratios from one run. With
