@@ -3,6 +3,7 @@ real daemon (create_app + uvicorn) on an ephemeral port in a background thread."
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -47,6 +48,27 @@ class RunningServer:
     @property
     def v1(self) -> str:
         return f"{self.base_url}/v1"
+
+    def wait_healthy(self, seconds: float = 60, what: str = "the model") -> None:
+        """Poll /health until it answers 200 (the preloaded model is ready)."""
+        import httpx
+
+        deadline = time.monotonic() + seconds
+        while httpx.get(f"{self.base_url}/health").status_code != 200:
+            assert time.monotonic() < deadline, f"{what} did not load"
+            time.sleep(0.05)
+
+
+def sse(response) -> list[tuple[str | None, dict]]:
+    """(event name, data) of each server-sent event of a finished response, in order."""
+    events = []
+    for block in response.text.split("\n\n"):
+        lines = block.split("\n")
+        name = next((line[len("event: "):] for line in lines if line.startswith("event: ")), None)
+        data = "\n".join(line[len("data: "):] for line in lines if line.startswith("data: "))
+        if data:
+            events.append((name, json.loads(data)))
+    return events
 
 
 @contextmanager
@@ -112,15 +134,9 @@ def start_server():
 def server(tiny_checkpoint, tmp_path_factory) -> Iterator[RunningServer]:
     """The daemon serving the tiny checkpoint as `tiny-openelm` (loaded before the first
     test), beside an empty store of its own."""
-    import httpx
-
     app, manager = build_app(tiny_checkpoint, store_root=tmp_path_factory.mktemp("server-store"), keep_alive=-1)
     with serve_app(app, manager) as running:
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{running.base_url}/health").status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the tiny model did not load")
-            time.sleep(0.05)
+        running.wait_healthy(what="the tiny model")
         yield running
 
 

@@ -33,16 +33,9 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def wait_ready(server) -> None:
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{server.base_url}/health").status_code != 200:
-        assert time.monotonic() < deadline, "the model did not load"
-        time.sleep(0.05)
-
-
 def test_counters_match_the_traffic_sent(start_server, tiny_checkpoint):
     server = start_server(tiny_checkpoint, keep_alive=-1)
-    wait_ready(server)
+    server.wait_healthy()
     client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
     usages = []
     for max_tokens in (3, 5):
@@ -86,7 +79,7 @@ def test_counters_match_the_traffic_sent(start_server, tiny_checkpoint):
 
 def test_prefix_cache_hits_and_bytes(start_server, tiny_checkpoint):
     server = start_server(tiny_checkpoint, keep_alive=-1)
-    wait_ready(server)
+    server.wait_healthy()
     client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
     usages = [client.chat.completions.create(model=TINY_MODEL, messages=USER, max_tokens=2).usage for _ in range(2)]
     hits = sum(u.prompt_tokens_details.cached_tokens for u in usages)
@@ -102,7 +95,7 @@ def test_prefix_cache_hits_and_bytes(start_server, tiny_checkpoint):
 
 def test_unloads_and_429s_are_counted(start_server, tiny_checkpoint):
     server = start_server(tiny_checkpoint, max_concurrent_requests=1, max_queued_requests=0)
-    wait_ready(server)
+    server.wait_healthy()
     body = {"model": TINY_MODEL, "messages": USER, "max_tokens": 1500, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{server.v1}/chat/completions", json=body, timeout=60) as stream:
         lines = stream.iter_lines()

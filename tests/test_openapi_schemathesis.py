@@ -15,10 +15,8 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from conftest import serve_app
@@ -80,10 +78,7 @@ def daemon(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ELMD_CPU_KERNELS", "aten")  # no native kernel build competing for the two cores
         with serve_app(app, manager) as running:
-            deadline = time.monotonic() + 60
-            while httpx.get(f"{running.base_url}/health").status_code != 200:
-                assert time.monotonic() < deadline, "the tiny model did not load"
-                time.sleep(0.05)
+            running.wait_healthy(what="the tiny model")
             yield running
     assert _tree_digest(checkpoint) == before, "the fuzzed daemon changed the model it serves"
     assert not any(store.iterdir()), "the fuzzed daemon installed something"

@@ -14,7 +14,7 @@ import openai
 import pydantic
 import pytest
 from anthropic.types import Message, MessageTokensCount, RawMessageStreamEvent
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, sse
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"],
            "additionalProperties": False}
@@ -44,17 +44,6 @@ def client(server) -> anthropic.Anthropic:
 @pytest.fixture(scope="module")
 def chat(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
-
-
-def sse(response: httpx.Response) -> list[tuple[str | None, dict]]:
-    events = []
-    for block in response.text.split("\n\n"):
-        lines = block.split("\n")
-        name = next((line[len("event: "):] for line in lines if line.startswith("event: ")), None)
-        data = "\n".join(line[len("data: "):] for line in lines if line.startswith("data: "))
-        if data:
-            events.append((name, json.loads(data)))
-    return events
 
 
 def post(server, path: str = "/v1/messages", **body) -> httpx.Response:

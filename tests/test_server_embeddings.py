@@ -64,10 +64,7 @@ def server(tiny_checkpoint, store_root):
     """The tiny generator (loaded at start) beside an empty store: all-minilm is not installed."""
     app, manager = build_app(tiny_checkpoint, store_root=store_root, keep_alive=-1)
     with serve_app(app, manager) as running:
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{running.base_url}/health").status_code != 200:
-            assert time.monotonic() < deadline, "the tiny model did not load"
-            time.sleep(0.05)
+        running.wait_healthy(what="the tiny model")
         yield running
 
 

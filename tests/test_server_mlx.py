@@ -4,7 +4,6 @@ build off the Mac). MLX on CPU is slow, so a few tokens each."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import openai
@@ -22,10 +21,7 @@ USER = [{"role": "user", "content": "Hi"}]
 def mlx_server(tiny_checkpoint):
     app, manager = build_app(tiny_checkpoint, backend="mlx", keep_alive=-1)
     with serve_app(app, manager) as running:
-        start = time.monotonic()
-        while httpx.get(f"{running.base_url}/health").status_code != 200:
-            assert time.monotonic() - start < 120, "the MLX model did not load"
-            time.sleep(0.1)
+        running.wait_healthy(120, what="the MLX model")
         yield running
 
 

@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, sse
 from openai_schema import validate
 
 EVENT_ORDER = ["response.created", "response.in_progress", "response.output_item.added",
@@ -48,18 +48,6 @@ def raw(**extra) -> dict:
     request = body(**extra)
     extra_body = request.pop("extra_body", {})
     return {**request, **extra_body}
-
-
-def sse(response: httpx.Response) -> list[tuple[str | None, dict]]:
-    """(event name, data) of each server-sent event, in order."""
-    events = []
-    for block in response.text.split("\n\n"):
-        lines = block.split("\n")
-        name = next((line[len("event: "):] for line in lines if line.startswith("event: ")), None)
-        data = "\n".join(line[len("data: "):] for line in lines if line.startswith("data: "))
-        if data:
-            events.append((name, json.loads(data)))
-    return events
 
 
 def chat_text(server, messages, max_tokens=8) -> str:

@@ -4,9 +4,7 @@ model), served by the real daemon and driven by the official SDK."""
 from __future__ import annotations
 
 import json
-import time
 
-import httpx
 import openai
 import pytest
 from conftest import build_app, serve_app
@@ -33,10 +31,7 @@ class City(BaseModel):
 def client(tmp_path_factory):
     app, manager = build_app(converted(tmp_path_factory), model_id=MODEL, keep_alive=-1)
     with serve_app(app, manager) as running:
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{running.base_url}/health").status_code != 200:
-            assert time.monotonic() < deadline, "the offline model did not load"
-            time.sleep(0.1)
+        running.wait_healthy(120, what="the offline model")
         yield openai.OpenAI(base_url=running.v1, api_key="unused", max_retries=0, timeout=600)
 
 
