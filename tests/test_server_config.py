@@ -23,7 +23,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 def test_shipped_registry(home):
     registry = Registry.load()
-    assert [e.id for e in registry] == [*OPENELM, "smollm2-135m-instruct"]
+    assert [e.id for e in registry] == [*OPENELM, "smollm2-135m-instruct", "all-minilm"]
     for model_id, hub in zip(OPENELM, ["270M", "450M", "1_1B", "3B"]):
         entry = registry.get(model_id)
         assert entry.context_length == 2048
@@ -33,6 +33,9 @@ def test_shipped_registry(home):
         assert entry.source_for("mlx").weights == HubSource(hub=f"mlx-community/OpenELM-{hub}-Instruct")
     offline = registry.get("smollm2-135m-instruct").source_for("torch").weights
     assert isinstance(offline, PackageSource) and offline.locate().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    embedder = registry.get("all-minilm")
+    assert embedder.kind == "embedding" and not embedder.matryoshka and embedder.context_length == 256
+    assert (embedder.source_for("torch").weights.locate() / "modules.json").is_file()
 
 
 def test_top_level_models_yaml_is_the_packaged_file():
