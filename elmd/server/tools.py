@@ -85,6 +85,12 @@ def tool_constraint(use: ToolUse) -> Constraint:
     return checked(Constraint.json_schema(reply_schema(use)), "tools", "tools")
 
 
+def reply_constraint(use: ToolUse, body) -> Constraint | None:
+    """The reply's grammar: the tool-call format while tools are in use, else the one the
+    request's own format option asks for (`body.constraint()`), shared by chat and Messages."""
+    return tool_constraint(use) if use.active else body.constraint()
+
+
 def system_prompt(use: ToolUse) -> str:
     functions = [{"name": f.name, "description": f.description or "", "parameters": f.parameters or ANY_OBJECT}
                  for f in use.functions]

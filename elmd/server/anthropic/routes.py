@@ -55,7 +55,7 @@ def _tool_use_id(call_id: str) -> str:
 async def create_message(body: MessagesRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     pipeline.reject_unsupported(body)
     use = tool_use(body)
-    constraint = tools.tool_constraint(use) if use.active else body.constraint()
+    constraint = tools.reply_constraint(use, body)
     messages = template_messages(body, use)
     generation = pipeline.GenerationRequest(
         model=body.model, keep_alive=body.keep_alive_seconds(),

@@ -28,7 +28,7 @@ router = APIRouter()
 async def chat_completions(body: ChatCompletionRequest, request: Request, manager: ModelManager = Depends(get_manager)):
     pipeline.reject_unsupported(body)
     use = tool_use(body)
-    constraint = tools.tool_constraint(use) if use.active else body.constraint()
+    constraint = tools.reply_constraint(use, body)
     messages = template_messages(body.messages, use)
     top = body.top_logprobs or 0
     generation = pipeline.GenerationRequest(
