@@ -6,6 +6,9 @@ every wait is on /health, never a fixed sleep."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,3 +77,42 @@ def test_a_build_quotes_the_last_build_timed_on_this_machine(tmp_path, monkeypat
     assert native.build_estimate() == f"measured at {native.MEASURED_FIRST_BUILD}"  # none timed here yet
     (tmp_path / native.BUILD_SECONDS_FILE).write_text("131\n")
     assert native.build_estimate() == "the last build on this machine took 131 s"
+
+
+def compilers_in(folder: Path) -> list[int]:
+    """Processes working in `folder` (ninja and the compilers it starts run in the build folder)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and Path(os.readlink(proc / "cwd")).is_relative_to(folder):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+SCRIPT = """
+from elmd.engine.load import load_engine
+engine = load_engine({checkpoint!r}, backend="torch", quant="int8")
+print(repr(engine.chat([{{"role": "user", "content": "Hello"}}], max_tokens=8, temperature=0)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/cwd").exists(), reason="looks for the compilers in /proc")
+def test_a_script_done_before_the_first_build_exits_cleanly_and_stops_the_compilers(tiny_checkpoint, tmp_path):
+    """A script that loads a model and exits while the first kernel build still runs: it exits
+    0 (it used to abort one time in three, a daemon thread ended inside torch at interpreter
+    exit), and no compiler outlives it. Each run starts from an empty build cache."""
+    if not any(build.cpu_flags <= native.cpu_flags() for build in native.BUILDS):
+        pytest.skip("no native kernels to build on this CPU")
+    for attempt in range(3):
+        extensions = tmp_path / f"extensions-{attempt}"
+        run = subprocess.run([sys.executable, "-c", SCRIPT.format(checkpoint=str(tiny_checkpoint))],
+                             env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)},
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "building CPU kernels" in run.stderr  # the build was still running at exit
+        deadline = time.monotonic() + 10  # SIGTERM reaches ninja, then its compilers
+        while (left := compilers_in(extensions)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"compilers left running: {left}"

@@ -15,9 +15,11 @@ Loading on one thread and decoding on another ran a 270M int4 step at half speed
 
 from __future__ import annotations
 
+import atexit
 import collections
 import heapq
 import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable
@@ -31,6 +33,18 @@ from elmd.engine.prefix_cache import PrefixCache
 from elmd.engine.protocol import Finished, SamplingParams, Step, StepChannel
 from elmd.engine.sampling import Sampler
 from elmd.engine.speculation import DraftModel, DraftProposer, PromptLookup
+
+
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()  # workers stopped at exit
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """Park every worker before the interpreter finalizes: a daemon thread still inside torch
+    then (a step finishing after its caller's last token, a kernel switch) is ended by the
+    interpreter mid-C++, and the process aborts ("terminate called without an active exception")."""
+    for scheduler in list(_live):
+        scheduler.stop()
 
 
 @dataclass
@@ -99,6 +113,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, args=(load_model, load_draft, loaded), name="elmd-scheduler",
                                         daemon=True)
         self._thread.start()
+        _live.add(self)
         loaded.result()
 
     def _setup(self, runner: Runner) -> None:

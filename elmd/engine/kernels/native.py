@@ -19,13 +19,18 @@ meanwhile (build_in_background) and switches once they are loaded.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import os
 import platform
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import Future, TimeoutError as FutureTimeout
@@ -131,27 +136,106 @@ def build_name(build: Build, flags: frozenset[str]) -> str:
 
 
 def _build(build: Build, flags: frozenset[str]) -> str | None:
-    """Compiles and loads one build; returns None, or why it failed (its first line)."""
+    """Compiles one build in a child process, then loads it here; returns None, or why it
+    failed (its first line). The compile runs apart so that a process exiting while it runs
+    (a script done before the first build is) neither aborts in the compiler's wait (C++
+    frames on a daemon thread at interpreter exit) nor leaves compilers behind it."""
     global _extensions_root
     extra = ("-mavxvnni",) if build.path == "avx2" and "avx_vnni" in flags else ()
-    name = build_name(build, flags)
+    spec = {"name": build_name(build, flags),
+            "sources": [str(Path(__file__).with_name(source)) for source in build.sources],
+            "extra_cflags": ["-O3", "-fopenmp", *build.compiler_flags, *extra], "extra_ldflags": ["-fopenmp"]}
     try:
         from torch.utils.cpp_extension import _get_build_directory
-        from torch.utils.cpp_extension import load as compile_and_load
 
-        build_dir = Path(_get_build_directory(name, verbose=False))
+        build_dir = Path(_get_build_directory(spec["name"], verbose=False))
         _extensions_root = build_dir.parent
         started = time.monotonic()
         with _sole_builder(build_dir):
-            compile_and_load(name=name, sources=[str(Path(__file__).with_name(source)) for source in build.sources],
-                             extra_cflags=["-O3", "-fopenmp", *build.compiler_flags, *extra],
-                             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+            if failure := _compile_apart(spec):
+                return failure
+            _compile_and_load(spec)  # now only checks that the build is current, and loads it
+    except StoppedAtExit:
+        raise
     except Exception as e:  # no ninja, or a compiler that lacks these intrinsics
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     if (seconds := time.monotonic() - started) > COMPILED_SECONDS:
         with contextlib.suppress(OSError):  # kept so that the next build here can say how long it takes
             (build_dir.parent / BUILD_SECONDS_FILE).write_text(f"{seconds:.0f}\n")
     return None
+
+
+def _compile_and_load(spec: dict) -> None:
+    from torch.utils.cpp_extension import load as compile_and_load
+
+    compile_and_load(**spec, is_python_module=False, verbose=False)
+
+
+def _compile_apart(spec: dict) -> str | None:
+    """Run the compile in a child process that leads its own process group (this thread's
+    nice value is inherited); None once it built, else its failure's first line. The child
+    ends with its compilers when this process does (see _compile_as_child)."""
+    command = [sys.executable, "-m", __name__, json.dumps(spec), str(os.getpid())]
+    package_root = str(Path(__file__).resolve().parents[3])  # this elmd, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                             start_new_session=True)
+    with _children_lock:
+        _children.add(child)
+    try:
+        out, _ = child.communicate()
+    finally:
+        with _children_lock:
+            _children.discard(child)
+    if _exiting:
+        raise StoppedAtExit
+    if child.returncode == 0:
+        return None
+    return out.strip().splitlines()[-1] if out.strip() else f"the compiler's process ended with {child.returncode}"
+
+
+_children: set[subprocess.Popen] = set()  # compiles running now, stopped at exit
+_children_lock = threading.Lock()
+_exiting = False
+
+
+class StoppedAtExit(Exception):
+    """The process is exiting: the build ends unfinished, and nothing waits for it."""
+
+
+@atexit.register
+def _stop_compiles() -> None:
+    global _exiting
+    _exiting = True
+    with _children_lock:
+        for child in _children:
+            with contextlib.suppress(OSError):
+                os.killpg(child.pid, signal.SIGTERM)  # ninja, on SIGTERM, stops the compilers it started
+
+
+def _compile_as_child(spec: dict, parent: int) -> int:
+    """The child's side: compile, print why if it fails. On Linux it asks for SIGTERM when its
+    parent ends (a daemon killed outright) and passes it to its group: ninja then stops the
+    compilers it started (each in a process group of its own, out of reach of ours)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        def end_group(*_):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.killpg(0, signal.SIGTERM)
+            os._exit(1)
+
+        signal.signal(signal.SIGTERM, end_group)
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent was gone before the request took effect
+            return 1
+    try:
+        _compile_and_load(spec)
+    except Exception as e:
+        print(str(e).splitlines()[0] if str(e) else type(e).__name__, flush=True)
+        return 1
+    return 0
 
 
 @contextlib.contextmanager
@@ -197,8 +281,12 @@ def _run_build(future: Future) -> None:
     _yield_cpus_to_serving()
     try:
         ops = load()
+    except StoppedAtExit:
+        return
     except BaseException as e:  # load() reports its own failures; anything else still ends the wait
         future.set_exception(e)
+        return
+    if _exiting:  # a build done as the process exits: switching to it would run beside finalization
         return
     if ops is not None:
         log.info("CPU kernels ready (%s) after %.0f s", kernel_path()[0], time.monotonic() - started)
@@ -313,3 +401,7 @@ def int4_rows(packed: torch.Tensor, n: int, k: int, rows: torch.Tensor) -> torch
 
 def group_rows(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return values[rows // ROWS, :, rows % ROWS]
+
+
+if __name__ == "__main__":  # the compile's child process (_compile_apart)
+    sys.exit(_compile_as_child(json.loads(sys.argv[1]), int(sys.argv[2])))
