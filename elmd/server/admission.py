@@ -68,15 +68,23 @@ class Admission:
         """Wait for a slot; 429 when the queue is full, 503 past `deadline`."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.settings.max_concurrent_requests)
-        if self._slots.locked() and self._waiting >= self.settings.max_queued_requests:
+        if not self._slots.locked():
+            await self._slots.acquire()  # a free slot is taken at once: this request never queues
+            return
+        if self._waiting >= self.settings.max_queued_requests:
             raise too_many_requests(self.settings.retry_after)
         self._waiting += 1
+
+        async def acquire() -> None:
+            try:
+                await self._slots.acquire()
+            finally:  # here, not after wait_for returns: a request that has its slot no longer fills the queue
+                self._waiting -= 1
+
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=max(0.0, deadline - time.monotonic()))
+            await asyncio.wait_for(acquire(), timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             raise unavailable("The request timed out waiting for a free slot.", self.settings.retry_after, "timeout") from None
-        finally:
-            self._waiting -= 1
 
     def release(self) -> None:
         """Give back a slot `admit` granted."""

@@ -181,10 +181,13 @@ async def until_done(request: Request, work: Awaitable[T], lease: Lease) -> T:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    if task in done:
-        return task.result()
-    if gone in done:
+    if gone in done and task not in done:
         raise APIError(499, "The client closed the request.", code="client_closed_request")
+    if task in done:
+        try:
+            return task.result()
+        except asyncio.TimeoutError:  # the work's own wait for the same deadline ended first
+            pass
     raise timed_out(lease.settings.retry_after)
 
 
