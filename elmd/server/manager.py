@@ -102,6 +102,8 @@ class ModelManager:
         included), 503 while it is being installed."""
         if model_id in self._loader.installing and not self.catalog.is_pinned(model_id):
             raise unavailable(f"The model '{model_id}' is being installed.", self.settings.retry_after, "model_loading")
+        if resident := self._residency.models.get(model_id):  # no look at the store (it walks the model's folder)
+            return resident.spec
         spec = self.catalog.find(model_id)
         if spec is None:
             raise model_not_found(model_id)

@@ -32,6 +32,12 @@ log = logging.getLogger("elmd.server")
 REAP_INTERVAL = 0.25
 
 
+@functools.cache
+def _total_memory() -> int:
+    """The machine's memory, read once (the budget is asked for at every lease)."""
+    return psutil.virtual_memory().total
+
+
 @dataclass
 class Resident:
     spec: ModelSpec
@@ -77,7 +83,7 @@ class Residency:
     def memory_budget(self) -> int:
         if self.settings.memory_budget_bytes is not None:
             return self.settings.memory_budget_bytes
-        return psutil.virtual_memory().total // 2
+        return _total_memory() // 2
 
     def cache_budget(self, resident: Resident) -> int:
         """Bytes `resident`'s KV cache and cached prefixes may take now: the budget less its
