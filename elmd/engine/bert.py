@@ -4,7 +4,7 @@ One file, like openelm.py. Module names follow the Hugging Face checkpoint
 (`embeddings.word_embeddings.weight`, `encoder.layer.N.attention.self.query.weight`, ...),
 so loading is a plain state dict; a `bert.` prefix on every name is accepted and the pooler
 is ignored (sentence-transformers pools the token states itself). No KV cache: an
-embedding is one bidirectional pass over a padded batch.
+embedding is one bidirectional pass over a batch, its padding left out (Packing).
 """
 
 from __future__ import annotations
@@ -67,10 +67,9 @@ class Embeddings(nn.Module):
         self.token_type_embeddings = uninitialized_embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Single-segment input: every token has type 0 and positions count from 0 (right padding)."""
-        T = tokens.shape[1]
-        x = self.word_embeddings(tokens) + self.position_embeddings.weight[:T] + self.token_type_embeddings.weight[0]
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Single-segment input: every token has type 0; `positions` count from 0 in each sequence."""
+        x = self.word_embeddings(tokens) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
         return self.LayerNorm(x)
 
 
@@ -82,12 +81,12 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.heads, C // self.heads).transpose(1, 2)
+    def forward(self, x: torch.Tensor, batch: "Packing") -> torch.Tensor:
+        C = x.shape[-1]
+        q, k, v = (batch.pad(proj(x)).view(*batch.shape, self.heads, C // self.heads).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return y.transpose(1, 2).reshape(B, T, C)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.attention_mask)
+        return batch.pack(y.transpose(1, 2).reshape(-1, C))
 
 
 class DenseResidualNorm(nn.Module):
@@ -108,8 +107,8 @@ class Attention(nn.Module):
         self.self = SelfAttention(cfg)
         self.output = DenseResidualNorm(cfg.hidden_size, cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, mask), x)
+    def forward(self, x: torch.Tensor, batch: "Packing") -> torch.Tensor:
+        return self.output(self.self(x, batch), x)
 
 
 class Intermediate(nn.Module):
@@ -128,8 +127,8 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = DenseResidualNorm(cfg.intermediate_size, cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.attention(x, mask)
+    def forward(self, x: torch.Tensor, batch: "Packing") -> torch.Tensor:
+        h = self.attention(x, batch)
         return self.output(self.intermediate(h), h)
 
 
@@ -147,13 +146,36 @@ class Bert(nn.Module):
         self.encoder = Encoder(cfg)
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states [B, T, hidden] of `tokens` [B, T]; `attention_mask` [B, T] (bool) marks
-        the real tokens of a right-padded batch, None when nothing is padding."""
-        mask = None if attention_mask is None else attention_mask[:, None, None, :]
-        x = self.embeddings(tokens)
+        """Hidden states [B, T, hidden] of `tokens` [B, T] (zeros at padding); `attention_mask`
+        [B, T] (bool) marks the real tokens of a right-padded batch, None when nothing is padding."""
+        batch = Packing(tokens.shape, attention_mask)
+        positions = torch.arange(tokens.shape[1]).expand(tokens.shape).reshape(-1)
+        x = self.embeddings(batch.pack(tokens.reshape(-1)), batch.pack(positions))
         for layer in self.encoder.layer:
-            x = layer(x, mask)
-        return x
+            x = layer(x, batch)
+        return batch.pad(x).view(*tokens.shape, -1)
+
+
+class Packing:
+    """A right-padded batch run without its padding: every layer but attention works on the
+    real tokens alone, packed into one [tokens, C] matrix (a batch of short and long inputs
+    costs its tokens, not batch x longest); attention sees them padded again, masked."""
+
+    def __init__(self, shape: torch.Size, attention_mask: torch.Tensor | None):
+        self.shape = shape
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        self.real = attention_mask.reshape(-1).nonzero().squeeze(1) if padded else None
+        self.attention_mask = attention_mask[:, None, None, :] if padded else None
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B*T, ...] -> [tokens, ...]"""
+        return x if self.real is None else x.index_select(0, self.real)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[tokens, ...] -> [B*T, ...], zeros at padding."""
+        if self.real is None:
+            return x
+        return x.new_zeros(self.shape[0] * self.shape[1], *x.shape[1:]).index_copy_(0, self.real, x)
 
 
 def read_bert_config(model_dir: Path) -> BertConfig:

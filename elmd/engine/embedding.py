@@ -11,8 +11,9 @@ keeps serving) and take turns (the Embedder's lock), each on every intra-op thre
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence, TypeVar
 
 import torch
 
@@ -20,6 +21,8 @@ from elmd.engine.embedder import Embedder, InputTooLong
 from elmd.engine.protocol import BackendInfo, CacheBytes
 
 __all__ = ["EmbeddingEngine", "Embeddings", "InputTooLong"]
+
+T = TypeVar("T")
 
 
 class Embeddings(Protocol):
@@ -35,7 +38,9 @@ class Embeddings(Protocol):
 
     def check(self, token_id_lists: Sequence[Sequence[int]]) -> None: ...
 
-    async def aembed(self, token_id_lists: Sequence[Sequence[int]]) -> torch.Tensor: ...
+    def embed(self, token_id_lists: Sequence[Sequence[int]]) -> torch.Tensor: ...
+
+    async def in_worker(self, fn: Callable[[], T]) -> T: ...
 
 
 def _weight_bytes(model: torch.nn.Module) -> int:
@@ -57,6 +62,7 @@ class EmbeddingEngine:
                                 memory_bytes=_weight_bytes(embedder.model), extra={"kind": "embedding"})
         self.watch: Callable = lambda prompt_tokens: None  # generation metrics: an encoder generates nothing
         self.dimensions, self.max_length, self.normalize = embedder.dimensions, embedder.max_length, embedder.normalize
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"elmd-embed-{model_id}")
         self._closed = False
 
     @classmethod
@@ -77,13 +83,16 @@ class EmbeddingEngine:
     def check(self, token_id_lists: Sequence[Sequence[int]]) -> None:
         self.embedder.check(token_id_lists)
 
-    async def aembed(self, token_id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
-        """float32 [n, dimensions], computed in a worker thread."""
+    async def in_worker(self, fn: Callable[[], T]) -> T:
+        """fn() on this model's one worker thread. Always the same thread: torch's OpenMP keeps a
+        team of threads per calling thread, and a second team spinning idle beside the one at
+        work took a core from it (asyncio's pool lands calls on several threads)."""
         if self._closed:
             raise RuntimeError(f"{self.model_id} is unloaded")
-        return await asyncio.to_thread(self.embedder.embed, token_id_lists)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
 
     def embed(self, token_id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
+        """float32 [n, dimensions]."""
         return self.embedder.embed(token_id_lists)
 
     # ------------------------------------------------------------------ residency
@@ -103,4 +112,5 @@ class EmbeddingEngine:
     def close(self) -> None:
         """Let the weights go (the manager unloads a model only when no request holds it)."""
         self._closed = True
+        self._worker.shutdown(wait=True)
         self.embedder = None

@@ -8,7 +8,6 @@ allows it. The dialect writes the vectors in its own shape."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
@@ -52,8 +51,8 @@ async def embed(manager: ModelManager, request: EmbeddingRequest, http_request: 
         dimensions = check_dimensions(engine, request)
         if not request.inputs:
             return Embedded(torch.empty(0, dimensions), 0, started, leased_at)
-        # One hop to a worker thread for both steps (each hop costs a thread wake-up per request).
-        ids, vectors = await until_done(http_request, asyncio.to_thread(_embed, engine, request), lease)
+        # One hop to the model's worker thread for both steps (each hop costs a thread wake-up).
+        ids, vectors = await until_done(http_request, engine.in_worker(lambda: _embed(engine, request)), lease)
     if dimensions != vectors.shape[1]:
         vectors = vectors[:, :dimensions]
         if engine.normalize:
