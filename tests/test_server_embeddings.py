@@ -266,3 +266,20 @@ def test_a_flood_gets_429_not_a_stall(tiny_checkpoint, store_root, server, clien
     assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
     assert refused and refused[0].headers["Retry-After"] == "2"
     assert _error(refused[0])["code"] == "rate_limit_exceeded"
+
+
+def test_serve_quant_int8_quantizes_the_encoder_too(store_root, server, client):
+    """`serve --quant int8` applies to an embedding model as to the generators: its linear
+    layers load as int8 (the vectors are the int8 Embedder's, bitwise) and /api/ps says so."""
+    from elmd.engine.embedder import Embedder
+
+    client.embeddings.create(model=MODEL, input="installed")  # the module's store has the model
+    app, manager = build_app(None, store_root=store_root, quant="int8")
+    texts = ["a short query", "a longer passage about the water cycle and the clouds above the sea"]
+    with serve_app(app, manager) as quantized:
+        data = httpx.post(f"{quantized.v1}/embeddings", json={"model": MODEL, "input": texts}, timeout=120)
+        running = httpx.get(f"{quantized.base_url}/api/ps", timeout=30).json()["models"]
+    vectors = np.array([row["embedding"] for row in data.raise_for_status().json()["data"]], dtype=np.float32)
+    expected = Embedder.from_dir(_minilm_dir(), quant="int8")
+    assert np.array_equal(vectors, expected.embed(expected.encode(texts)).numpy())
+    assert [m["details"]["quantization_level"] for m in running if m["name"].startswith(MODEL)] == ["int8"]

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 
 from elmd.engine.bert import Bert, load_bert
 from elmd.engine.checkpoint import CheckpointError
+from elmd.engine.quantize import quantize_encoder
 
 # The concatenation order of sentence-transformers' Pooling for its legacy pooling_mode_* keys.
 LEGACY_POOLING_KEYS = {
@@ -62,15 +63,16 @@ class Embedder:
         self._forward_lock = threading.Lock()
 
     @classmethod
-    def from_dir(cls, path: str | Path, dtype: str | torch.dtype = "float32") -> "Embedder":
+    def from_dir(cls, path: str | Path, dtype: str | torch.dtype = "float32", quant: str = "none") -> "Embedder":
         """Load the model in `path`; `dtype` ("float32" or "bfloat16") is the weights' and the
-        activations', the vectors are float32 either way."""
+        activations', the vectors are float32 either way; `quant` ("int8", "int4") quantizes
+        the linear layers as the generators' are (elmd/engine/quantize.py)."""
         path = Path(path)
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
-        model = load_bert(path, dtype)
+        model = quantize_encoder(load_bert(path, dtype), quant)
         pooling, normalize = read_modules(path)
         st_config = _read_json(path / "sentence_bert_config.json") or {}
         tokenizer_file = path / "tokenizer.json"

@@ -54,10 +54,11 @@ class EmbeddingEngine:
 
     kind = "embedding"
 
-    def __init__(self, model_id: str, embedder: Embedder, *, matryoshka: bool = False, dtype: str = "float32"):
+    def __init__(self, model_id: str, embedder: Embedder, *, matryoshka: bool = False, dtype: str = "float32",
+                 quant: str = "none"):
         self.model_id, self.embedder, self.matryoshka = model_id, embedder, matryoshka
         cfg = embedder.model.cfg
-        self.info = BackendInfo(name="torch", device="cpu", dtype=dtype, quant="none",
+        self.info = BackendInfo(name="torch", device="cpu", dtype=dtype, quant=quant,
                                 context_length=embedder.max_length, vocab_size=cfg.vocab_size,
                                 memory_bytes=_weight_bytes(embedder.model), extra={"kind": "embedding"})
         self.watch: Callable = lambda prompt_tokens: None  # generation metrics: an encoder generates nothing
@@ -66,10 +67,14 @@ class EmbeddingEngine:
         self._closed = False
 
     @classmethod
-    def load(cls, path: str | Path, model_id: str, dtype: str = "auto", matryoshka: bool = False) -> "EmbeddingEngine":
-        """The model in `path` (hub layout, sentence-transformers' modules.json); `auto` is float32."""
+    def load(cls, path: str | Path, model_id: str, dtype: str = "auto", matryoshka: bool = False,
+             quant: str = "none") -> "EmbeddingEngine":
+        """The model in `path` (hub layout, sentence-transformers' modules.json); `auto` is
+        float32; `quant` int8 or int4 quantizes its linear layers at load (`serve --quant`)."""
         dtype = "float32" if dtype == "auto" else dtype
-        return cls(model_id, Embedder.from_dir(path, dtype), matryoshka=matryoshka, dtype=dtype)
+        if quant == "bf16":  # `serve --quant bf16` for every model: an encoder runs in bf16 for it
+            dtype, quant = "bfloat16", "none"
+        return cls(model_id, Embedder.from_dir(path, dtype, quant), matryoshka=matryoshka, dtype=dtype, quant=quant)
 
     # ------------------------------------------------------------------ embeddings
 

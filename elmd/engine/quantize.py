@@ -248,6 +248,18 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, quant={self.spec.name}"
 
 
+class QuantizedBiasedLinear(nn.Module):
+    """A QuantizedLinear plus its float bias (BERT's layers have one; OpenELM's do not)."""
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec):
+        super().__init__()
+        self.quantized = QuantizedLinear.from_float(linear, spec)
+        self.register_buffer("bias", linear.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantized(x) + self.bias
+
+
 class QuantizedEmbedding(nn.Module):
     """The tied token embedding, read from the output head's quantized weight: only the
     looked-up rows are dequantized. The head is held but not registered as a submodule,
@@ -369,6 +381,25 @@ def quantize_model(model: nn.Module, quant: str | QuantSpec, embedding: bool = F
         model = _swap(model, spec, lambda linear, own: BF16Linear.from_linear(linear))
     else:
         model = _swap(model, spec, QuantizedLinear.from_float)
+    model.quant_spec = spec
+    return model
+
+
+def quantize_encoder(model: nn.Module, quant: str | Quant) -> nn.Module:
+    """Quantize every linear layer of a sentence encoder (elmd/engine/bert.py) in place, from
+    its float weights at load (the store keeps the float checkpoint: a 22M-parameter encoder
+    quantizes in well under a second). Embeddings and norms stay float; "bf16" is the
+    encoder's dtype instead (Embedder.from_dir), so it is refused here."""
+    spec = parse_quant(quant)
+    if spec is None:
+        return model
+    if spec.scheme == "bf16":
+        raise ValueError("an embedding model takes bf16 as its dtype (--dtype bfloat16), not as a quant")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and scheme_for(spec).fits(child.out_features, child.in_features):
+                setattr(parent, name, QuantizedBiasedLinear(child, spec) if child.bias is not None
+                        else QuantizedLinear.from_float(child, spec))
     model.quant_spec = spec
     return model
 

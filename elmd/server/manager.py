@@ -44,7 +44,7 @@ def load_model(spec: ModelSpec, draft: ModelSpec | None = None, **engine_options
     if spec.kind == "embedding":  # a sentence encoder: PyTorch on every platform, no cache, no slots
         from elmd.engine.embedding import EmbeddingEngine
 
-        return EmbeddingEngine.load(spec.path, spec.id, dtype=spec.dtype, matryoshka=spec.matryoshka)
+        return EmbeddingEngine.load(spec.path, spec.id, dtype=spec.dtype, matryoshka=spec.matryoshka, quant=str(spec.quant))
     if spec.backend == "mlx" and "slots" in engine_options:
         engine_options["max_batch"] = engine_options.pop("slots")
     if draft is not None:
