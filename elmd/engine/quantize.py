@@ -340,9 +340,10 @@ def _use_native_bf16(model: nn.Module) -> nn.Module:
     return model
 
 
-def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+def _linears(model: nn.Module, with_bias: bool = False) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, name, layer) of every plain nn.Linear: the bias-free ones (OpenELM's), or all."""
     return [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if type(child) is nn.Linear and child.bias is None]
+            if type(child) is nn.Linear and (with_bias or child.bias is None)]
 
 
 def _swap(model: nn.Module, spec: QuantSpec, make) -> nn.Module:
@@ -395,11 +396,10 @@ def quantize_encoder(model: nn.Module, quant: str | Quant) -> nn.Module:
         return model
     if spec.scheme == "bf16":
         raise ValueError("an embedding model takes bf16 as its dtype (--dtype bfloat16), not as a quant")
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and scheme_for(spec).fits(child.out_features, child.in_features):
-                setattr(parent, name, QuantizedBiasedLinear(child, spec) if child.bias is not None
-                        else QuantizedLinear.from_float(child, spec))
+    for parent, name, linear in _linears(model, with_bias=True):
+        if scheme_for(spec).fits(linear.out_features, linear.in_features):
+            setattr(parent, name, QuantizedBiasedLinear(linear, spec) if linear.bias is not None
+                    else QuantizedLinear.from_float(linear, spec))
     model.quant_spec = spec
     return model
 
