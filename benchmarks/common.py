@@ -164,16 +164,18 @@ def wait_ready(base: str, server: subprocess.Popen, timeout: float = 300) -> flo
     return None
 
 
-def serve_offline_model(home: Path, log: Path, repo: Path = REPO, **env_vars: str) -> tuple[str, subprocess.Popen]:
+def serve_offline_model(home: Path, log: Path, repo: Path = REPO, serve_args: tuple[str, ...] = (),
+                        **env_vars: str) -> tuple[str, subprocess.Popen]:
     """`elmd serve` at its defaults (the offline model) on a free port, once it is ready
     and its native CPU kernels are built: figures on the path it serves from then on.
-    `repo`: the checkout whose code serves (another commit's, to compare against); `env_vars`
-    are set in its environment."""
+    `repo`: the checkout whose code serves (another commit's, to compare against);
+    `serve_args`: flags for `elmd serve` (a user's, such as --quant); `env_vars` are set in
+    its environment."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELMD_")}
     env.update(ELMD_HOME=str(home), ELMD_PORT=str(port), PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", **env_vars)
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "elmd", "serve"], env=env, stdin=subprocess.DEVNULL, cwd=repo,
+        server = subprocess.Popen([sys.executable, "-m", "elmd", "serve", *serve_args], env=env, stdin=subprocess.DEVNULL, cwd=repo,
                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     if wait_ready(base, server, timeout=1800) is None:

@@ -1,7 +1,6 @@
 """What batch invariance costs (issue #30), through HTTP, in one run: the offline model at
-its defaults served by this checkout and by `--before` (this checkout with 74b8071, the
-invariant prompt attention, reverted: the only change between them), each on its own store
-and kernel folder, measured in alternating rounds:
+its defaults (or `--quant`) served by this checkout and by `--before` (the checkout without
+the change measured), each on its own store and kernel folder, measured in alternating rounds:
 
 - prefill: prompt tokens/s of a ~400-token chat prompt (time to its first token; each
   prompt opens with its own nonce, so no prefix cache helps);
@@ -10,10 +9,17 @@ and kernel folder, measured in alternating rounds:
 - prefill beside decode: time to first token of a ~400-token prompt sent while 7 streams decode.
 
 Medians over `--rounds`, and after/before ratios (target: at least 0.97x on each).
+The invariant prompt attention (74b8071), against this checkout with it reverted:
 
     git worktree add /tmp/before HEAD
     git -C /tmp/before show 74b8071 -- elmd/engine/kernels/decode.cpp | git -C /tmp/before apply -R
     python benchmarks/invariance_cost.py --before /tmp/before --rounds 5
+
+The invariant float32 and bf16 matmuls (float_linear), against the commit before them:
+
+    git worktree add /tmp/before a53f5eb
+    python benchmarks/invariance_cost.py --before /tmp/before --quant none
+    python benchmarks/invariance_cost.py --before /tmp/before --quant bf16
 """
 
 from __future__ import annotations
@@ -84,12 +90,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--before", type=Path, required=True, help="the checkout to compare against")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--quant", help="elmd serve's --quant for both (default: the model's)")
     args = p.parse_args(argv)
+    serve_args = ("--quant", args.quant) if args.quant else ()
     rng = random.Random(0)
     figures: dict[str, list[dict]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as work:
         # each its own kernel folder: both builds share an extension name, with different sources
-        daemons = {name: serve_offline_model(Path(work) / name, Path(work) / f"{name}.log", repo,
+        daemons = {name: serve_offline_model(Path(work) / name, Path(work) / f"{name}.log", repo, serve_args,
                                              TORCH_EXTENSIONS_DIR=str(Path(work) / name / "torch_extensions"))
                    for name, repo in (("before", args.before.resolve()), ("after", REPO))}
         try:

@@ -2,7 +2,7 @@
 whatever batch it shares, however its prompt was split into chunks, however much of it came
 from the prefix cache, with or without speculation.
 
-Checked with torch.equal on the tiny fixture, at float32, int8 and int4, on the native plan
+Checked with torch.equal on the tiny fixture, at float32, bf16, int8 and int4, on the native plan
 (the path users get where the kernels build) and on ATen's ops; the other native build
 (avx2 beside avx512) and ELMD_CPU_KERNELS=aten run this file again in a child process, as
 tests/test_cpu_kernels.py does (one native build per process).
@@ -29,7 +29,7 @@ from elmd.engine.runner import Runner
 from elmd.fixtures import write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-QUANTS = ["none", "int8", "int4"]
+QUANTS = ["none", "bf16", "int8", "int4"]
 PROMPT = torch.randint(3, 1000, (1, 24), generator=torch.Generator().manual_seed(7))[0].tolist()
 IN_CHILD = "ELMD_INVARIANCE_CHILD"
 
@@ -40,9 +40,8 @@ def tiny(tmp_path_factory):
 
 
 NOT_YET = {  # (path, quant) -> why its logits still depend on the batch
-    ("native", "none"): "float32 layers run ATen's matmul (MKL), whose bits for a row depend on the rows in the call "
-                        "(a matrix-vector kernel below 4 rows; below 12, on 2 threads, other blockings)",
     ("aten", "none"): "ATen's matmuls (MKL) and SDPA: a row's bits depend on the rows and the span in the call",
+    ("aten", "bf16"): "ATen's bf16 matmuls (oneDNN) and SDPA: a row's bits depend on the rows and the span in the call",
     ("aten", "int8"): "ATen's matmuls and SDPA (a row's bits depend on the call's rows and span); the int8 kernel's "
                       "bf16 output hides most of it",
     ("aten", "int4"): "ATen's matmuls and SDPA (a row's bits depend on the call's rows and span); the int4 kernel's "
@@ -181,18 +180,24 @@ def test_greedy_replies_are_identical_cold_cached_batched_and_speculated(tiny, q
 
 
 @pytest.mark.skipif(native.load() is None, reason="needs the native kernels")
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("quant", ["none", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("n, k", [(256, 128), (1152, 1280), (1280, 768)])
 def test_native_matmuls_give_a_row_the_same_bits_whatever_the_rows_beside_it(quant, n, k):
-    """int8/int4 layers (quantize.py's native kernel, as the plan runs them) on 1 .. 34 rows
-    (decode steps, and 4-row tiles down to single rows), 64 and 300 (prompt chunks): each row
-    as in one 300-row call."""
-    layer = QuantizedLinear.from_float(torch.nn.Linear(k, n, bias=False), quantize.parse_quant(quant))
-    assert layer.prepare() == "native"
+    """Every layer kind the plan runs (float32 and bf16 on float_linear, int8/int4 on quantize.py's
+    native kernel) on 1 .. 34 rows (decode steps, and tiles down to single rows), 64, 65 and 300
+    (prompt chunks, across the kernels' 64-row chunks): each row as in one 300-row call."""
+    linear = torch.nn.Linear(k, n, bias=False)
+    if quant == "none":
+        layer = lambda x: torch.ops.elmd.float_linear(x, linear.weight)
+    elif quant == "bf16":
+        layer = quantize.BF16Linear.from_linear(linear)
+    else:
+        layer = QuantizedLinear.from_float(linear, quantize.parse_quant(quant))
+        assert layer.prepare() == "native"
     x = torch.randn(300, k, generator=torch.Generator().manual_seed(n))
     with torch.inference_mode():
         full = layer(x)
-        for rows in [*range(1, 35), 64, 300]:
+        for rows in [*range(1, 35), 64, 65, 300]:
             assert torch.equal(layer(x[:rows]), full[:rows]), rows
             assert torch.equal(layer(x[300 - rows:]), full[300 - rows:]), rows
 

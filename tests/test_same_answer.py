@@ -9,7 +9,8 @@ five ways gives one reply, greedy and seeded.
 
 The replies must be equal as text and token for token with equal logprobs (the logits are
 bitwise the same), on the offline model at its
-defaults (int4, the native CPU kernels once built) and on the OpenELM fixture at int8. The
+defaults (int4, the native CPU kernels once built) and on the OpenELM fixture at int8, bf16
+and float32. The
 fingerprint of both daemons must be the same: it names what the answer depends on."""
 
 from __future__ import annotations
@@ -103,9 +104,10 @@ def test_the_offline_model_gives_one_reply_five_ways(offline_pair, sampling):
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
-def test_the_openelm_fixture_at_int8_gives_one_reply_five_ways(tiny_checkpoint, tmp_path, sampling):
-    with running_daemon(tiny_checkpoint, tmp_path / "cold", ELMD_QUANT="int8", ELMD_PREFIX_CACHE_BYTES="0") as cold:
-        with running_daemon(tiny_checkpoint, tmp_path / "cached", ELMD_QUANT="int8") as cached:
+@pytest.mark.parametrize("quant", ["int8", "bf16", "none"])
+def test_the_openelm_fixture_gives_one_reply_five_ways(tiny_checkpoint, tmp_path, quant, sampling):
+    with running_daemon(tiny_checkpoint, tmp_path / "cold", ELMD_QUANT=quant, ELMD_PREFIX_CACHE_BYTES="0") as cold:
+        with running_daemon(tiny_checkpoint, tmp_path / "cached", ELMD_QUANT=quant) as cached:
             wait_for_cpu_kernels(cold)
             wait_for_cpu_kernels(cached)
             assert five_ways(cold, cached, sampling) == []

@@ -186,7 +186,7 @@ class BF16Scheme:
         self.spec = spec
 
     def fits(self, out_features: int, in_features: int) -> bool:
-        return native.supports(out_features, in_features)
+        return native.supports_float(out_features, in_features)
 
 
 def scheme_for(spec: QuantSpec):
@@ -281,14 +281,13 @@ class QuantizedEmbedding(nn.Module):
 
 
 class BF16Linear(nn.Linear):
-    """nn.Linear with bf16 weights. On an AVX512-BF16 CPU the native op takes it: a
-    matrix-vector kernel for a few rows (decode), which streams weights at about 1.4x
-    F.linear's bf16 rate, and oneDNN's bf16 matmul (AMX) for more (prompts); elsewhere
-    F.linear in bf16. The bf16 matmuls round their input to bf16 and return the caller's
-    dtype, as llama.cpp does for bf16 weights: widening the weights to float32 instead ran
-    512-token prompts 5x slower. Same parameter name, same state dict."""
-
-    native_rows = 4  # rows the native kernel streams itself (kMatvecRows in qgemv.cpp)
+    """nn.Linear with bf16 weights. On a CPU with the native kernels, their float_linear
+    takes it for any number of rows with one reduction order per output (batch invariant):
+    it streams the weights for a decode step (about 3x F.linear's bf16 rate) and runs prompts
+    as a tiled matmul (0.8-1.1x oneDNN's bf16 matmul); with AVX512-BF16 it rounds the input
+    to bf16 and uses VDPBF16PS, as llama.cpp and oneDNN do for bf16 weights, elsewhere it
+    widens the weights. Without the kernels F.linear in bf16. Same parameter name, same
+    state dict."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weight: torch.Tensor | None = None) -> "BF16Linear":
@@ -299,7 +298,7 @@ class BF16Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.bfloat16, torch.float32) and self.weight.device.type == "cpu" and native.ops() is not None:
-            return torch.ops.elmd.bf16_linear(x, self.weight)
+            return torch.ops.elmd.float_linear(x, self.weight)
         return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
 
@@ -307,7 +306,8 @@ def native_linear_args(module: nn.Module) -> tuple[int, list[torch.Tensor], int]
     """How the native plan (kernels/decode.cpp, PlanLinear) runs this linear layer:
     (kind, [weight, scale, zero], group), or None when it runs on a kernel the plan lacks."""
     none = torch.empty(0)
-    if type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.float32:
+    if (type(module) is nn.Linear and module.bias is None and module.weight.dtype == torch.float32
+            and native.supports_float(*module.weight.shape)):
         return 0, [module.weight, none, none], 0
     if isinstance(module, BF16Linear):
         return 1, [module.weight, none, none], 0
@@ -335,7 +335,7 @@ def _use_native_bf16(model: nn.Module) -> nn.Module:
         return model
     for parent, name, linear in _linears(model):
         w = linear.weight
-        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() and native.supports(*w.shape):
+        if w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.is_contiguous() and native.supports_float(*w.shape):
             setattr(parent, name, BF16Linear.from_linear(linear, weight=w))
     return model
 

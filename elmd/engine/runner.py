@@ -11,6 +11,7 @@ The scheduler calls the runner; tests and scoring call the network directly."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from elmd.engine.openelm import OpenELM
 
@@ -19,6 +20,7 @@ class Runner:
     def __init__(self, model: OpenELM):
         self.model = model
         self.native_plan = None  # torch.classes.elmd.NativePlan when cached steps and prompts run natively
+        self.head = model.head  # the output head; with the native plan, a float head on its float_linear
         self.decode_graphs = None  # elmd.engine.cuda_graphs.DecodeGraphs when decode steps replay CUDA graphs
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -60,20 +62,40 @@ class Runner:
             norms, [t for _, tensors, _ in args for t in tensors], [kind for kind, _, _ in args],
             [group for _, _, group in args], [b.attn.q_heads for b in layers], model.cfg.rms_norm_eps,
             model.cfg.ffn_with_glu, model.rope_cos, model.rope_sin)
+        self.head = self._native_head()
         return True
+
+    def _native_head(self):
+        """A float32 or bf16 output head (untied, or the tied embedding) on the native float_linear,
+        so that its rows, like the layers', do not depend on the rows beside them; a quantized
+        head already runs on the native kernels."""
+        from elmd.engine.kernels import native
+        from elmd.engine.quantize import BF16Linear
+
+        model = self.model
+        head = model._modules.get("lm_head")
+        if head is None:
+            weight = model.transformer.token_embeddings.weight
+        elif type(head) in (nn.Linear, BF16Linear) and head.bias is None:
+            weight = head.weight
+        else:
+            return model.head
+        if weight.dtype not in (torch.float32, torch.bfloat16) or not native.supports_float(*weight.shape):
+            return model.head
+        return lambda h: torch.ops.elmd.float_linear(h, weight)
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Logits [B, vocab] for one new token per sequence, the layer stack run by the native
         plan in one call; float32 on the CPU."""
         x = self.model.transformer.token_embeddings(tokens)  # the residual stream, float32 [B, dim]
-        return self.model.head(self.native_plan.step(x, *self._cache_tensors(), slots, positions))
+        return self.head(self.native_plan.step(x, *self._cache_tensors(), slots, positions))
 
     def prefill_chunk(self, tokens: torch.Tensor, start: int, slot: int, last_only: bool) -> torch.Tensor:
         """Logits [T, vocab] (or [1, vocab] with `last_only`) for one sequence's T prompt tokens
         at positions start .. start + T - 1, cached in row `slot`, by the native plan."""
         x = self.model.transformer.token_embeddings(tokens)  # [T, dim]
         h = self.native_plan.prefill(x, *self._cache_tensors(), slot, start)
-        return self.model.head(h[-1:] if last_only else h)
+        return self.head(h[-1:] if last_only else h)
 
     def _cache_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every layer's key and value caches, as the native plan takes them."""

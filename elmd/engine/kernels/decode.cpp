@@ -365,8 +365,8 @@ at::Tensor silu_mul(const at::Tensor& h) {
   return out;
 }
 
-// A linear layer as the plan runs it: float32 weights through ATen, bf16 / int8 / int4
-// through the native kernels, with the tensors elmd/engine/quantize.py stores.
+// A linear layer as the plan runs it: float32 / bf16 / int8 / int4 weights through the native
+// kernels, with the tensors elmd/engine/quantize.py stores.
 struct PlanLinear {
   enum Kind : int64_t { kFloat = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3 };
   int64_t kind;
@@ -375,8 +375,8 @@ struct PlanLinear {
 
   at::Tensor operator()(const at::Tensor& x) const {
     switch (kind) {
-      case kFloat: return at::linear(x, w);
-      case kBF16: return bf16_linear(x, w);
+      case kFloat:
+      case kBF16: return float_linear(x, w);
       case kInt8: return int8_linear(x, w, scale);
       default: return int4_linear(x, w, scale, zero, group);
     }

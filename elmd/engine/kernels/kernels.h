@@ -16,7 +16,7 @@ void with_types(const at::Tensor& x, const at::Tensor& out, F&& f) {
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale);
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& zero,
                        int64_t group);
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w);
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w);
 
 bool amx_available();
 void amx_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, at::Tensor& out);

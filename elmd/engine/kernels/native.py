@@ -262,7 +262,7 @@ def _register_shapes() -> None:
 
     torch.library.register_fake("elmd::int8_linear")(lambda x, w, scale: rows_out(x, scale.shape[0]))
     torch.library.register_fake("elmd::int4_linear")(lambda x, w, scale, zero, group: rows_out(x, scale.shape[0] * ROWS))
-    torch.library.register_fake("elmd::bf16_linear")(lambda x, w: rows_out(x, w.shape[0]))
+    torch.library.register_fake("elmd::float_linear")(lambda x, w: rows_out(x, w.shape[0]))
 
 
 def build_in_background() -> Future:
@@ -349,6 +349,11 @@ def ops():
 def supports(out_features: int, in_features: int, group_size: int = 32) -> bool:
     """Shapes the native kernels take: whole 16-row blocks and whole 32-wide activation blocks."""
     return out_features % ROWS == 0 and in_features % group_size == 0 and group_size % 32 == 0
+
+
+def supports_float(out_features: int, in_features: int) -> bool:
+    """Shapes float_linear takes (float32 or bf16 weights): whole 4-row tiles, whole 32-wide steps."""
+    return out_features % 4 == 0 and in_features % 32 == 0
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:

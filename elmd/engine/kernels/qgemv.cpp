@@ -272,75 +272,128 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return out;
 }
 
-// One activation row against R weight rows: VDPBF16PS for bf16 activations; for float32
-// ones the bf16 weights are widened (a 16-bit shift) and multiplied in float32, so the
-// weights are halved without rounding the activations. AVX2 widens bf16 activations too.
-#if defined(__AVX512BF16__)
-template <int R>
-inline void bf16_dot(const uint16_t* w, int64_t K, const at::BFloat16* x, vf* acc) {
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x);
-  for (int64_t k = 0; k < K; k += 32) {
-    const __m512bh xv = (__m512bh)_mm512_loadu_si512(xp + k);
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * K + k), _MM_HINT_T0);  // this row, two blocks on
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * K + k), xv);
-    }
-  }
-}
+// Float weights (float32, or bf16) for any number of activation rows, with one reduction
+// order per output whatever the rows beside it (batch invariance): output (m, n) is always
+// the lane-wise FMA chain over k in steps of one vector, then sum16's fixed tree of its
+// lanes. A tile of T activation rows x R weight rows shares each weight and activation load,
+// so prompts run as a GEMM (compute-bound) and a decode row streams the weights.
+// * float32 weights: float32 FMAs.
+// * bf16 weights where the CPU has AVX512-BF16: the activations are rounded to bf16 (as
+//   llama.cpp and oneDNN do for bf16 weights) and VDPBF16PS takes 32 k per instruction;
+//   elsewhere the weights are widened to float32 (a 16-bit shift) and the activations kept.
+struct F32Dot {
+  using W = float;
+  using X = float;
+  static constexpr int kStep = 16;
+  static vf load_w(const float* p) { return load16(p); }
+  static vf load_x(const float* p) { return load16(p); }
+  static vf dot(vf acc, vf w, vf x) { return vfmadd(w, x, acc); }
+};
 
+struct BF16WidenDot {
+  using W = uint16_t;
+  using X = float;
+  static constexpr int kStep = 16;
+  static vf load_w(const uint16_t* p) { return load_bf16(p); }
+  static vf load_x(const float* p) { return load16(p); }
+  static vf dot(vf acc, vf w, vf x) { return vfmadd(w, x, acc); }
+};
+
+#if defined(__AVX512BF16__)
+struct BF16Dot {
+  using W = uint16_t;
+  using X = uint16_t;  // the activations rounded to bf16
+  static constexpr int kStep = 32;
+  static __m512bh load_w(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static __m512bh load_x(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static vf dot(vf acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
+};
 #endif
 
-template <int R, typename In>
-inline void bf16_dot(const uint16_t* w, int64_t K, const In* x, vf* acc) {
-  for (int64_t k = 0; k < K; k += 16) {
-    const vf xv = std::is_same_v<In, float> ? load16(reinterpret_cast<const float*>(x + k))
-                                            : load_bf16(reinterpret_cast<const uint16_t*>(x + k));
+// Tile shapes: T x R accumulators (at most 16, sum16's width) within the build's registers.
+#if defined(__AVX512F__)
+constexpr int kFloatRows = 4, kFloatTile = 4;  // 16 zmm accumulators
+#else
+constexpr int kFloatRows = 2, kFloatTile = 2;  // 8 ymm accumulators (a vf is two)
+#endif
+constexpr int64_t kFloatChunk = 64;  // activation rows kept in L2 while the weight rows stream by
+
+template <typename D, int T>
+void float_tile(const typename D::W* w, const typename D::X* x, int64_t K, int64_t N, int64_t m0, int64_t n0,
+                bool stream, float* out) {
+  constexpr int R = kFloatRows;
+  vf acc[16];
+  for (vf& a : acc) a = vzero();
+  for (int64_t k = 0; k < K; k += D::kStep) {
+    decltype(D::load_x(x)) xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = D::load_x(x + (m0 + t) * K + k);
     for (int r = 0; r < R; ++r) {
-      if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(w + (r + 2 * R) * K + k), _MM_HINT_T0);
-      acc[r] = vfmadd(load_bf16(w + r * K + k), xv, acc[r]);
+      if (stream) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r + 2 * R) * K + k), _MM_HINT_T0);
+      const auto wv = D::load_w(w + (n0 + r) * K + k);
+      for (int t = 0; t < T; ++t) acc[t * R + r] = D::dot(acc[t * R + r], wv, xv[t]);
     }
   }
+  alignas(64) float sums[16];
+  vstore(sums, sum16(acc));
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) out[(m0 + t) * N + n0 + r] = sums[t * R + r];
 }
 
-// x [..., K] bfloat16 or float32; w bfloat16 [N, K] row-major (the checkpoint's layout).
-// Up to kMatvecRows rows stream the weights here; more rows (prompts) run oneDNN's bf16
-// matmul (AMX) on the input rounded to bf16, as llama.cpp does for bf16 weights. Measured
-// (270M shapes, 2 threads): this kernel 1.4x F.linear at 1 row, even at 4, 1.8x slower at 16.
-constexpr int64_t kMatvecRows = 4;
-
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w) {
-  const int64_t K = x.size(-1), N = w.size(0);
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bf16_linear: bfloat16 weights only");
-  TORCH_CHECK(K % 32 == 0 && N % 4 == 0 && w.size(1) == K && w.is_contiguous(), "bf16_linear: bad shapes");
-  if (x.numel() > kMatvecRows * K) return at::linear(x.to(at::kBFloat16), w).to(x.scalar_type());
-  auto [rows, out] = rows_and_output(x, N);
-  const int64_t M = rows.size(0);
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  constexpr int R = 4;  // weight rows per pass: four independent accumulators per activation row
-  with_types(rows, out, [&](auto* xp, auto* op) {
-    using Out = std::remove_pointer_t<decltype(op)>;
-    at::parallel_for(0, N / R, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r0 = begin * R; r0 < end * R; r0 += R) {
-        for (int64_t m = 0; m < M; ++m) {
-          vf acc[R];
-          for (int r = 0; r < R; ++r) acc[r] = vzero();
-          bf16_dot<R>(wp + r0 * K, K, xp + m * K, acc);
-          for (int r = 0; r < R; ++r) op[m * N + r0 + r] = static_cast<Out>(vsum(acc[r]));
+template <typename D>
+void float_matmul(const typename D::W* w, const typename D::X* x, int64_t M, int64_t K, int64_t N, float* out) {
+  const bool stream = M <= kFloatTile;  // weights read once: prefetch them (a tiled prompt keeps them in L1)
+  at::parallel_for(0, N / kFloatRows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = 0; c < M; c += kFloatChunk) {
+      const int64_t stop = std::min(M, c + kFloatChunk);
+      for (int64_t rb = begin; rb < end; ++rb) {
+        const int64_t n0 = rb * kFloatRows;
+        int64_t m = c;
+        for (; m + kFloatTile <= stop; m += kFloatTile) float_tile<D, kFloatTile>(w, x, K, N, m, n0, stream, out);
+        if constexpr (kFloatTile > 2) {
+          for (; m + 2 <= stop; m += 2) float_tile<D, 2>(w, x, K, N, m, n0, stream, out);
         }
+        for (; m < stop; ++m) float_tile<D, 1>(w, x, K, N, m, n0, stream, out);
       }
-    });
+    }
   });
-  return out;
+}
+
+// x [..., K] float32 or bfloat16 (computed in float32); w float32 or bfloat16 [N, K] row-major
+// (the checkpoint's layout, so a tied head shares the embedding's tensor).
+at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t K = x.size(-1), N = w.size(0);
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, "float_linear: float32 or bf16 weights");
+  TORCH_CHECK(K % 32 == 0 && N % kFloatRows == 0 && w.dim() == 2 && w.size(1) == K && w.is_contiguous(),
+              "float_linear: bad shapes");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "activations must be float32 or bfloat16");
+  const at::Tensor rows = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = rows.size(0);
+  at::Tensor out = at::empty({M, N}, rows.options());
+  float* op = out.data_ptr<float>();
+  if (w.scalar_type() == at::kFloat) {
+    float_matmul<F32Dot>(w.data_ptr<float>(), rows.data_ptr<float>(), M, K, N, op);
+  } else {
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+#if defined(__AVX512BF16__)
+    const at::Tensor rounded = rows.to(at::kBFloat16);
+    float_matmul<BF16Dot>(wp, reinterpret_cast<const uint16_t*>(rounded.data_ptr<at::BFloat16>()), M, K, N, op);
+#else
+    float_matmul<BF16WidenDot>(wp, rows.data_ptr<float>(), M, K, N, op);
+#endif
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.view(shape).to(x.scalar_type());
 }
 
 TORCH_LIBRARY(elmd, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor w, Tensor scale, Tensor zero, int group) -> Tensor");
-  m.def("bf16_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("float_linear(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(elmd, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("int4_linear", &int4_linear);
-  m.impl("bf16_linear", &bf16_linear);
+  m.impl("float_linear", &float_linear);
 }
