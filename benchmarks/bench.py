@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     p.add_argument("--quants", nargs="+", default=["none", "bf16", "int8", "int4"])
     p.add_argument("--dtype", default="auto", help="activation dtype of the torch backend")
     add_rate_options(p)
-    p.add_argument("--cpu-kernels", nargs="+", default=["auto"], choices=["auto", "avx512", "avx2", "aten"],
+    p.add_argument("--cpu-kernels", nargs="+", default=["auto"], choices=["auto", "avx512", "avx512-vnni", "avx2", "aten"],
                    help="native CPU kernel paths to measure elmd on, each in its own child (ELMD_CPU_KERNELS)")
     p.add_argument("--no-http", action="store_true", help="skip the daemon start and time-to-first-token runs")
     p.add_argument("--llamacpp", action="store_true",

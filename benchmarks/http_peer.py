@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--llama-server", type=Path, required=True, help="llama.cpp's llama-server binary")
     p.add_argument("--wheel-python", help="python of a venv with elmd installed from its wheel")
     p.add_argument("--bf16", action="store_true", help="also elmd serve --dtype bfloat16")
-    p.add_argument("--cpu-kernels", nargs="+", default=["auto"], choices=["auto", "avx512", "avx2", "aten"])
+    p.add_argument("--cpu-kernels", nargs="+", default=["auto"], choices=["auto", "avx512", "avx512-vnni", "avx2", "aten"])
     p.add_argument("--model", default="270M", help="a fixture shape or a model directory")
     p.add_argument("--quants", nargs="+", default=["int8", "int4"], choices=["none", "bf16", "int8", "int4"])
     p.add_argument("--prompts", nargs="+", type=int, default=[64, 512])

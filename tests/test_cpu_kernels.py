@@ -84,6 +84,16 @@ def test_a_cpu_with_only_avx2_runs_the_avx2_build():
     assert path_in_child({"ELMD_CPU_KERNELS": "auto"}, AVX2_FLAGS)["path"] == "avx2"
 
 
+@pytest.mark.skipif("avx512-vnni" not in runnable(), reason="needs a CPU with AVX512-VNNI")
+def test_a_cpu_with_avx512_but_no_bf16_runs_the_avx512_vnni_build():
+    """Ice Lake / Cascade Lake class: AVX-512 with VNNI, without AVX512-BF16. The int8/int4
+    kernels keep AVX-512; the best build for that CPU, so no reason is given."""
+    flags = sorted(native.cpu_flags() - {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"})
+    got = path_in_child({"ELMD_CPU_KERNELS": "auto"}, flags)
+    assert got["path"] == "avx512-vnni" and got["why"] is None and got["kernel"] == "native"
+    assert [name for name in got["libraries"] if name.endswith(".so")] == ["elmd_kernels_avx512_vnni.so"]
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the native builds are x86's")
 def test_aten_where_forced_or_no_native_build_can_run_and_why():
     """ELMD_CPU_KERNELS=aten, forced onto a build the CPU lacks, a CPU without AVX2, no
@@ -102,7 +112,7 @@ def test_aten_where_forced_or_no_native_build_can_run_and_why():
         assert got["path"] == "aten" and got["kernel"] == "aten" and got["libraries"] == []
 
 
-@pytest.mark.parametrize("path", [p for p in ("avx512", "avx2") if p in runnable()[1:]])
+@pytest.mark.parametrize("path", runnable()[1:])
 def test_kernels_of_a_build_this_process_does_not_run_match_aten(path):
     """The kernel tests, with their tolerances, in a child forced onto `path` (on this CPU
     the best build runs them in this process)."""

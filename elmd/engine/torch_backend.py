@@ -118,7 +118,7 @@ def kv_cache_dtype_name(model: OpenELM) -> str:
 
 
 def cpu_kernels(runner: Runner, building: bool) -> dict:
-    """Which CPU kernels run the model ("avx512", "avx2" or "aten"), why not the best ones for this CPU
+    """Which CPU kernels run the model ("avx512", "avx512-vnni", "avx2" or "aten"), why not the best ones for this CPU
     (None when they are), and whether they are still building."""
     from elmd.engine.kernels import native
 

@@ -7,7 +7,7 @@
 // one in 16 cycles, ~16x VNNI's rate, so here each weight is dequantized once per call
 // into bf16 tiles (int8 values are exact in bf16; the per-channel scale is applied to
 // the sums) and multiplied with the activations rounded to bf16, as bf16 weights are
-// (there oneDNN's own AMX matmul is as fast as this, so bf16_linear keeps it). Measured on
+// (there oneDNN's own AMX matmul is as fast as this, so float_linear takes it). Measured on
 // the 270M shapes at 512 rows: ~1,800-1,950 GFLOP/s on 2 cores, and the activations'
 // rounding error (relative 2e-3) is below that of the VNNI kernels' int8 activations (5e-3).
 //

@@ -508,7 +508,7 @@ TORCH_LIBRARY_IMPL(elmd, CPU, m) {
   m.impl("decode_attention", &decode_attention);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_mul", &silu_mul);
-#if defined(__AVX512F__)
+#if defined(__AMX_TILE__)
   m.impl("prefill_attention", &amx_prefill_attention);
 #endif
 }

@@ -5,10 +5,11 @@ matmuls and the attention of prompts on AMX (used where the CPU has it), decode.
 small operations between them (QK-norm + RoPE + KV write + attention, residual add +
 RMSNorm, SwiGLU) and the native plan that runs a decode step or a prompt chunk in one call.
 
-Two builds of the same sources, chosen at run time by the CPU's flags: "avx512"
-(AVX512-VNNI + AVX512-BF16, with amx.cpp for CPUs with AMX) and "avx2" (AVX2 + FMA +
-F16C, with AVX-VNNI where the CPU has it); simd.h gives each its 16-lane vectors, so the
-packed weights are the same for both. ELMD_CPU_KERNELS=auto|avx512|avx2|aten forces one
+Three builds of the same sources, chosen at run time by the CPU's flags: "avx512"
+(AVX512-VNNI + AVX512-BF16, with amx.cpp for CPUs with AMX), "avx512-vnni" (the same
+without BF16) and "avx2" (AVX2 + FMA + F16C, with AVX-VNNI where the CPU has it); simd.h
+gives each its 16-lane vectors, so the packed weights are the same for all.
+ELMD_CPU_KERNELS=auto|avx512|avx512-vnni|avx2|aten forces one
 (auto: the best this CPU runs). Where no build can run (another CPU, no C++ compiler or
 ninja, a failed build) elmd/engine/quantize.py falls back to ATen's own kernels, so the
 native build is only ever a speed-up; kernel_path() says which path runs and, when it is
@@ -40,7 +41,7 @@ import torch
 
 KERNELS_ENV = "ELMD_CPU_KERNELS"
 BUILD_NICENESS = 10  # the background build's priority, below the requests it runs beside
-CHOICES = ("auto", "avx512", "avx2", "aten")
+CHOICES = ("auto", "avx512", "avx512-vnni", "avx2", "aten")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +56,14 @@ class Build:
 
 # -fopenmp: at::parallel_for is an inline OpenMP loop; without it the kernels run on one
 # thread. At run time the library binds to the libgomp torch has already loaded (same soname).
+_AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma")
 BUILDS = (  # best first
     Build("avx512", frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma"}),
-          ("qgemv.cpp", "decode.cpp", "amx.cpp"),
-          ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma", "-mamx-tile",
-           "-mamx-bf16")),
+          ("qgemv.cpp", "decode.cpp", "amx.cpp"), (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16")),
+    # AVX-512 without BF16 (Intel Ice Lake / Cascade Lake, the common cloud CPUs): the same
+    # int8/int4 kernels; only bf16 weights are widened instead of taken by VDPBF16PS.
+    Build("avx512-vnni", frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}),
+          ("qgemv.cpp", "decode.cpp"), _AVX512),
     Build("avx2", frozenset({"avx2", "fma", "f16c"}), ("qgemv.cpp", "decode.cpp"), ("-mavx2", "-mfma", "-mf16c")),
 )
 ROWS = 16  # output rows per register in qgemv.cpp
@@ -89,7 +93,7 @@ def load():
 
 
 def kernel_path() -> tuple[str, str | None]:
-    """The CPU kernel path in use ("avx512", "avx2" or "aten"; building it on first call)
+    """The CPU kernel path in use (a build's path, such as "avx512", or "aten"; building it on first call)
     and, when it is not the best this CPU could run, why."""
     with _selecting:
         return _select()[1:]
@@ -132,7 +136,7 @@ def _select():
 
 def build_name(build: Build, flags: frozenset[str]) -> str:
     """The extension's name (and folder under TORCH_EXTENSIONS_DIR) for `build` on a CPU with `flags`."""
-    return f"elmd_kernels_{build.path}" + ("_vnni" if build.path == "avx2" and "avx_vnni" in flags else "")
+    return f"elmd_kernels_{build.path.replace('-', '_')}" + ("_vnni" if build.path == "avx2" and "avx_vnni" in flags else "")
 
 
 def _build(build: Build, flags: frozenset[str]) -> str | None:

@@ -281,6 +281,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // * bf16 weights where the CPU has AVX512-BF16: the activations are rounded to bf16 (as
 //   llama.cpp and oneDNN do for bf16 weights) and VDPBF16PS takes 32 k per instruction;
 //   elsewhere the weights are widened to float32 (a 16-bit shift) and the activations kept.
+//   On AMX CPUs prompts of kAmxRows rows or more take oneDNN's AMX matmul instead, ~10x
+//   faster and, like the int8/int4 prompts there, not batch-invariant.
 struct F32Dot {
   using W = float;
   using X = float;
@@ -366,6 +368,8 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(K % 32 == 0 && N % kFloatRows == 0 && w.dim() == 2 && w.size(1) == K && w.is_contiguous(),
               "float_linear: bad shapes");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "activations must be float32 or bfloat16");
+  if (w.scalar_type() == at::kBFloat16 && use_amx(x.numel() / K))  // prompts on AMX, as int8/int4's (not invariant)
+    return at::linear(x.to(at::kBFloat16), w).to(x.scalar_type());
   const at::Tensor rows = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = rows.size(0);
   at::Tensor out = at::empty({M, N}, rows.options());

@@ -1,6 +1,6 @@
 // Sixteen-lane vectors for the kernels, one definition per instruction set, so that
-// qgemv.cpp and decode.cpp hold one algorithm for both builds (native.py compiles them
-// twice: with AVX-512 flags, and with AVX2 + FMA + F16C).
+// qgemv.cpp and decode.cpp hold one algorithm for every build (native.py compiles them
+// with AVX-512 flags, with or without AVX512-BF16, and with AVX2 + FMA + F16C).
 //
 // * vf: 16 float32, vi: 16 int32, vb: 64 bytes (16 rows x 4 bytes of a packed weight block).
 //   AVX-512: one register each. AVX2: a pair of 256-bit registers (rows 0-7, rows 8-15),
@@ -41,9 +41,18 @@ inline float vfirst(vf v) { return _mm512_cvtss_f32(v); }
 
 // 16 float32 results stored as float32 or rounded to bf16 (the activations' dtype).
 inline void store16(float* p, vf v) { _mm512_storeu_ps(p, v); }
+#if defined(__AVX512BF16__)
 inline void store16(at::BFloat16* p, vf v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
 }
+#else  // round to nearest even on the high 16 bits, as VCVTNEPS2BF16 does (NaN aside)
+inline void store16(at::BFloat16* p, vf v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+#endif
 inline void store16(at::Half* p, vf v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
 }
@@ -96,7 +105,11 @@ constexpr bool kInt8DotHasOffset = true;
 inline vb int8_weights(vb w) { return w; }
 inline vi dot_int8(vi acc, vb w, int32_t x4) { return dpbusd(acc, w, x4); }
 
+#if defined(__AMX_TILE__)
 constexpr bool kAmxBuild = true;  // amx.cpp is part of this build (used where the CPU has AMX)
+#else
+constexpr bool kAmxBuild = false;  // AVX-512 without BF16: no AMX CPU lacks it, so no amx.cpp
+#endif
 
 #else  // AVX2 + FMA + F16C (and AVX-VNNI where the build has it)
 

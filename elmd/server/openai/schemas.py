@@ -415,7 +415,7 @@ class Health(BaseModel):
     loaded: list[str]
     loading: list[str]
     error: str | None = None
-    # The CPU kernels the loaded CPU models run on ("avx512", "avx2", "aten"; None: no CPU
+    # The CPU kernels the loaded CPU models run on ("avx512", "avx512-vnni", "avx2", "aten"; None: no CPU
     # model loaded), why not the best ones for this CPU, and whether those are still building.
     cpu_kernels: str | None = None
     cpu_kernels_reason: str | None = None
