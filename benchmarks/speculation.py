@@ -7,19 +7,22 @@ both alike. Prompts are input-grounded (rewrite, extract, fix code: replies copy
 prompt) or open (nothing to copy). Decode tok/s is (completion tokens - 1) over the time
 from the first streamed token to the last; beside it, tokens per CPU-second of the daemon
 over the whole request (prompt included), a figure that other processes on a shared machine
-disturb much less. The greedy replies are also checked equal.
+disturb much less. The greedy replies are also checked equal. Then `--streams` concurrent
+streams of the grounded prompts (aggregate completion tokens/s over the wall time of them
+all), on against off: speculation inside the batch.
 
 Then, in this process on one intra-op thread, the same prompts through the engine: the
 scheduler thread's own CPU time per generated token with speculation on and off, and the
 proposed and accepted token counts. On a shared machine this is the steadiest figure of
 the work speculation saves or adds.
 
-    python benchmarks/speculation.py [--max-tokens 96] [--rounds 2] [--json out.json]
+    python benchmarks/speculation.py [--max-tokens 96] [--rounds 2] [--streams 4] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -97,6 +100,15 @@ def decode(daemon, prompt: str, max_tokens: int) -> tuple[float, float, int, str
     return reply.decode_tok_s, per_cpu_second, reply.tokens, reply.text
 
 
+def concurrent_tok_s(daemon, prompts: list[str], max_tokens: int) -> float:
+    """Aggregate completion tokens/s of one streamed greedy chat per prompt, all at once."""
+    base, _ = daemon
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        replies = list(pool.map(lambda prompt: StreamedReply(base, "smollm2-135m-instruct", prompt, max_tokens), prompts))
+    return sum(r.tokens for r in replies) / (time.perf_counter() - start)
+
+
 def in_process(model: Path, max_tokens: int) -> list[dict]:
     """Scheduler-thread CPU ms per token, speculation on and off, one intra-op thread."""
     import torch
@@ -138,6 +150,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--rounds", type=int, default=2, help="times each prompt goes to each daemon (median taken)")
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "elmd-bench-speculation")
+    p.add_argument("--streams", type=int, default=4, help="concurrent grounded streams (0: none)")
     p.add_argument("--json", type=Path)
     p.add_argument("--no-http", action="store_true", help="only the in-process figures")
     args = p.parse_args(argv)
@@ -171,10 +184,24 @@ def http_rows(model: Path, args) -> list[dict]:
                 print(f"{group:9} {name:9} {row['tokens']:4d} tok  on {row['on']:6.1f}  off {row['off']:6.1f} tok/s "
                       f"{row['ratio']:.2f}x   per CPU-s {row['cpu_ratio']:.2f}x   same text: {row['same_text']}",
                       flush=True)
+        if args.streams:
+            grounded = [list(GROUNDED.values())[i % len(GROUNDED)] for i in range(args.streams)]
+            runs = {"on": [], "off": []}
+            for _ in range(args.rounds):
+                for key, daemon_ in (("on", on), ("off", off)):
+                    runs[key].append(concurrent_tok_s(daemon_, grounded, args.max_tokens))
+            row = {"group": f"{args.streams} streams", "prompt": "grounded",
+                   **{key: statistics.median(values) for key, values in runs.items()}}
+            row["ratio"] = row["on"] / row["off"]
+            rows.append(row)
     for group in ("grounded", "open"):
         picked = [r for r in rows if r["group"] == group]
         print(f"{group}: geometric mean {statistics.geometric_mean(r['ratio'] for r in picked):.2f}x decode tok/s, "
               f"{statistics.geometric_mean(r['cpu_ratio'] for r in picked):.2f}x tokens per CPU-second")
+    for row in rows:
+        if row["group"].endswith("streams"):
+            print(f"{row['group']} of grounded prompts: on {row['on']:.1f}  off {row['off']:.1f} tok/s aggregate "
+                  f"{row['ratio']:.2f}x")
     return rows
 
 

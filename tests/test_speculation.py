@@ -1,4 +1,4 @@
-"""Prompt-lookup speculation (elmd/engine/speculation.py, Scheduler._speculate): the output
+"""Prompt-lookup speculation (elmd/engine/speculation.py, Scheduler._decode): the output
 is exactly plain decoding's, token for token, logprob for logprob, seeded samples and
 finish reasons included, while proposals are really accepted.
 
@@ -18,7 +18,7 @@ from openai import OpenAI
 
 from elmd.engine.load import load_engine
 from elmd.engine.protocol import SamplingParams
-from elmd.engine.speculation import FIRST_PROPOSAL, MAX_PROPOSAL, PromptLookup
+from elmd.engine.speculation import FIRST_PROPOSAL, MAX_PROPOSAL, Acceptance, PassCosts, PromptLookup
 from elmd.fixtures import write_checkpoint
 from scripted_checkpoint import write_scripted_checkpoint
 from test_metrics import scrape, value
@@ -121,6 +121,34 @@ def test_lookup_length_starts_at_zero_and_follows_acceptance():
     assert lookup.length == 0  # none accepted: back to plain steps
 
 
+def test_acceptance_is_kept_tokens_over_kept_tokens_and_misses():
+    acceptance = Acceptance()
+    assert acceptance.rate == 0.5  # one of each to begin with
+    acceptance.record([4, 5, 6, 7], 2)  # two kept, then a miss
+    acceptance.record([8, 9], 2)  # kept whole: no miss
+    acceptance.record([], 0)  # a plain step says nothing
+    assert acceptance.rate == (1 + 4) / (1 + 4 + 1 + 1)
+
+
+def test_a_guess_is_cut_to_what_its_rows_are_worth():
+    costs = PassCosts()
+    assert costs.worth(1, 1, 8, 0.5) == 8  # nothing measured yet: all of it
+    for rows in (1, 9):  # memory-bound: nine rows cost 1.2x one
+        costs.record(rows, 0.010 if rows == 1 else 0.012)
+    assert costs.estimate(5) == pytest.approx(0.011)  # interpolated
+    assert costs.estimate(20) == pytest.approx(0.012)  # past the widest measured: its cost
+    assert costs.worth(1, 1, 8, 0.9) == 8  # alone, likely kept: all eight
+    assert costs.worth(1, 1, 8, 0.1) == 1  # rarely kept: one token (0.1 kept for 2.5% more time)
+    assert costs.worth(1, 1, 8, 0.02) == 0  # hardly ever: 0.02 tokens for 2.5% more time, not worth it
+    costs = PassCosts()
+    for rows in range(1, 41):  # memory-bound up to 4 rows, then compute-bound: each row costs its share
+        costs.record(rows, 0.0025 * max(rows, 4))
+    assert costs.worth(4, 4, 8, 0.5) == 0  # four sequences would lose more than a guess gains
+    assert costs.worth(4, 4, 8, 0.95) == 0
+    assert costs.worth(1, 1, 8, 0.9) == 8  # alone: three rows are free, and the rest cost a token each, kept 0.9^k
+    assert costs.worth(1, 1, 8, 0.5) == 3  # the free rows only
+
+
 # -- exactness on the engine ---------------------------------------------------------
 
 
@@ -185,23 +213,36 @@ def test_cancelling_mid_reply_stops_it_and_the_engine_goes_on(tiny_engines):
     assert_same(run(on, LOOPING_PROMPT, again), run(off, LOOPING_PROMPT, again))
 
 
-def test_batched_sequences_take_plain_steps_and_stay_exact(tiny_engines):
+def test_batched_sequences_verify_their_guesses_in_one_pass_and_stay_exact(tiny_engines):
+    """Two looping prompts decoding at once: their steps carry both sequences' guesses in
+    one pass (rows of two slots, more rows than sequences), and each reply is its reply alone."""
     on, off = tiny_engines
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     prompts = [LOOPING_PROMPT, [40, 41, 42] * 5, [7, 8] * 9]
     alone = [run(off, p, params) for p in prompts]
     together = [None] * len(prompts)
+    scheduler = on.backend.scheduler
+    runner, passes = scheduler.runner, []
+
+    def recording_runner(tokens, positions, slots, *args, **kwargs):
+        passes.append(slots.tolist())
+        return runner(tokens, positions, slots, *args, **kwargs)
 
     def one(i):
         together[i] = run(on, prompts[i], params)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    scheduler.runner = recording_runner
+    try:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        scheduler.runner = runner
     for a, b in zip(together, alone):
         assert_same(a, b)
+    assert any(len(set(slots)) >= 2 and len(slots) > len(set(slots)) for slots in passes)
 
 
 # -- through the API -----------------------------------------------------------------

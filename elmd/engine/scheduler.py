@@ -19,6 +19,7 @@ import atexit
 import collections
 import heapq
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from elmd.engine.runner import Runner
 from elmd.engine.prefix_cache import PrefixCache
 from elmd.engine.protocol import Finished, SamplingParams, Step, StepChannel
 from elmd.engine.sampling import Sampler
-from elmd.engine.speculation import DraftModel, DraftProposer, PromptLookup
+from elmd.engine.speculation import DraftModel, DraftProposer, PassCosts, PromptLookup
 
 
 _live: weakref.WeakSet[Scheduler] = weakref.WeakSet()  # workers stopped at exit
@@ -80,19 +81,13 @@ class Scheduler:
     # slots and the context; both shrink back when the daemon goes idle. So memory follows
     # use: one long conversation holds one row, not one per slot.
     INITIAL_CACHE_TOKENS = 256
-    # Speculation runs while this many sequences decode or fewer. Each would verify its guess
-    # in a pass of its own (the native plan runs multi-token passes one sequence at a time),
-    # and two such passes cost more than one batched plain step: ATen on a CPU spends 2x a
-    # plain step on a pass of 2-9 tokens.
-    SPECULATION_MAX_BATCH = 1
-
     def __init__(self, load_model: Callable[[], Runner], slots: int, prefill_chunk: int = 256,
                  prefix_cache_bytes: int = 0, speculation: bool = False,
                  load_draft: Callable[[], Runner] | None = None):
         """Start the worker, load the model on it with `load_model` (and the draft model
         with `load_draft`), and return once it is ready (raising what the load raised).
-        `speculation`: sequences that decode alone verify guesses (elmd/engine/speculation.py):
-        the draft model's where there is one, else prompt lookup's."""
+        `speculation`: decoding sequences verify guesses in their steps (elmd/engine/speculation.py):
+        the draft model's where there is one (for a sequence decoding alone), else prompt lookup's."""
         self.speculation = speculation
         self.draft: DraftModel | None = None
         self.proposed_tokens = 0  # speculated tokens verified, and of them accepted
@@ -119,6 +114,9 @@ class Scheduler:
     def _setup(self, runner: Runner) -> None:
         model = runner.model
         self.device = model.rope_cos.device
+        # Guesses are cut to what their rows are worth by measured pass costs: on the CPU,
+        # where a pass's time is known when it returns (a GPU's would need a sync).
+        self.pass_costs = PassCosts() if self.device.type == "cpu" else None
         self.max_len = model.cfg.context_length
         self.initial_len = min(self.INITIAL_CACHE_TOKENS, self.max_len)
         model.setup_caches(1, self.initial_len)
@@ -205,10 +203,7 @@ class Scheduler:
             self._prefill_chunk(prefilling)
             self._ensure_cache()  # a last chunk's sampled token is cached below, maybe past the cache's end
         decoding = [s for s in self.running if s.generated > 0 and s.filled == len(s.tokens) - 1]
-        if len(decoding) <= self.SPECULATION_MAX_BATCH and any(s.lookup for s in decoding):
-            for seq in decoding:
-                self._speculate(seq)
-        elif decoding:
+        if decoding:
             self._decode(decoding)
 
     def _speculates(self, seq: Sequence) -> bool:
@@ -279,40 +274,64 @@ class Scheduler:
             self._emit(seq, logits[0, -1].float())
 
     def _decode(self, batch: list[Sequence]) -> None:
-        tokens = torch.tensor([[s.tokens[-1]] for s in batch], device=self.device)
-        positions = torch.tensor([[s.filled] for s in batch], device=self.device)
-        slots = torch.tensor([s.slot for s in batch], device=self.device)
-        span = max(s.filled for s in batch) + 1  # known here; on a GPU, reading it back would sync
-        logits = self.runner(tokens, positions, slots, span=span)[:, -1].float()
-        for i, seq in enumerate(batch):
-            seq.filled += 1
-            self._emit(seq, logits[i])
+        """One decode step for every sequence in `batch`, with the guesses of those that
+        speculate (prompt lookup's, or the draft model's) verified in the same pass: each
+        sequence gives the rows [last token + guess] at its next positions, all rows go through
+        the model as one batch of single-token rows (a row's keys and values are written before
+        any row attends, so a guess's later rows see its earlier ones), and each sequence then
+        walks its own rows (_accept). On the native plan a row's logits are bitwise the same
+        in any batch (tests/test_batch_invariance.py), so speculation changes no output."""
+        alone, rows = len(batch) == 1, len(batch)
+        proposals = []
+        for seq in batch:
+            guess = self._propose(seq, alone)
+            if guess and self.pass_costs is not None:
+                guess = guess[: self.pass_costs.worth(rows, len(batch), len(guess), seq.lookup.acceptance.rate)]
+            proposals.append(guess)
+            rows += len(guess or ())
+        tokens, positions, slots = [], [], []
+        for seq, proposal in zip(batch, proposals):
+            tokens += [seq.tokens[-1], *(proposal or ())]
+            positions += range(seq.filled, seq.filled + 1 + len(proposal or ()))
+            slots += [seq.slot] * (1 + len(proposal or ()))
+        span = max(positions) + 1  # known here; on a GPU, reading it back would sync
+        started = time.perf_counter()
+        logits = self.runner(torch.tensor(tokens, device=self.device)[:, None],
+                             torch.tensor(positions, device=self.device)[:, None],
+                             torch.tensor(slots, device=self.device), span=span)[:, -1].float()
+        if self.pass_costs is not None:
+            self.pass_costs.record(rows, time.perf_counter() - started)
+        row = 0
+        for seq, proposal in zip(batch, proposals):
+            self._accept(seq, proposal, logits[row : row + 1 + len(proposal or ())])
+            row += 1 + len(proposal or ())
 
-    def _speculate(self, seq: Sequence) -> None:
-        """A decode step that also verifies a guess (prompt lookup's or the draft model's):
-        one pass over [last token + guess] gives logits at every position, and the sequence's
-        sampler walks them as plain steps would, one token each, keeping guessed tokens while
-        it picks them and stopping at the first it does not (keeping its own pick). Exact for
-        any sampling: a guess made without the target's logits (copied, or the draft's greedy
-        pick) is a point-mass draft, for which speculative rejection sampling is this walk (on the native
-        plan at int8/int4 the pass's logits are bitwise a plain step's, tests/test_batch_invariance.py;
-        elsewhere they differ by float rounding: the pass multiplies several positions at once). Positions past the first miss
-        leave keys and values beyond `filled`, which later steps overwrite."""
+    def _propose(self, seq: Sequence, alone: bool) -> list[int] | None:
+        """`seq`'s guess at its next tokens (empty: a plain step), or None where it is not
+        asked for one: a sequence that does not speculate, or, with a draft model (which
+        keeps one sequence's keys and values), a sequence that does not decode alone."""
+        if seq.lookup is None or (self.draft is not None and not alone):
+            return None
         room = min(self.model.cache_length - len(seq.tokens), seq.params.max_tokens - seq.generated - 1)
-        proposal = seq.lookup.propose(seq.tokens, room) if room > 0 else []
-        tokens = torch.tensor([[seq.tokens[-1], *proposal]], device=self.device)
-        positions = torch.arange(seq.filled, seq.filled + len(proposal) + 1, device=self.device)[None]
-        slots = torch.tensor([seq.slot], device=self.device)
-        logits = self.runner(tokens, positions, slots, span=seq.filled + len(proposal) + 1)[0].float()
-        self.proposed_tokens += len(proposal)
-        for accepted in range(len(proposal) + 1):
+        return seq.lookup.propose(seq.tokens, room) if room > 0 else []
+
+    def _accept(self, seq: Sequence, proposal: list[int] | None, logits: torch.Tensor) -> None:
+        """Walk `seq`'s rows of a step: its sampler picks a token from each row's logits as
+        plain steps would, keeping guessed tokens while it picks them and stopping at the
+        first it does not (keeping its own pick). Exact for any sampling: a guess made without
+        the target's logits (copied, or the draft's greedy pick) is a point-mass draft, for
+        which speculative rejection sampling is this walk. Positions past the first miss leave
+        keys and values beyond `filled`, which later steps overwrite."""
+        guess = proposal or []
+        self.proposed_tokens += len(guess)
+        for accepted in range(len(guess) + 1):
             seq.filled += 1
             self._emit(seq, logits[accepted])
-            if seq not in self.running or accepted == len(proposal) or seq.tokens[-1] != proposal[accepted]:
+            if seq not in self.running or accepted == len(guess) or seq.tokens[-1] != guess[accepted]:
                 break
             self.accepted_tokens += 1  # before the step that may close the channel, so readers see it
-        if seq in self.running:
-            seq.lookup.record(proposal, accepted, seq.tokens[-1])
+        if proposal is not None and seq in self.running:
+            seq.lookup.record(guess, accepted, seq.tokens[-1])
 
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample the next token, report it, and finish the sequence if it is time."""

@@ -5,11 +5,13 @@ Replies that quote, rewrite, extract from or fix their input repeat runs of it. 
 last few tokens occurred earlier (in the prompt or the reply so far), the tokens that
 followed them there are a free guess at what comes next. The scheduler checks a guess in
 one forward pass over [last token + guess], which at batch 1 costs much less than a pass
-per token, and keeps only what the sequence's own sampler picks (Scheduler._speculate), so
+per token, and keeps only what the sequence's own sampler picks (Scheduler._accept), so
 the output is exactly what plain decoding gives.
 """
 
 from __future__ import annotations
+
+import statistics
 
 MAX_NGRAM = 3  # the longest run of last tokens looked up; shorter ones are tried after it
 MAX_PROPOSAL = 8  # the most tokens one pass verifies
@@ -32,6 +34,7 @@ class PromptLookup:
         self.length = 0  # starts as after a miss: unrelated prompts never pay for a pass
         self.hits = 0  # plain steps in a row whose guess was right
         self.guess: list[int] = []  # the last lookup's match, at most MAX_PROPOSAL tokens
+        self.acceptance = Acceptance()
 
     def propose(self, tokens: list[int], room: int) -> list[int]:
         """Tokens to verify after `tokens` (at most `room`); empty for a plain step."""
@@ -41,6 +44,7 @@ class PromptLookup:
     def record(self, proposal: list[int], accepted: int, sampled: int) -> None:
         """Adapt the length to a step's outcome: `accepted` of the `proposal`'s tokens
         were kept; without a proposal, the step sampled `sampled`."""
+        self.acceptance.record(proposal, accepted)
         if proposal:
             if accepted == len(proposal):
                 self.length = min(2 * self.length, MAX_PROPOSAL)
@@ -134,6 +138,7 @@ class DraftProposer:
         self.length = FIRST_DRAFT
         self.misses = 0  # guesses in a row of which nothing was kept
         self.resting = 0  # plain steps left before the draft is tried again
+        self.acceptance = Acceptance()
 
     def propose(self, tokens: list[int], room: int) -> list[int]:
         if self.resting or room <= 0:
@@ -141,6 +146,7 @@ class DraftProposer:
         return self.draft.guess(tokens, min(self.length, room, MAX_PROPOSAL))
 
     def record(self, proposal: list[int], accepted: int, sampled: int) -> None:
+        self.acceptance.record(proposal, accepted)
         if not proposal:
             self.resting = max(0, self.resting - 1)
             return
@@ -152,3 +158,70 @@ class DraftProposer:
             self.length, self.misses = max(1, self.length // 2), self.misses + 1
             if self.misses >= 2:
                 self.resting, self.misses = DRAFT_PROBE_STEPS, 0
+
+
+class Acceptance:
+    """The chance that a sequence's next guessed token is kept, given the one before it was:
+    each verified guess is a run of kept tokens ended by a miss (or by its end), so the
+    estimate is kept / (kept + misses), starting from one of each (1/2)."""
+
+    def __init__(self):
+        self.kept, self.misses = 1, 1
+
+    def record(self, proposal: list[int], accepted: int) -> None:
+        if proposal:
+            self.kept += accepted
+            self.misses += accepted < len(proposal)
+
+    @property
+    def rate(self) -> float:
+        return self.kept / (self.kept + self.misses)
+
+
+class PassCosts:
+    """What a decode pass costs by its number of rows, as measured (the scheduler times each
+    pass on the CPU), and how many of a guess's tokens are worth their rows.
+
+    Verifying k more tokens in a pass of R rows for B sequences keeps, on average,
+    a + a^2 + ... + a^k tokens (a: the sequence's Acceptance.rate), and costs the extra time
+    cost(R + k) - cost(R), in which plain steps would have given every sequence
+    B * (cost(R + k) - cost(R)) / cost(R) tokens. A guess is cut to the length that gains
+    most, none where nothing gains: at batch 1 on a memory-bound CPU a few more rows cost
+    little, in a wide batch on a compute-bound one they cost their share."""
+
+    KEEP = 8  # the latest passes of each row count whose median is its cost
+
+    def __init__(self):
+        self.seconds: dict[int, list[float]] = {}
+
+    def record(self, rows: int, seconds: float) -> None:
+        recent = self.seconds.setdefault(rows, [])
+        recent.append(seconds)
+        del recent[: -self.KEEP]
+
+    def estimate(self, rows: int) -> float | None:
+        """The measured cost of `rows` rows, or one interpolated between the nearest measured
+        counts; past the widest measured, that one's (optimistic: the pass then measures it)."""
+        measured = sorted(self.seconds)
+        if not measured:
+            return None
+        below = max((r for r in measured if r <= rows), default=measured[0])
+        above = min((r for r in measured if r >= rows), default=measured[-1])
+        low, high = (statistics.median(self.seconds[r]) for r in (below, above))
+        if above == below:
+            return low
+        return low + (high - low) * (rows - below) / (above - below)
+
+    def worth(self, rows: int, sequences: int, guess: int, acceptance: float) -> int:
+        """How many of a `guess`-token guess to verify in a pass of `rows` rows so far for
+        `sequences` sequences: all of it until costs are measured."""
+        base = self.estimate(rows)
+        if base is None or base <= 0:
+            return guess
+        best, best_gain, kept = 0, 0.0, 0.0
+        for k in range(1, guess + 1):
+            kept += acceptance**k
+            gain = kept - sequences * (self.estimate(rows + k) - base) / base
+            if gain > best_gain:
+                best, best_gain = k, gain
+        return best
