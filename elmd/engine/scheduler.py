@@ -114,8 +114,10 @@ class Scheduler:
     def _setup(self, runner: Runner) -> None:
         model = runner.model
         self.device = model.rope_cos.device
-        # Guesses are cut to what their rows are worth by measured pass costs: on the CPU,
-        # where a pass's time is known when it returns (a GPU's would need a sync).
+        # In a batch of sequences, guesses are cut to what their rows are worth by measured
+        # pass costs (a lone sequence's proposer decides alone: its few rows ride on a step
+        # bound by reading the weights). On the CPU, where a pass's time is known when it
+        # returns (a GPU's would need a sync).
         self.pass_costs = PassCosts() if self.device.type == "cpu" else None
         self.max_len = model.cfg.context_length
         self.initial_len = min(self.INITIAL_CACHE_TOKENS, self.max_len)
@@ -281,19 +283,19 @@ class Scheduler:
         any row attends, so a guess's later rows see its earlier ones), and each sequence then
         walks its own rows (_accept). On the native plan a row's logits are bitwise the same
         in any batch (tests/test_batch_invariance.py), so speculation changes no output."""
-        alone, rows = len(batch) == 1, len(batch)
-        proposals = []
-        for seq in batch:
-            guess = self._propose(seq, alone)
-            if guess and self.pass_costs is not None:
+        # With a draft model (which keeps one sequence's keys and values) only a sequence
+        # decoding alone is asked for a guess; prompt lookup guesses for every one.
+        asked = [seq.lookup is not None and (self.draft is None or len(batch) == 1) for seq in batch]
+        guesses, rows = [], len(batch)
+        for seq, ask in zip(batch, asked):
+            guess = self._propose(seq) if ask else []
+            if guess and self.pass_costs is not None and len(batch) > 1:
                 guess = guess[: self.pass_costs.worth(rows, len(batch), len(guess), seq.lookup.acceptance.rate)]
-            proposals.append(guess)
-            rows += len(guess or ())
-        tokens, positions, slots = [], [], []
-        for seq, proposal in zip(batch, proposals):
-            tokens += [seq.tokens[-1], *(proposal or ())]
-            positions += range(seq.filled, seq.filled + 1 + len(proposal or ()))
-            slots += [seq.slot] * (1 + len(proposal or ()))
+            guesses.append(guess)
+            rows += len(guess)
+        tokens = [t for seq, guess in zip(batch, guesses) for t in (seq.tokens[-1], *guess)]
+        positions = [seq.filled + i for seq, guess in zip(batch, guesses) for i in range(1 + len(guess))]
+        slots = [seq.slot for seq, guess in zip(batch, guesses) for _ in range(1 + len(guess))]
         span = max(positions) + 1  # known here; on a GPU, reading it back would sync
         started = time.perf_counter()
         logits = self.runner(torch.tensor(tokens, device=self.device)[:, None],
@@ -302,27 +304,23 @@ class Scheduler:
         if self.pass_costs is not None:
             self.pass_costs.record(rows, time.perf_counter() - started)
         row = 0
-        for seq, proposal in zip(batch, proposals):
-            self._accept(seq, proposal, logits[row : row + 1 + len(proposal or ())])
-            row += 1 + len(proposal or ())
+        for seq, guess, ask in zip(batch, guesses, asked):
+            self._accept(seq, guess, logits[row : row + 1 + len(guess)], ask)
+            row += 1 + len(guess)
 
-    def _propose(self, seq: Sequence, alone: bool) -> list[int] | None:
-        """`seq`'s guess at its next tokens (empty: a plain step), or None where it is not
-        asked for one: a sequence that does not speculate, or, with a draft model (which
-        keeps one sequence's keys and values), a sequence that does not decode alone."""
-        if seq.lookup is None or (self.draft is not None and not alone):
-            return None
+    def _propose(self, seq: Sequence) -> list[int]:
+        """`seq`'s guess at its next tokens (empty: a plain step)."""
         room = min(self.model.cache_length - len(seq.tokens), seq.params.max_tokens - seq.generated - 1)
         return seq.lookup.propose(seq.tokens, room) if room > 0 else []
 
-    def _accept(self, seq: Sequence, proposal: list[int] | None, logits: torch.Tensor) -> None:
+    def _accept(self, seq: Sequence, guess: list[int], logits: torch.Tensor, asked: bool) -> None:
         """Walk `seq`'s rows of a step: its sampler picks a token from each row's logits as
         plain steps would, keeping guessed tokens while it picks them and stopping at the
         first it does not (keeping its own pick). Exact for any sampling: a guess made without
         the target's logits (copied, or the draft's greedy pick) is a point-mass draft, for
         which speculative rejection sampling is this walk. Positions past the first miss leave
-        keys and values beyond `filled`, which later steps overwrite."""
-        guess = proposal or []
+        keys and values beyond `filled`, which later steps overwrite. `asked`: whether the
+        sequence's proposer was asked for this step's guess (it then learns the outcome)."""
         self.proposed_tokens += len(guess)
         for accepted in range(len(guess) + 1):
             seq.filled += 1
@@ -330,7 +328,7 @@ class Scheduler:
             if seq not in self.running or accepted == len(guess) or seq.tokens[-1] != guess[accepted]:
                 break
             self.accepted_tokens += 1  # before the step that may close the channel, so readers see it
-        if proposal is not None and seq in self.running:
+        if asked and seq in self.running:
             seq.lookup.record(guess, accepted, seq.tokens[-1])
 
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> None:

@@ -190,27 +190,32 @@ class PassCosts:
     little, in a wide batch on a compute-bound one they cost their share."""
 
     KEEP = 8  # the latest passes of each row count whose median is its cost
+    TRUSTED = 3  # passes of a row count measured before its cost is used (one slow pass is noise)
+    STALE = 256  # passes after which a measurement is forgotten, so that a count cut away is tried again
 
     def __init__(self):
-        self.seconds: dict[int, list[float]] = {}
+        self.passes = 0
+        self.seconds: dict[int, list[tuple[int, float]]] = {}  # rows -> [(pass number, seconds)]
 
     def record(self, rows: int, seconds: float) -> None:
+        self.passes += 1
         recent = self.seconds.setdefault(rows, [])
-        recent.append(seconds)
+        recent.append((self.passes, seconds))
         del recent[: -self.KEEP]
 
     def estimate(self, rows: int) -> float | None:
         """The measured cost of `rows` rows, or one interpolated between the nearest measured
         counts; past the widest measured, that one's (optimistic: the pass then measures it)."""
-        measured = sorted(self.seconds)
-        if not measured:
+        costs = {r: statistics.median(s for n, s in samples if n > self.passes - self.STALE)
+                 for r, samples in self.seconds.items()
+                 if sum(n > self.passes - self.STALE for n, _ in samples) >= self.TRUSTED}
+        if not costs:
             return None
-        below = max((r for r in measured if r <= rows), default=measured[0])
-        above = min((r for r in measured if r >= rows), default=measured[-1])
-        low, high = (statistics.median(self.seconds[r]) for r in (below, above))
+        below = max((r for r in costs if r <= rows), default=min(costs))
+        above = min((r for r in costs if r >= rows), default=max(costs))
         if above == below:
-            return low
-        return low + (high - low) * (rows - below) / (above - below)
+            return costs[below]
+        return costs[below] + (costs[above] - costs[below]) * (rows - below) / (above - below)
 
     def worth(self, rows: int, sequences: int, guess: int, acceptance: float) -> int:
         """How many of a `guess`-token guess to verify in a pass of `rows` rows so far for
