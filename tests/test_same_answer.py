@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import shutil
 
 import httpx
 import pytest
@@ -106,8 +107,10 @@ def test_the_offline_model_gives_one_reply_five_ways(offline_pair, sampling):
 @pytest.mark.parametrize("sampling", SAMPLINGS.values(), ids=SAMPLINGS.keys())
 @pytest.mark.parametrize("quant", ["int8", "bf16", "none"])
 def test_the_openelm_fixture_gives_one_reply_five_ways(tiny_checkpoint, tmp_path, quant, sampling):
-    with running_daemon(tiny_checkpoint, tmp_path / "cold", ELMD_QUANT=quant, ELMD_PREFIX_CACHE_BYTES="0") as cold:
-        with running_daemon(tiny_checkpoint, tmp_path / "cached", ELMD_QUANT=quant) as cached:
+    # A copy: a daemon stores the quantized weights beside the checkpoint, which the session shares.
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / tiny_checkpoint.name)
+    with running_daemon(checkpoint, tmp_path / "cold", ELMD_QUANT=quant, ELMD_PREFIX_CACHE_BYTES="0") as cold:
+        with running_daemon(checkpoint, tmp_path / "cached", ELMD_QUANT=quant) as cached:
             wait_for_cpu_kernels(cold)
             wait_for_cpu_kernels(cached)
             assert five_ways(cold, cached, sampling) == []
