@@ -283,20 +283,16 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 //   elsewhere the weights are widened to float32 (a 16-bit shift) and the activations kept.
 //   On AMX CPUs prompts of kAmxRows rows or more take oneDNN's AMX matmul instead, ~10x
 //   faster and, like the int8/int4 prompts there, not batch-invariant.
-struct F32Dot {
-  using W = float;
+// float32 activations against float32 weights, or against bf16 ones widened (Weight uint16_t).
+template <typename Weight>
+struct Float32Dot {
+  using W = Weight;
   using X = float;
   static constexpr int kStep = 16;
-  static vf load_w(const float* p) { return load16(p); }
-  static vf load_x(const float* p) { return load16(p); }
-  static vf dot(vf acc, vf w, vf x) { return vfmadd(w, x, acc); }
-};
-
-struct BF16WidenDot {
-  using W = uint16_t;
-  using X = float;
-  static constexpr int kStep = 16;
-  static vf load_w(const uint16_t* p) { return load_bf16(p); }
+  static vf load_w(const Weight* p) {
+    if constexpr (std::is_same_v<Weight, float>) return load16(p);
+    else return load_bf16(p);
+  }
   static vf load_x(const float* p) { return load16(p); }
   static vf dot(vf acc, vf w, vf x) { return vfmadd(w, x, acc); }
 };
@@ -375,14 +371,14 @@ at::Tensor float_linear(const at::Tensor& x, const at::Tensor& w) {
   at::Tensor out = at::empty({M, N}, rows.options());
   float* op = out.data_ptr<float>();
   if (w.scalar_type() == at::kFloat) {
-    float_matmul<F32Dot>(w.data_ptr<float>(), rows.data_ptr<float>(), M, K, N, op);
+    float_matmul<Float32Dot<float>>(w.data_ptr<float>(), rows.data_ptr<float>(), M, K, N, op);
   } else {
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
 #if defined(__AVX512BF16__)
     const at::Tensor rounded = rows.to(at::kBFloat16);
     float_matmul<BF16Dot>(wp, reinterpret_cast<const uint16_t*>(rounded.data_ptr<at::BFloat16>()), M, K, N, op);
 #else
-    float_matmul<BF16WidenDot>(wp, rows.data_ptr<float>(), M, K, N, op);
+    float_matmul<Float32Dot<uint16_t>>(wp, rows.data_ptr<float>(), M, K, N, op);
 #endif
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
