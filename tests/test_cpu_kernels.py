@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_avx2_forced_runs_the_avx2_build():
     best = runnable()[0]
     assert got["path"] == "avx2" and got["kernel"] == "native"
     assert got["why"] == (None if best == "avx2" else "forced by ELMD_CPU_KERNELS=avx2")
-    assert [name for name in got["libraries"] if name.endswith(".so")] in (
+    assert [re.sub("_[0-9a-f]{12}[.]so$", ".so", name) for name in got["libraries"] if name.endswith(".so")] in (
         ["elmd_kernels_avx2.so"], ["elmd_kernels_avx2_vnni.so"])
 
 
@@ -84,6 +85,21 @@ def test_a_cpu_with_only_avx2_runs_the_avx2_build():
     assert path_in_child({"ELMD_CPU_KERNELS": "auto"}, AVX2_FLAGS)["path"] == "avx2"
 
 
+def test_a_build_folder_is_keyed_by_its_sources_so_installs_do_not_rebuild_over_each_other(tmp_path, monkeypatch):
+    """Another install's copy of the same sources names the same build; changed sources
+    (another version of elmd) name another, so neither rebuilds over the other at each start."""
+    kernels = Path(native.__file__).parent
+    build = native.BUILDS[-1]
+    here = native.build_name(build, frozenset())
+    for source in (*build.sources, *native.HEADERS):
+        (tmp_path / source).write_bytes((kernels / source).read_bytes())
+    monkeypatch.setattr(native, "__file__", str(tmp_path / "native.py"))
+    assert native.build_name(build, frozenset()) == here
+    (tmp_path / "simd.h").write_text((kernels / "simd.h").read_text() + "\n// another version\n")
+    other = native.build_name(build, frozenset())
+    assert other != here and other.startswith("elmd_kernels_avx2_") and other.isidentifier()
+
+
 @pytest.mark.skipif("avx512-vnni" not in runnable(), reason="needs a CPU with AVX512-VNNI")
 def test_a_cpu_with_avx512_but_no_bf16_runs_the_avx512_vnni_build():
     """Ice Lake / Cascade Lake class: AVX-512 with VNNI, without AVX512-BF16. The int8/int4
@@ -91,7 +107,8 @@ def test_a_cpu_with_avx512_but_no_bf16_runs_the_avx512_vnni_build():
     flags = sorted(native.cpu_flags() - {"avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"})
     got = path_in_child({"ELMD_CPU_KERNELS": "auto"}, flags)
     assert got["path"] == "avx512-vnni" and got["why"] is None and got["kernel"] == "native"
-    assert [name for name in got["libraries"] if name.endswith(".so")] == ["elmd_kernels_avx512_vnni.so"]
+    assert [re.sub("_[0-9a-f]{12}[.]so$", ".so", name) for name in got["libraries"] if name.endswith(".so")] == [
+        "elmd_kernels_avx512_vnni.so"]
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the native builds are x86's")

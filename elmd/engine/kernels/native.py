@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -66,6 +67,8 @@ BUILDS = (  # best first
           ("qgemv.cpp", "decode.cpp"), _AVX512),
     Build("avx2", frozenset({"avx2", "fma", "f16c"}), ("qgemv.cpp", "decode.cpp"), ("-mavx2", "-mfma", "-mf16c")),
 )
+HEADERS = ("kernels.h", "simd.h")  # included by every build's sources
+PREBUILT = Path(__file__).with_name("prebuilt")  # the compiled builds a wheel carries (prebuild)
 ROWS = 16  # output rows per register in qgemv.cpp
 log = logging.getLogger(__name__)
 _selecting = threading.Lock()  # a background build at start-up and a first request may both ask
@@ -119,6 +122,10 @@ def _select():
             missing = ", ".join(sorted(forced.cpu_flags - flags))
             return None, "aten", f"{KERNELS_ENV}={choice}, but this CPU lacks {missing}"
         runnable = [forced]
+    forced_why = f"forced by {KERNELS_ENV}={choice}" if choice != "auto" and runnable[0] != best else None
+    if _load_prebuilt(runnable[0], flags):
+        _register_shapes()
+        return torch.ops.elmd, runnable[0].path, forced_why
     compiler = os.environ.get("CXX", "c++")  # the one torch's build runs
     if shutil.which(compiler) is None:
         return None, "aten", f"no C++ compiler ({compiler})"
@@ -134,9 +141,67 @@ def _select():
     return None, "aten", "; ".join(failures)
 
 
+def _load_prebuilt(build: Build, flags: frozenset[str]) -> bool:
+    """Load `build` as a wheel carries it, compiled (prebuild), if it carries this build of
+    these sources for this torch and Python: a wheel install runs the native kernels from its
+    first token, with no compiler."""
+    library = PREBUILT / f"{build_name(build, flags)}.so"
+    if not library.is_file():
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as e:
+        log.warning("the prebuilt %s kernels did not load (%s); building them instead", build.path, e)
+        return False
+    return True
+
+
+def prebuild(target: Path | None = None) -> list[Path]:
+    """Compile every build (and avx2's AVX-VNNI variant) into `target` (PREBUILT), as the wheel
+    carries them: build_backend/elmd_build.py runs this when `pip wheel` builds one. Each
+    compiles in a child process (one native build per process), in a folder of its own."""
+    import tempfile
+
+    target = target or PREBUILT
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    libraries = []
+    variants = [(build, frozenset()) for build in BUILDS] + [(BUILDS[-1], frozenset({"avx_vnni"}))]
+    before = os.environ.get("TORCH_EXTENSIONS_DIR")
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["TORCH_EXTENSIONS_DIR"] = folder  # the children's build folders
+        try:
+            for build, flags in variants:
+                spec = build_spec(build, flags)
+                if failure := _compile_apart(spec):
+                    raise RuntimeError(f"the {spec['name']} kernels did not compile: {failure}")
+                libraries.append(Path(shutil.copy(Path(folder) / spec["name"] / f"{spec['name']}.so", target)))
+        finally:
+            os.environ.pop("TORCH_EXTENSIONS_DIR")
+            if before is not None:
+                os.environ["TORCH_EXTENSIONS_DIR"] = before
+    return libraries
+
+
 def build_name(build: Build, flags: frozenset[str]) -> str:
-    """The extension's name (and folder under TORCH_EXTENSIONS_DIR) for `build` on a CPU with `flags`."""
-    return f"elmd_kernels_{build.path.replace('-', '_')}" + ("_vnni" if build.path == "avx2" and "avx_vnni" in flags else "")
+    """The extension's name (and folder under TORCH_EXTENSIONS_DIR) for `build` on a CPU with
+    `flags`, ending in a hash of its sources, compiler flags, torch's and Python's versions: two installs
+    of elmd on one machine (a wheel's and a checkout's) each keep their own build instead of
+    rebuilding over each other's at every start, and installs of the same sources share one."""
+    name = f"elmd_kernels_{build.path.replace('-', '_')}" + ("_vnni" if build.path == "avx2" and "avx_vnni" in flags else "")
+    python = "%d.%d" % sys.version_info[:2]
+    digest = hashlib.sha256(f"{name} {' '.join(build.compiler_flags)} torch {torch.__version__} python {python}".encode())
+    for source in (*build.sources, *HEADERS):
+        digest.update(Path(__file__).with_name(source).read_bytes())
+    return f"{name}_{digest.hexdigest()[:12]}"
+
+
+def build_spec(build: Build, flags: frozenset[str]) -> dict:
+    """torch.utils.cpp_extension.load's arguments for `build` on a CPU with `flags`."""
+    extra = ("-mavxvnni",) if build.path == "avx2" and "avx_vnni" in flags else ()
+    return {"name": build_name(build, flags),
+            "sources": [str(Path(__file__).with_name(source)) for source in build.sources],
+            "extra_cflags": ["-O3", "-fopenmp", *build.compiler_flags, *extra], "extra_ldflags": ["-fopenmp"]}
 
 
 def _build(build: Build, flags: frozenset[str]) -> str | None:
@@ -145,10 +210,7 @@ def _build(build: Build, flags: frozenset[str]) -> str | None:
     (a script done before the first build is) neither aborts in the compiler's wait (C++
     frames on a daemon thread at interpreter exit) nor leaves compilers behind it."""
     global _extensions_root
-    extra = ("-mavxvnni",) if build.path == "avx2" and "avx_vnni" in flags else ()
-    spec = {"name": build_name(build, flags),
-            "sources": [str(Path(__file__).with_name(source)) for source in build.sources],
-            "extra_cflags": ["-O3", "-fopenmp", *build.compiler_flags, *extra], "extra_ldflags": ["-fopenmp"]}
+    spec = build_spec(build, flags)
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
