@@ -16,7 +16,7 @@ from setuptools import build_meta as _setuptools
 from setuptools.build_meta import *  # noqa: F401,F403 (sdist, editable and metadata hooks as setuptools has them)
 
 ROOT = Path(__file__).resolve().parent.parent
-TORCH = "torch==2.13.0"  # the kernels' ABI: the version pyproject.toml pins (tests/test_prebuilt_kernels.py checks)
+TORCH = "torch==2.13.0"  # the kernels' ABI: the version pyproject.toml pins (tests/test_packaging.py checks)
 
 
 def _builds_kernels() -> bool:

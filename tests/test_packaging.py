@@ -1,7 +1,8 @@
 """What a wheel install gets: every file the package needs beyond its Python modules (the
-native kernels' sources and headers, models.yaml, the data files), and native kernels that
-build from the installed copy. The wheel is built from a copy of the checkout and installed
-into a fresh virtual environment that borrows this one's dependencies (torch included)."""
+native kernels' sources and headers, models.yaml, the data files), and the native kernels
+compiled (build_backend/elmd_build.py), which run from the installed copy with no compiler.
+The wheel is built from a copy of the checkout and installed into a fresh virtual environment
+that borrows this one's dependencies (torch included)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from elmd.engine.kernels import native
+
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "build_backend"))
+import elmd_build  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -57,9 +63,10 @@ def wheel(tmp_path_factory) -> Path:
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, source / name, follow_symlinks=False)
-    shutil.copytree(REPO / "elmd", source / "elmd", symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("elmd", "build_backend"):
+        shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__", "prebuilt"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp / "dist"), str(source)], check=True, timeout=300)
+                    str(tmp / "dist"), str(source)], check=True, timeout=1500)  # it compiles the kernels: minutes
     (built,) = (tmp / "dist").glob("elmd-*.whl")
     return built
 
@@ -76,8 +83,21 @@ def test_the_wheel_ships_every_file_the_package_has(wheel):
         assert archive.read("elmd/models.yaml") == (REPO / "elmd" / "models.yaml").read_bytes()
 
 
-@pytest.mark.timeout(1200)  # a first build of the kernels: about a minute alone, several on a busy machine
-def test_the_native_kernels_build_from_a_wheel_install(wheel, tmp_path):
+def test_the_backend_compiles_against_the_torch_that_pyproject_pins():
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"{elmd_build.TORCH}; sys_platform != 'darwin'" in dependencies
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not sys.platform.startswith("linux"),
+                    reason="the wheel carries compiled kernels for x86-64 Linux")
+def test_the_wheel_carries_every_build_compiled(wheel):
+    carried = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/kernels/prebuilt/" in n}
+    variants = [(build, frozenset()) for build in native.BUILDS] + [(native.BUILDS[-1], frozenset({"avx_vnni"}))]
+    assert carried == {f"{native.build_name(build, flags)}.so" for build, flags in variants}
+
+
+@pytest.mark.timeout(1200)
+def test_a_wheel_install_runs_the_native_kernels_it_carries_without_a_compiler(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -89,7 +109,8 @@ def test_the_native_kernels_build_from_a_wheel_install(wheel, tmp_path):
     # torch and the rest come from this environment, after the wheel's own site-packages
     borrowed = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "borrowed-dependencies.pth").write_text("\n".join(sorted(borrowed)) + "\n")
-    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")  # nothing cached: the build runs
+    extensions = tmp_path / "torch_extensions"
+    env.update(TORCH_EXTENSIONS_DIR=str(extensions), CXX="/nonexistent/c++")  # nothing cached, no compiler
     result = subprocess.run([str(python), "-c", IN_THE_WHEEL], env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -100,4 +121,7 @@ def test_the_native_kernels_build_from_a_wheel_install(wheel, tmp_path):
         if platform.machine() in ("x86_64", "AMD64"):
             assert report["preprocessed"] and set(report["preprocessed"].values()) == {"ok"}, report
     else:
+        best = next(build.path for build in native.BUILDS if build.cpu_flags <= native.cpu_flags())
+        assert (report["path"], report["why"]) == (best, None), report
         assert report["relative_error"] < 0.015, report  # tests/test_quantize.py's bound
+        assert not extensions.exists() or not any(extensions.iterdir())  # nothing was compiled
