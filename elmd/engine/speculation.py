@@ -203,12 +203,16 @@ class PassCosts:
         recent.append((self.passes, seconds))
         del recent[: -self.KEEP]
 
-    def estimate(self, rows: int) -> float | None:
+    def trusted(self) -> dict[int, float]:
+        """Each row count's cost, where it was measured often and lately enough."""
+        fresh = {r: [s for n, s in samples if n > self.passes - self.STALE] for r, samples in self.seconds.items()}
+        return {r: statistics.median(s) for r, s in fresh.items() if len(s) >= self.TRUSTED}
+
+    def estimate(self, rows: int, costs: dict[int, float] | None = None) -> float | None:
         """The measured cost of `rows` rows, or one interpolated between the nearest measured
-        counts; past the widest measured, that one's (optimistic: the pass then measures it)."""
-        costs = {r: statistics.median(s for n, s in samples if n > self.passes - self.STALE)
-                 for r, samples in self.seconds.items()
-                 if sum(n > self.passes - self.STALE for n, _ in samples) >= self.TRUSTED}
+        counts; past the widest measured, that one's (optimistic: the pass then measures it).
+        `costs`: trusted()'s table, when the caller already has it."""
+        costs = self.trusted() if costs is None else costs
         if not costs:
             return None
         below = max((r for r in costs if r <= rows), default=min(costs))
@@ -220,13 +224,14 @@ class PassCosts:
     def worth(self, rows: int, sequences: int, guess: int, acceptance: float) -> int:
         """How many of a `guess`-token guess to verify in a pass of `rows` rows so far for
         `sequences` sequences: all of it until costs are measured."""
-        base = self.estimate(rows)
+        costs = self.trusted()  # once: the scheduler asks this for every guess of every step
+        base = self.estimate(rows, costs)
         if base is None or base <= 0:
             return guess
         best, best_gain, kept = 0, 0.0, 0.0
         for k in range(1, guess + 1):
             kept += acceptance**k
-            gain = kept - sequences * (self.estimate(rows + k) - base) / base
+            gain = kept - sequences * (self.estimate(rows + k, costs) - base) / base
             if gain > best_gain:
                 best, best_gain = k, gain
         return best
