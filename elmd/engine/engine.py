@@ -8,7 +8,10 @@ sees each one start, each token, and its end, through `Engine.watch`.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import threading
+import time
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterable, Iterator, Protocol
@@ -130,10 +133,27 @@ def chat_template_of(model_dir: str | Path, chat_template: str | None = None) ->
     return Tokenizer.from_dir(model_dir, chat_template).chat_template
 
 
+@dataclass
+class LoadedAdapter:
+    directory: Path
+    stamp: str  # its files' names, sizes and modification times: a new stamp (an import --force) reloads it
+    nbytes: int
+    last_used: float
+
+
+def adapter_stamp(directory: Path) -> str:
+    files = sorted(p for p in Path(directory).iterdir() if p.is_file()) if Path(directory).is_dir() else []
+    return hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode()).hexdigest()[:16]
+
+
 class Engine:
-    """One servable model. Thread-safe; generations run concurrently in the backend."""
+    """One servable model. Thread-safe; generations run concurrently in the backend.
+
+    A LoRA adapter served over this model is a view of it (`with_adapter`): the same backend,
+    tokenizer and weights, generating with the adapter's rows added."""
 
     kind = "generator"  # beside elmd/engine/embedding.py's "embedding"
+    adapter: str | None = None  # the LoRA adapter this view generates with (None: the base model)
 
     def __init__(
         self,
@@ -151,12 +171,56 @@ class Engine:
         # Called with a generation's prompt length as it starts; the service sets it to count
         # tokens and time them, so every route that generates is measured in one place.
         self.watch: Callable[[int], GenerationWatch] = lambda prompt_tokens: _Unwatched()
+        self.adapters: dict[str, LoadedAdapter] = {}  # shared by the views
+        self._adapters_lock = threading.Lock()
+
+    def with_adapter(self, name: str, directory: Path) -> "Engine":
+        """A view generating with the LoRA adapter in `directory` as model `name`, loaded into the
+        backend on first use (the base is not reloaded). Raises elmd.engine.lora.AdapterError when
+        it does not fit this model, NotImplementedError on a backend without adapters."""
+        stamp = adapter_stamp(directory)
+        with self._adapters_lock:
+            loaded = self.adapters.get(name)
+            if loaded is not None and (loaded.directory, loaded.stamp) != (Path(directory), stamp):
+                # the name now means other files: reload once its running sequences let it go
+                if self.backend.unload_adapter(name):
+                    del self.adapters[name]
+                    loaded = None
+            if loaded is None:
+                load = getattr(self.backend, "load_adapter", None)
+                if load is None:
+                    raise NotImplementedError(f"the {self.info.name} backend serves no LoRA adapters")
+                loaded = self.adapters[name] = LoadedAdapter(Path(directory), stamp, load(name, Path(directory)), 0.0)
+            loaded.last_used = time.monotonic()
+        view = copy.copy(self)
+        view.model_id, view.adapter = name, name
+        return view
+
+    def drop_idle_adapters(self, idle_seconds: float) -> list[str]:
+        """Unload the adapters unused for `idle_seconds` (keep_alive) that no sequence holds; their names."""
+        dropped = []
+        with self._adapters_lock:
+            now = time.monotonic()
+            for name, loaded in list(self.adapters.items()):
+                if now - loaded.last_used >= idle_seconds and self.backend.unload_adapter(name):
+                    del self.adapters[name]
+                    dropped.append(name)
+        return dropped
 
     @property
     def info(self) -> BackendInfo:
         """What the backend says of itself (runtime, device, sizes, CPU kernel path): the
         service reads it here and never reaches into the backend."""
         return self.backend.info
+
+    @property
+    def system_fingerprint(self) -> str:
+        """The backend's fingerprint (BackendInfo.system_fingerprint), and the adapter's files on a view."""
+        base = self.info.system_fingerprint
+        if self.adapter is None:
+            return base
+        stamp = self.adapters[self.adapter].stamp
+        return "fp_" + hashlib.sha256(f"{base}\n{self.adapter}\n{stamp}".encode()).hexdigest()[:12]
 
     def cache_bytes(self) -> CacheBytes:
         return self.backend.cache_bytes()
@@ -170,9 +234,10 @@ class Engine:
         self.backend.limit_cache(budget)
 
     def resident_bytes(self) -> int:
-        """What the model holds now: its weights, KV cache and cached prefixes."""
+        """What the model holds now: its weights, loaded adapters, KV cache and cached prefixes."""
         caches = self.cache_bytes()
-        return self.info.memory_bytes + caches.kv_cache + caches.prefix_cache
+        adapters = sum(a.nbytes for a in list(self.adapters.values()))
+        return self.info.memory_bytes + adapters + caches.kv_cache + caches.prefix_cache
 
     @property
     def context_length(self) -> int:
@@ -201,6 +266,10 @@ class Engine:
 
     def _start(self, prompt_ids: list[int], params: SamplingParams) -> StepChannel:
         self.check_length(prompt_ids, params.max_tokens)
+        if self.adapter is not None:
+            self.adapters[self.adapter].last_used = time.monotonic()
+            return self.backend.submit(list(prompt_ids), params, self.tokenizer.eos_ids, self.matcher(params),
+                                       adapter=self.adapter)
         return self.backend.submit(list(prompt_ids), params, self.tokenizer.eos_ids, self.matcher(params))
 
     def _text(self, prompt_ids: list[int], params: SamplingParams, channel: StepChannel, reply: bool) -> "_TextAssembler":
@@ -259,6 +328,8 @@ class Engine:
         """Log-probabilities of the prompt's own tokens (for `echo` and log-likelihood evals)."""
         if len(token_ids) > self.context_length:
             raise ContextLengthError(len(token_ids), 0, self.context_length)
+        if self.adapter is not None:
+            return self.backend.score(list(token_ids), top_n, adapter=self.adapter)
         return self.backend.score(list(token_ids), top_n)
 
     def close(self) -> None:

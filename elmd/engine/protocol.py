@@ -230,6 +230,11 @@ class Backend(Protocol):
         """Log-probability of each token given those before it (len(token_ids) - 1 entries)."""
         ...
 
+    # LoRA adapters (both backends; optional for test doubles): `submit` and `score` then take
+    # `adapter=name` to generate with one.
+    #   load_adapter(name, directory) -> int: read and serve the adapter, its bytes (AdapterError: it does not fit).
+    #   unload_adapter(name) -> bool: drop it, unless a sequence still uses it (False).
+
     def cache_bytes(self) -> CacheBytes:
         """What the caches hold now (read for the metrics and the memory budget; safe to call
         while generating, never waits for a step)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from elmd.engine.lora import Adapter, AdapterSet
 from elmd.engine.openelm import OpenELM
 
 
@@ -22,18 +23,51 @@ class Runner:
         self.native_plan = None  # torch.classes.elmd.NativePlan when cached steps and prompts run natively
         self.head = model.head  # the output head; with the native plan, a float head on its float_linear
         self.decode_graphs = None  # elmd.engine.cuda_graphs.DecodeGraphs when decode steps replay CUDA graphs
+        self.adapters = AdapterSet()  # LoRA adapters, applied per row (elmd/engine/lora.py)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                 span: int | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits as OpenELM.forward gives them for a cached forward (`slots` given)."""
+                 span: int | None = None, last_only: bool = False, adapters: list[int] | None = None) -> torch.Tensor:
+        """Logits as OpenELM.forward gives them for a cached forward (`slots` given); `adapters`:
+        the adapter index of each batch row (0 or None: the base)."""
+        adapted = adapters is not None and any(adapters)
         if self.native_plan is not None:
             if tokens.shape[1] == 1:
-                return self.decode_step(tokens[:, 0], positions[:, 0].contiguous(), slots)[:, None]
+                return self.decode_step(tokens[:, 0], positions[:, 0].contiguous(), slots, adapters)[:, None]
             if tokens.shape[0] == 1:
-                return self.prefill_chunk(tokens[0], int(positions[0, 0]), int(slots[0]), last_only)[None]
-        if self.decode_graphs is not None and tokens.shape[1] == 1:
+                return self.prefill_chunk(tokens[0], int(positions[0, 0]), int(slots[0]), last_only,
+                                          adapters[0] if adapted else 0)[None]
+        if self.decode_graphs is not None and tokens.shape[1] == 1 and not adapted:
             return self.decode_graphs(tokens, positions, slots)
-        return self.model(tokens, positions, slots, span, last_only)
+        with self.adapters.rows(adapters if adapted else None):
+            return self.model(tokens, positions, slots, span, last_only)
+
+    def score(self, tokens: torch.Tensor, adapter: int = 0) -> torch.Tensor:
+        """Logits of every position of `tokens` [1, T] without the cache (prompt log-probs)."""
+        with self.adapters.rows([adapter] if adapter else None):
+            return self.model(tokens, torch.arange(tokens.shape[1], device=tokens.device)[None])
+
+    def add_adapter(self, adapter: Adapter) -> int:
+        """Load `adapter` beside the base weights (no merge); its index for `__call__`."""
+        index = self.adapters.add(adapter, self.model)
+        self._attach_adapters()
+        return index
+
+    def remove_adapter(self, name: str) -> int:
+        index = self.adapters.remove(name)
+        if self.native_plan is not None:
+            self.native_plan.remove_adapter(index)
+        return index
+
+    def _attach_adapters(self) -> None:
+        """Give the hooks and the native plan every loaded adapter (after a load, or after the
+        kernels switch, which swaps layers and builds a new plan)."""
+        if not self.adapters:
+            return
+        self.adapters.attach(self.model)
+        if self.native_plan is not None:
+            layers = len(self.model.transformer.layers)
+            for index in self.adapters.prepared:
+                self.native_plan.add_adapter(index, *self.adapters.plan_tensors(index, layers))
 
     def use_native_plan(self) -> bool:
         """Run cached forwards (decode steps, one sequence's prompt chunks) through the native
@@ -63,6 +97,7 @@ class Runner:
             [group for _, _, group in args], [b.attn.q_heads for b in layers], model.cfg.rms_norm_eps,
             model.cfg.ffn_with_glu, model.rope_cos, model.rope_sin)
         self.head = self._native_head()
+        self._attach_adapters()
         return True
 
     def _native_head(self):
@@ -84,17 +119,19 @@ class Runner:
             return model.head
         return lambda h: torch.ops.elmd.float_linear(h, weight)
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                    adapters: list[int] | None = None) -> torch.Tensor:
         """Logits [B, vocab] for one new token per sequence, the layer stack run by the native
         plan in one call; float32 on the CPU."""
         x = self.model.transformer.token_embeddings(tokens)  # the residual stream, float32 [B, dim]
-        return self.head(self.native_plan.step(x, *self._cache_tensors(), slots, positions))
+        ids = torch.tensor(adapters if adapters and any(adapters) else [], dtype=torch.long)
+        return self.head(self.native_plan.step(x, *self._cache_tensors(), slots, positions, ids))
 
-    def prefill_chunk(self, tokens: torch.Tensor, start: int, slot: int, last_only: bool) -> torch.Tensor:
+    def prefill_chunk(self, tokens: torch.Tensor, start: int, slot: int, last_only: bool, adapter: int = 0) -> torch.Tensor:
         """Logits [T, vocab] (or [1, vocab] with `last_only`) for one sequence's T prompt tokens
         at positions start .. start + T - 1, cached in row `slot`, by the native plan."""
         x = self.model.transformer.token_embeddings(tokens)  # [T, dim]
-        h = self.native_plan.prefill(x, *self._cache_tensors(), slot, start)
+        h = self.native_plan.prefill(x, *self._cache_tensors(), slot, start, adapter)
         return self.head(h[-1:] if last_only else h)
 
     def _cache_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

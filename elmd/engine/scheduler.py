@@ -58,6 +58,7 @@ class Sequence:
     matcher: TokenMatcher | None = None  # the grammar's allowed tokens, for a constrained sequence
     sampler: Sampler | None = None  # made on the worker when the sequence is admitted
     lookup: PromptLookup | DraftProposer | None = None  # when it speculates
+    adapter: int = 0  # the LoRA adapter's index in the runner's AdapterSet (0: the base)
     slot: int = -1
     filled: int = 0  # tokens whose keys and values are in the slot
     generated: int = 0
@@ -127,9 +128,9 @@ class Scheduler:
 
     # -- called from any thread ------------------------------------------------------
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
-               matcher: TokenMatcher | None = None) -> StepChannel:
+               matcher: TokenMatcher | None = None, adapter: int = 0) -> StepChannel:
         channel = StepChannel()
-        seq = Sequence(channel, params, stop_ids, list(prompt_ids), len(prompt_ids), matcher)
+        seq = Sequence(channel, params, stop_ids, list(prompt_ids), len(prompt_ids), matcher, adapter=adapter)
         with self._wake:
             self.waiting.append(seq)
             self._wake.notify()
@@ -253,8 +254,12 @@ class Scheduler:
                 self.running.append(seq)
                 self._reuse_prefix(seq)
 
+    def uses_adapter(self, index: int) -> bool:
+        """Whether a running or waiting sequence decodes with adapter `index` (worker thread)."""
+        return any(seq.adapter == index for seq in self.running + list(self.waiting))
+
     def _reuse_prefix(self, seq: Sequence) -> None:
-        n, kv = self.prefix_cache.lookup(seq.tokens)
+        n, kv = self.prefix_cache.lookup(seq.tokens, seq.adapter)
         if kv is None:
             return
         self._ensure_cache()
@@ -270,7 +275,7 @@ class Scheduler:
         tokens = torch.tensor([seq.tokens[start:end]], device=self.device)
         positions = torch.arange(start, end, device=self.device)[None]
         slots = torch.tensor([seq.slot], device=self.device)
-        logits = self.runner(tokens, positions, slots, span=end, last_only=True)
+        logits = self.runner(tokens, positions, slots, span=end, last_only=True, adapters=[seq.adapter])
         seq.filled = end
         if end == seq.prompt_len:
             self._emit(seq, logits[0, -1].float())
@@ -296,11 +301,12 @@ class Scheduler:
         tokens = [t for seq, guess in zip(batch, guesses) for t in (seq.tokens[-1], *guess)]
         positions = [seq.filled + i for seq, guess in zip(batch, guesses) for i in range(1 + len(guess))]
         slots = [seq.slot for seq, guess in zip(batch, guesses) for _ in range(1 + len(guess))]
+        adapters = [seq.adapter for seq, guess in zip(batch, guesses) for _ in range(1 + len(guess))]
         span = max(positions) + 1  # known here; on a GPU, reading it back would sync
         started = time.perf_counter()
         logits = self.runner(torch.tensor(tokens, device=self.device)[:, None],
                              torch.tensor(positions, device=self.device)[:, None],
-                             torch.tensor(slots, device=self.device), span=span)[:, -1].float()
+                             torch.tensor(slots, device=self.device), span=span, adapters=adapters)[:, -1].float()
         if self.pass_costs is not None:
             self.pass_costs.record(rows, time.perf_counter() - started)
         row = 0
@@ -347,7 +353,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, finished: Finished, keep: bool = True) -> None:
         if keep and seq.filled > 0 and self.prefix_cache.max_bytes > 0:
-            self.prefix_cache.store(seq.tokens[: seq.filled], self._slot_kv(seq.slot, seq.filled))
+            self.prefix_cache.store(seq.tokens[: seq.filled], self._slot_kv(seq.slot, seq.filled), seq.adapter)
         if seq in self.running:
             self.running.remove(seq)
             heapq.heappush(self.free, seq.slot)

@@ -232,17 +232,50 @@ class TorchBackend:
         log.info("%s: now on the %s CPU kernels%s", self.name, path, f" ({why})" if why else "")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
-               matcher: TokenMatcher | None = None) -> StepChannel:
-        return self.scheduler.submit(prompt_ids, params, stop_ids, matcher)
+               matcher: TokenMatcher | None = None, adapter: str | None = None) -> StepChannel:
+        return self.scheduler.submit(prompt_ids, params, stop_ids, matcher, self._adapter_index(adapter))
 
-    def score(self, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
+    def load_adapter(self, name: str, directory: Path) -> int:
+        """Read the LoRA adapter in `directory` (mlx-lm's or PEFT's layout) and serve it as `name`
+        beside the base weights, shared and unmerged; the bytes it takes. AdapterError when it
+        does not fit this model."""
+        from elmd.engine.lora import read_adapter
+
+        adapter = read_adapter(directory, self.model.cfg, name)
+        self.scheduler.call(lambda: self.runner.add_adapter(adapter))
+        return adapter.nbytes
+
+    def unload_adapter(self, name: str) -> bool:
+        """Drop adapter `name` and its cached prefixes, unless a sequence still uses it (False)."""
+
+        def unload() -> bool:
+            index = self.runner.adapters.indexes.get(name)
+            if index is None:
+                return True
+            if self.scheduler.uses_adapter(index):
+                return False
+            self.runner.remove_adapter(name)
+            self.scheduler.prefix_cache.drop_space(index)
+            return True
+
+        return self.scheduler.call(unload)
+
+    def _adapter_index(self, adapter: str | None) -> int:
+        if adapter is None:
+            return 0
+        index = self.runner.adapters.indexes.get(adapter)
+        if index is None:
+            raise KeyError(f"adapter {adapter!r} is not loaded")
+        return index
+
+    def score(self, token_ids: list[int], top_n: int, adapter: str | None = None) -> list[TokenLogprob]:
         if len(token_ids) < 2:
             return []
         device = self.scheduler.device
+        index = self._adapter_index(adapter)
 
         def score() -> list[TokenLogprob]:
-            tokens = torch.tensor([token_ids], device=device)
-            logits = self.model(tokens, torch.arange(len(token_ids), device=device)[None])[0, :-1].float()
+            logits = self.runner.score(torch.tensor([token_ids], device=device), index)[0, :-1].float()
             logprobs = torch.log_softmax(logits, dim=-1)
             return [logprob_of(logprobs[i], token_ids[i + 1], top_n) for i in range(len(token_ids) - 1)]
 
