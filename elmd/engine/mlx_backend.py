@@ -3,11 +3,14 @@
 mlx-lm does the modelling, the batched KV cache and the join/leave bookkeeping; this
 file loads the model (with our dtype and quantization) and answers the backend contract.
 The worker thread that owns the model is elmd/engine/mlx_worker.py; each request's
-penalties, constraints and seeded sampler are elmd/engine/mlx_sampling.py's.
+penalties, constraints and seeded sampler are elmd/engine/mlx_sampling.py's. LoRA adapters
+are read by elmd/engine/lora.py (as the PyTorch backend reads them) and applied with mlx-lm's
+own LoRALinear and DoRALinear.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import queue
 import threading
@@ -18,10 +21,14 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
+from mlx_lm.tuner.dora import DoRALinear
+from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.utils import load_model
 
+from elmd.engine.checkpoint import read_config
 from elmd.engine.grammar import TokenMatcher
-from elmd.engine.mlx_worker import BatchWorker
+from elmd.engine.lora import Adapter, LayerDelta, read_adapter
+from elmd.engine.mlx_worker import BatchWorker, Variant
 from elmd.engine.mlx_worker import Request as _Request  # the name MLXBackend.__init__ gives its jobs
 from elmd.engine.prefix_cache import PrefixCache
 from elmd.engine.protocol import BackendInfo, CacheBytes, SamplingParams, StepChannel, TokenLogprob, context_length
@@ -101,6 +108,41 @@ def load_mlx_model(model_dir: str | Path, dtype: str = "auto", quant: str | Quan
     return model
 
 
+def adapted_model(model: nn.Module, adapter: Adapter) -> tuple[nn.Module, int]:
+    """`model` under `adapter`, and the bytes of the adapter's arrays. A second module tree over
+    the same weight arrays: the root, the transformer, its layer list and each adapted block's
+    attn and ffn are shallow copies (no array is copied), whose adapted linears are mlx-lm's
+    LoRALinear or DoRALinear around the base's, quantized or not; `model` stays the base."""
+    dtype = model.transformer.norm.weight.dtype
+    adapted = copy.copy(model)
+    adapted.transformer = copy.copy(model.transformer)
+    blocks = adapted.transformer.layers = list(model.transformer.layers)
+    for layer in {layer for layer, _ in adapter.deltas}:
+        block = blocks[layer] = copy.copy(blocks[layer])
+        block.attn, block.ffn = copy.copy(block.attn), copy.copy(block.ffn)
+    nbytes = 0
+    for (layer, target), delta in adapter.deltas.items():
+        part, name = target.split(".")
+        owner = getattr(blocks[layer], part)
+        linear = _adapted_linear(getattr(owner, name), delta, dtype)
+        setattr(owner, name, linear)
+        arrays = [linear[key] for key in ("lora_a", "lora_b", "m") if key in linear]
+        mx.eval(arrays)
+        nbytes += sum(a.nbytes for a in arrays)
+    return adapted, nbytes
+
+
+def _adapted_linear(linear: nn.Module, delta: LayerDelta, dtype: mx.Dtype) -> nn.Module:
+    """mlx-lm's layer over `linear` with scale 1 (lora.py folds the scale into B); DoRA's
+    magnitude in float32, as DoRALinear computes its own."""
+    adapted = (LoRALinear if delta.magnitude is None else DoRALinear).from_base(linear, r=delta.a.shape[0], scale=1.0)
+    adapted.lora_a = mx.array(delta.a.T.contiguous().numpy()).astype(dtype)
+    adapted.lora_b = mx.array(delta.b.T.contiguous().numpy()).astype(dtype)
+    if delta.magnitude is not None:
+        adapted.m = mx.array(delta.magnitude.numpy())
+    return adapted
+
+
 def _cache_bytes(cache: list) -> int:
     return sum(layer.nbytes for layer in cache)
 
@@ -110,7 +152,7 @@ class MLXBackend(BatchWorker):
                  prefix_cache_bytes: int = 256 << 20):
         """`prefix_cache_bytes`: keys and values of finished requests kept for prompts that
         start with them (a chat's next turn), as the PyTorch backend keeps them; 0: off."""
-        model_dir = Path(model_dir)
+        self._model_dir = model_dir = Path(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         quant = Quant.parse(quant, "mlx")  # an unknown name is refused here, before the worker starts
         spec = parse_quant(quant)
@@ -119,6 +161,8 @@ class MLXBackend(BatchWorker):
         self._kv_bytes = 0  # the KV cache's size after the last step, kept by the worker
         self._cache_budget: Callable[[], int | None] = lambda: None
         self._vocab_size = config["vocab_size"]
+        self._adapters: dict[str, int] = {}  # name -> its variant's space; changed on the worker
+        self._next_space = 1
         self._jobs: queue.SimpleQueue[_Request | Callable[[], None] | None] = queue.SimpleQueue()
         loaded: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, args=(model_dir, dtype, spec, loaded), name="elmd-mlx", daemon=True)
@@ -140,7 +184,8 @@ class MLXBackend(BatchWorker):
     def _work(self, model_dir: Path, dtype: str, spec: MLXQuant | None, loaded: queue.SimpleQueue) -> None:
         try:
             self.model = load_mlx_model(model_dir, dtype, spec)
-            self._generator = self._new_generator()
+            self._stream = mx.new_stream(mx.default_device())
+            self._variants = {0: Variant(self.model, self._new_generator(self.model))}
         except Exception as e:
             loaded.put(e)
             return
@@ -150,16 +195,54 @@ class MLXBackend(BatchWorker):
     # ---- the contract ---------------------------------------------------------------
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, stop_ids: frozenset[int],
-               matcher: TokenMatcher | None = None) -> StepChannel:
+               matcher: TokenMatcher | None = None, adapter: str | None = None) -> StepChannel:
         self._check_open()
+        space = self._space(adapter)
         channel = StepChannel()  # prompt and max_tokens fit the context: Engine.check_length saw to it
-        self._jobs.put(_Request(channel, params, list(prompt_ids), frozenset(stop_ids), matcher))
+        self._jobs.put(_Request(channel, params, list(prompt_ids), frozenset(stop_ids), matcher, adapter=space))
         return channel
 
-    def score(self, token_ids: list[int], top_n: int) -> list[TokenLogprob]:
+    def score(self, token_ids: list[int], top_n: int, adapter: str | None = None) -> list[TokenLogprob]:
         if len(token_ids) < 2:
             return []
-        return self._on_worker(lambda: self._score(token_ids, top_n))
+        return self._on_worker(lambda: self._score(self._variants[self._space(adapter)].model, token_ids, top_n))
+
+    def load_adapter(self, name: str, directory: Path) -> int:
+        """Read the LoRA adapter in `directory` (mlx-lm's or PEFT's layout) and serve it as `name`
+        over the base's arrays, unmerged; the bytes it takes. AdapterError when it does not fit
+        this model. A name loaded already is replaced, unless a request still uses it (ValueError)."""
+        adapter = read_adapter(directory, read_config(self._model_dir), name)
+
+        def load() -> int:
+            model, nbytes = adapted_model(self.model, adapter)
+            if name in self._adapters and not self._remove_variant(self._adapters[name]):
+                raise ValueError(f"adapter {name!r} is loaded and in use; load it again when its requests end")
+            self._adapters[name] = self._add_variant(model)
+            return nbytes
+
+        return self._on_worker(load)
+
+    def unload_adapter(self, name: str) -> bool:
+        """Drop adapter `name` and its cached prefixes, unless a request still uses it (False)."""
+
+        def unload() -> bool:
+            space = self._adapters.get(name)
+            if space is None:
+                return True
+            if not self._remove_variant(space):
+                return False
+            del self._adapters[name]
+            return True
+
+        return self._on_worker(unload)
+
+    def _space(self, adapter: str | None) -> int:
+        if adapter is None:
+            return 0
+        space = self._adapters.get(adapter)
+        if space is None:
+            raise KeyError(f"adapter {adapter!r} is not loaded")
+        return space
 
     def cache_bytes(self) -> CacheBytes:
         # Sizes kept by the worker: never waits for a step (the memory budget of another
