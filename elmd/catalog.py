@@ -3,6 +3,11 @@ pinned model) and the store's models, each with its models.yaml entry. Whoever n
 spec (serve, the model manager, the API's model routes) asks the catalog, so a model's
 backend, dtype, quant, chat template and sampling defaults are decided once.
 
+A name may also be a LoRA adapter, served as a model of its own over its base's loaded
+weights: one of `serve --lora-modules` (over the model `serve` was started with) or one
+kept in the store by `elmd import DIR --adapter-for BASE`. `resolve` is where every name,
+model or adapter, is looked up.
+
 A name never resolves to a path: only the operator's `serve` argument can be one."""
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from elmd.store import InvalidModelName, Store, StoredModel
 log = logging.getLogger("elmd.server")
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz")
+ADAPTER_WEIGHTS = ("adapters.safetensors", "adapter_model.safetensors")  # mlx-lm's first, as elmd.engine.lora reads them
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,24 @@ class ModelSpec:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
 
 
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter served as model `id`: its folder (mlx-lm's or PEFT's layout, read when it
+    is first used) and the id of the model it adapts."""
+
+    id: str
+    path: Path
+    base: str
+    created: int = 0
+
+    def weight_bytes(self) -> int:
+        """Its weights file's size (mlx-lm's training checkpoints beside it not counted); 0 without one."""
+        for name in ADAPTER_WEIGHTS:
+            if (self.path / name).is_file():
+                return (self.path / name).stat().st_size
+        return 0
+
+
 def model_kind(path: Path, entry: ModelEntry | None) -> str:
     """An entry's kind; without one, a folder in sentence-transformers' layout (modules.json)
     is an embedding model."""
@@ -69,8 +93,16 @@ def serving_quant(stored: StoredModel, registry: Registry) -> Quant:
 
 
 class Catalog:
-    def __init__(self, settings: Settings, registry: Registry, store: Store, pinned: ModelSpec | None = None):
+    def __init__(self, settings: Settings, registry: Registry, store: Store, pinned: ModelSpec | None = None,
+                 started_with: str | None = None):
+        """`started_with`: the model `serve` loads at start, whose adapters `--lora-modules` names
+        (the pinned model's id where there is one)."""
         self.settings, self.registry, self.store, self.pinned = settings, registry, store, pinned
+        self.started_with = started_with
+
+    def lora_base(self) -> str | None:
+        """The model the `--lora-modules` adapters adapt: the one `serve` was started with."""
+        return self.pinned.id if self.pinned else self.started_with
 
     def entry(self, name: str) -> ModelEntry | None:
         """The models.yaml entry of a model name (a tag such as `:latest` ignored)."""
@@ -86,7 +118,7 @@ class Catalog:
             stored = self.store.get(spec.draft) if self.store.exists(spec.draft) else None
         except InvalidModelName:
             stored = None
-        if stored is None:
+        if stored is None or stored.adapter_for:
             log.warning("draft model %s is not installed: speculation uses prompt lookup (elmd pull %s)", spec.draft, spec.draft)
             return None
         return self.stored(stored)
@@ -126,24 +158,54 @@ class Catalog:
             matryoshka=bool(entry and entry.matryoshka),
         )
 
+    def stored_adapter(self, stored: StoredModel) -> AdapterSpec:
+        return AdapterSpec(stored.name, stored.path, stored.adapter_for, int(stored.path.stat().st_mtime))
+
+    def lora_module(self, name: str) -> AdapterSpec | None:
+        """Adapter `name` of `--lora-modules`, or None (a name it lacks, or no model to adapt)."""
+        directory, base = self.settings.lora_modules.get(name), self.lora_base()
+        if directory is None or base is None:
+            return None
+        created = int(directory.stat().st_mtime) if directory.is_dir() else 0  # removed since: a 400 at first use
+        return AdapterSpec(name, directory, base, created)
+
     def specs(self) -> list[ModelSpec]:
-        """The models this daemon can serve: the pinned one, then the store's."""
+        """The models this daemon can serve: the pinned one, then the store's (adapters apart)."""
         specs = [self.pinned] if self.pinned else []
         for stored in self.store.list():
-            if not self.pinned or stored.name != self.pinned.id:
+            if (not self.pinned or stored.name != self.pinned.id) and not stored.adapter_for:
                 specs.append(self.stored(stored))
         return specs
 
-    def find(self, model_id: str) -> ModelSpec | None:
-        """The model a request names, or None (paths and invalid names included)."""
+    def adapters(self) -> list[AdapterSpec]:
+        """The LoRA adapters this daemon can serve: `--lora-modules`', then the store's."""
+        adapters = [self.lora_module(name) for name in self.settings.lora_modules]
+        adapters = [adapter for adapter in adapters if adapter is not None]
+        shadowed = {adapter.id for adapter in adapters} | ({self.pinned.id} if self.pinned else set())
+        return adapters + [self.stored_adapter(stored) for stored in self.store.list()
+                           if stored.adapter_for and stored.name not in shadowed]
+
+    def resolve(self, model_id: str) -> ModelSpec | AdapterSpec | None:
+        """The model or adapter a request names, or None (paths and invalid names included): the
+        pinned model, then `--lora-modules`, then the store."""
+        if not isinstance(model_id, str):
+            return None
         if self.pinned and model_id == self.pinned.id:
             return self.pinned
+        if adapter := self.lora_module(model_id):
+            return adapter
         try:
-            if isinstance(model_id, str) and self.store.exists(model_id):
-                return self.stored(self.store.get(model_id))
+            if self.store.exists(model_id):
+                stored = self.store.get(model_id)
+                return self.stored_adapter(stored) if stored.adapter_for else self.stored(stored)
         except InvalidModelName:
             pass
         return None
+
+    def find(self, model_id: str) -> ModelSpec | None:
+        """The model (not adapter) a request names, or None."""
+        found = self.resolve(model_id)
+        return found if isinstance(found, ModelSpec) else None
 
     def installable(self, model_id: str) -> Callable[[], object] | None:
         """What installs `model_id` into the store without the network, or None: an embedding

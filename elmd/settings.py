@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from elmd import paths
 from elmd.choices import Backend, Dtype, QuantName
+from elmd.store import validate_name
 
 # 8356: "ELM" on a phone keypad after an 8. Clear of Ollama (11434), llama.cpp (8080),
 # LM Studio (1234), the Python/uvicorn default (8000) and other local tools
@@ -57,6 +58,8 @@ class Settings(BaseSettings):
     backend: Backend = "auto"
     dtype: Dtype = "auto"
     quant: QuantName | None = None  # None: each model's default_quant
+    # LoRA adapters over `model`, each served as a model of its own: {name: adapter folder}
+    lora_modules: dict[str, Path] = Field(default_factory=dict)
 
     # model lifecycle
     keep_alive: float | None = 300.0  # seconds an idle model stays loaded; None: forever
@@ -92,6 +95,13 @@ class Settings(BaseSettings):
     @classmethod
     def _duration(cls, value):
         return parse_duration(value)
+
+    @field_validator("lora_modules")
+    @classmethod
+    def _adapter_names(cls, modules: dict[str, Path]) -> dict[str, Path]:
+        """Adapter names are model names (a request's `model`); folders are made absolute here,
+        so a relative one means the same folder whoever reads it later."""
+        return {validate_name(name): directory.expanduser().resolve() for name, directory in modules.items()}
 
     @classmethod
     def settings_customise_sources(

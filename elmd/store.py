@@ -55,6 +55,11 @@ class StoredModel:
         Only the PyTorch backend stores them, so an older manifest's bare int4 is its group 32."""
         return Quant.parse(self.manifest.get("quant", "none"), "torch")
 
+    @property
+    def adapter_for(self) -> str | None:
+        """The base model of a LoRA adapter (`elmd import DIR --adapter-for BASE`); None for a model."""
+        return self.manifest.get("adapter_for")
+
 
 def validate_name(name: str) -> str:
     """Return `name` if it matches `[a-z0-9][a-z0-9._-]*(:[a-z0-9._-]+)?`, else raise.

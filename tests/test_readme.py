@@ -47,6 +47,10 @@ SKIPPED = {
     "python benchmarks/bench.py           #": "benchmarks that run for many minutes",
     # Builds llama.cpp with GCC 12's header patched (minutes), then benchmarks against it.
     "mkdir -p /tmp/amxfix": "builds llama.cpp, then benchmarks",
+    # LoRA adapters: mlx-lm trains on a Mac; the adapter's base comes from the hub.
+    "mlx_lm.lora --model mlx-community/OpenELM-270M-Instruct": "fine-tunes with mlx-lm, then serves a hub model",
+    'reply = client.chat.completions.create(model="my-lora"': "needs a daemon serving a trained adapter",
+    "elmd import ./adapters --adapter-for": "needs a trained adapter and its base from the hub",
     # The repository's layout, not a command.
     "elmd/engine/    the engine:": "a directory listing",
 }

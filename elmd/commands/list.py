@@ -11,7 +11,7 @@ def register(subparsers) -> None:
         "list",
         help="list the models installed in the store",
         description="List the installed models with their size, the quantization they serve with (unless "
-        "`elmd serve --quant` says otherwise), source and install date.",
+        "`elmd serve --quant` says otherwise), source and install date; a LoRA adapter with the model it adapts.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
@@ -26,15 +26,19 @@ def run(args: argparse.Namespace) -> int:
     registry = Registry.load()
     if args.json:
         print(json.dumps([{"name": m.name, "path": str(m.path), "size_bytes": m.size_bytes,
-                           "quant": str(serving_quant(m, registry)), "manifest": m.manifest} for m in models], indent=2))
+                           "quant": None if m.adapter_for else str(serving_quant(m, registry)),
+                           "adapter_for": m.adapter_for, "manifest": m.manifest} for m in models], indent=2))
         return 0
     if not models:
         print("no models installed (try `elmd pull smollm2-135m-instruct`)")
         return 0
     rows = [("NAME", "SIZE", "QUANT", "SOURCE", "CREATED")]
     for m in models:
-        rows.append((m.name, human_size(m.size_bytes), str(serving_quant(m, registry)),
-                     describe_source(m.manifest.get("source")), m.manifest.get("created", "?")))
+        if m.adapter_for:  # served over its base's weights, at the base's quant
+            quant, source = "-", f"LoRA adapter of {m.adapter_for}, from {describe_source(m.manifest.get('source'))}"
+        else:
+            quant, source = str(serving_quant(m, registry)), describe_source(m.manifest.get("source"))
+        rows.append((m.name, human_size(m.size_bytes), quant, source, m.manifest.get("created", "?")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -26,6 +26,9 @@ def register(subparsers) -> None:
         "package if needed.",
     )
     parser.add_argument("--model", help="model name, or a local model directory (hub layout)")
+    parser.add_argument("--lora-modules", nargs="+", type=lora_module, action=LoraModules, metavar="NAME=DIR",
+                        help="LoRA adapters (mlx-lm's or PEFT's folders) over the model served, each served as model "
+                        "NAME; an adapter is read, and checked against the model, on its first request")
     parser.add_argument("--backend", choices=BACKENDS, help="runtime (default: auto)")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="activation dtype (default: auto); on the CPU bfloat16 runs float32 activations with bf16 "
@@ -55,6 +58,31 @@ def register(subparsers) -> None:
                         help="write request and response bodies (prompts, completions) to the log")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=run)
+
+
+def lora_module(value: str) -> tuple[str, Path]:
+    """One `--lora-modules` value, NAME=DIR (vLLM's syntax)."""
+    from elmd.store import InvalidModelName, validate_name
+
+    name, equals, directory = value.partition("=")
+    if not equals or not name or not directory:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR (for example my-lora=./adapters), not {value!r}")
+    try:
+        return validate_name(name), Path(directory)
+    except InvalidModelName as exc:
+        raise argparse.ArgumentTypeError(f"adapter {exc}") from None
+
+
+class LoraModules(argparse.Action):
+    """`--lora-modules NAME=DIR ...` as {NAME: DIR} (the `lora_modules` setting); each name once."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        modules = dict(getattr(namespace, self.dest) or {})
+        for name, directory in values:
+            if name in modules:
+                parser.error(f"argument {option_string}: adapter {name!r} is named twice")
+            modules[name] = directory
+        setattr(namespace, self.dest, modules)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,10 +124,11 @@ def run(args: argparse.Namespace) -> int:
     store = Store()
     try:
         pinned, preload, install = startup_model(settings, registry, store)
+        check_lora_modules(settings, preload)
     except StartupError as exc:
         print(f"elmd serve: {exc}", file=sys.stderr)
         return 1
-    manager = ModelManager(settings, Catalog(settings, registry, store, pinned))
+    manager = ModelManager(settings, Catalog(settings, registry, store, pinned, started_with=preload))
     app = create_app(settings, manager, preload=preload, install=install)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; SIGTERM
     # is how launchd and systemd stop a service, so it ends in exit status 0, not death by signal.
@@ -151,6 +180,20 @@ def startup_model(settings, registry, store):
         raise StartupError(f"model {wanted!r} is not installed: run `elmd pull {wanted}` first")
     logging.getLogger("elmd.server").warning("the offline default %s is not installable here; serving installed models only", wanted)
     return None, None, None
+
+
+def check_lora_modules(settings, base: str | None) -> None:
+    """The `--lora-modules` folders exist and have a model to adapt. What is in them is read on
+    first use (a 400 naming what does not fit), so a bad adapter never stops the model serving."""
+    if not settings.lora_modules:
+        return
+    if base is None:
+        raise StartupError("--lora-modules adapts the model serve starts with, and there is none: give --model")
+    for name, directory in settings.lora_modules.items():
+        if name == base:
+            raise StartupError(f"--lora-modules: {name!r} is the served model's own name; give the adapter another")
+        if not directory.is_dir():
+            raise StartupError(f"--lora-modules: {name}={directory}: no such directory")
 
 
 def _is_directory_argument(value: str, store) -> bool:

@@ -34,19 +34,24 @@ def run(args: argparse.Namespace) -> int:
     registry = Registry.load()
     entry = registry.get(model.name.split(":")[0])
     sampling = dict(entry.sampling) if entry else {}
-    serves_as = str(serving_quant(model, registry))
+    serves_as = None if model.adapter_for else str(serving_quant(model, registry))  # an adapter: its base's
     if args.json:
         print(json.dumps({"name": model.name, "path": str(model.path), "size_bytes": model.size_bytes,
-                          "default_quant": serves_as, "sampling": sampling, "manifest": manifest}, indent=2))
+                          "default_quant": serves_as, "sampling": sampling, "adapter_for": model.adapter_for,
+                          "manifest": manifest}, indent=2))
         return 0
     print(f"name:      {model.name}")
     print(f"path:      {model.path}")
     print(f"size:      {human_size(model.size_bytes)}")
     print(f"source:    {describe_source(manifest.get('source'))}")
     print(f"revision:  {manifest.get('revision')}")
-    print(f"quant:     {model.quant} stored (serves as {serves_as} unless --quant says otherwise)")
-    defaults = ", ".join(f"{key}={value}" for key, value in sampling.items()) or "the API's"
-    print(f"sampling:  {defaults} (when a request leaves them out)")
+    if model.adapter_for:
+        print(f"adapter:   LoRA adapter of {model.adapter_for} ({manifest.get('adapter_kind', 'lora')}, rank "
+              f"{manifest.get('adapter_rank', '?')}, {manifest.get('adapter_format', '?')} layout), served over its weights")
+    else:
+        print(f"quant:     {model.quant} stored (serves as {serves_as} unless --quant says otherwise)")
+        defaults = ", ".join(f"{key}={value}" for key, value in sampling.items()) or "the API's"
+        print(f"sampling:  {defaults} (when a request leaves them out)")
     print(f"created:   {manifest.get('created', '?')}")
     files = sorted(manifest.get("files", {}).items())
     print("files:")

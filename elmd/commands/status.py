@@ -60,14 +60,15 @@ def status(args: argparse.Namespace) -> int:
     loaded = [card for card in cards if card.get("loaded")]
     print("loaded:" if loaded else "loaded: none")
     for card in loaded:
-        details = [card.get("backend"), _size(card.get("memory_bytes")), _context(card.get("context_length"))]
+        details = [card.get("backend"), _size(card.get("memory_bytes")), _context(card.get("context_length")),
+                   card.get("parent") and f"LoRA adapter of {card['parent']}"]
         print(f"  {card['id']}  " + ", ".join(d for d in details if d))
     kernels = describe_cpu_kernels(health)
     if kernels:
         print(f"CPU kernels: {kernels}")
     if health.get("loading"):
         print(f"loading: {', '.join(health['loading'])}")
-    memory = sum(card.get("memory_bytes") or 0 for card in loaded)
+    memory = sum(card.get("memory_bytes") or 0 for card in loaded if not card.get("parent"))  # a base counts its adapters
     print(f"memory in use by models: {_size(memory)}")
     available = [card["id"] for card in cards if not card.get("loaded")]
     if available:

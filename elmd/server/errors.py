@@ -144,8 +144,9 @@ def timed_out(retry_after: int) -> APIError:
 # What each error status means, whichever route answers it (its body's `code` says which case).
 MEANINGS = {
     400: "The request is invalid: malformed JSON, a wrong type or value, a missing, unknown or unsupported "
-         "parameter, more tokens than the model's context holds, or a model of the other kind (an embedding model "
-         "asked to generate, a generator asked to embed). `param` names the parameter.",
+         "parameter, more tokens than the model's context holds, a model of the other kind (an embedding model "
+         "asked to generate, a generator asked to embed), or a LoRA adapter that does not fit its base model "
+         "(`adapter_invalid`: the message names the file and key). `param` names the parameter.",
     401: "An API key is configured and the request did not present it as `Authorization: Bearer KEY` (or "
          "`x-api-key: KEY`, as Anthropic's clients send it).",
     403: "The Host or Origin header names another site (DNS rebinding, a cross-site request).",

@@ -6,6 +6,11 @@
   how long, and whether another fits (elmd/server/residency.py); who may generate now and
   who waits (elmd/server/admission.py); loading and installing in the background
   (elmd/server/loading.py).
+- A LoRA adapter (elmd/catalog.py's AdapterSpec) is a model of its own to the routes: its
+  lease holds its base (loaded if needed: the slot, residency and keep-alive are the base's)
+  and generates through `engine.with_adapter`, which reads the adapter on its first use. An
+  adapter that does not fit its base is a 400 naming the file and key; the base and the other
+  adapters keep serving.
 - Embedding models (`kind: embedding`, elmd/engine/embedding.py) are resident models like
   the generators, under the same keep-alive, budget and slots; a lease names the kind its
   route needs, and a model of the other kind is a 400 that says which models would do. The
@@ -20,7 +25,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
-from elmd.catalog import Catalog, ModelSpec
+from elmd.catalog import AdapterSpec, Catalog, ModelSpec
 from elmd.server.admission import Admission, Lease
 from elmd.server.errors import APIError, model_not_found, unavailable
 from elmd.server.loading import Loader
@@ -97,17 +102,39 @@ class ModelManager:
 
     # ------------------------------------------------------------------ resolution
 
-    def spec(self, model_id: str) -> ModelSpec:
-        """The model a request names (the catalog's); 404 for anything else (paths
+    def resolve(self, model_id: str) -> ModelSpec | AdapterSpec:
+        """The model or adapter a request names (the catalog's); 404 for anything else (paths
         included), 503 while it is being installed."""
         if model_id in self._loader.installing and not self.catalog.is_pinned(model_id):
             raise unavailable(f"The model '{model_id}' is being installed.", self.settings.retry_after, "model_loading")
         if resident := self._residency.models.get(model_id):  # no look at the store (it walks the model's folder)
             return resident.spec
-        spec = self.catalog.find(model_id)
-        if spec is None:
+        found = self.catalog.resolve(model_id)
+        if found is None:
             raise model_not_found(model_id)
-        return spec
+        return found
+
+    def spec(self, model_id: str) -> ModelSpec:
+        """The model loaded for `model_id`: itself, or an adapter's base."""
+        return self.target(model_id)[0]
+
+    def target(self, model_id: str) -> tuple[ModelSpec, AdapterSpec | None]:
+        """The model to load for `model_id`, and the adapter to generate with (None: the model itself)."""
+        found = self.resolve(model_id)
+        return (self._base(found), found) if isinstance(found, AdapterSpec) else (found, None)
+
+    def _base(self, adapter: AdapterSpec) -> ModelSpec:
+        """The model `adapter` adapts; 404 saying so when it is not installed."""
+        try:
+            found = self.resolve(adapter.base)
+        except APIError as exc:
+            if exc.status != 404:
+                raise
+            found = None
+        if not isinstance(found, ModelSpec):
+            raise APIError(404, f"The adapter '{adapter.id}' adapts the model '{adapter.base}', which is not installed.",
+                           param="model", code="model_not_found")
+        return found
 
     def default_model_id(self) -> str | None:
         """The model for requests that need not name one (the tokenizer endpoints)."""
@@ -151,7 +178,7 @@ class ModelManager:
         model the route needs (400 for the other)."""
         deadline = self._admission.deadline()
         await self._until_installed(model_id, deadline)
-        spec = self.spec(model_id)
+        spec, adapter = self.target(model_id)
         self.check_kind(spec, kind)
         await self._admission.admit(deadline)
         try:
@@ -160,18 +187,44 @@ class ModelManager:
             self._admission.release()
             raise
         resident.active += 1
-        await self._residency.fit_budget(resident)
-        return Lease(resident.engine, self.settings, deadline, functools.partial(self._release, resident, keep_alive))
+        release = functools.partial(self._release, resident, keep_alive)
+        try:
+            await self._residency.fit_budget(resident)
+            engine = await self._with_adapter(resident.engine, adapter) if adapter else resident.engine
+        except BaseException:
+            release()
+            raise
+        return Lease(engine, self.settings, deadline, release)
 
     async def engine(self, model_id: str) -> "Engine":
         """The loaded engine for requests that do not generate (tokenize, detokenize)."""
         deadline = self._admission.deadline()
         await self._until_installed(model_id, deadline)
-        spec = self.spec(model_id)
+        spec, adapter = self.target(model_id)
         self.check_kind(spec, "generator")
         resident = await self._loader.ensure_loaded(spec, deadline)
         resident.last_used = time.monotonic()
-        return resident.engine
+        return await self._with_adapter(resident.engine, adapter) if adapter else resident.engine
+
+    async def _with_adapter(self, engine: "Engine", adapter: AdapterSpec) -> "Engine":
+        """The base's view generating with `adapter`, read into the backend on its first use (in a
+        thread: it reads files and waits for the model's worker); 400 when it cannot be served."""
+        from elmd.engine.lora import AdapterError
+
+        if engine.kind != "generator":
+            raise APIError(400, f"The adapter '{adapter.id}' adapts '{adapter.base}', an embedding model: LoRA adapters "
+                           "are served over text generators.", param="model", code="adapter_unsupported")
+        try:
+            view = await asyncio.to_thread(engine.with_adapter, adapter.id, adapter.path)
+        except AdapterError as exc:
+            raise APIError(400, f"The adapter '{adapter.id}' cannot be served over '{adapter.base}': {exc}",
+                           param="model", code="adapter_invalid") from None
+        except NotImplementedError as exc:
+            raise APIError(400, f"The adapter '{adapter.id}' cannot be served: {exc}", param="model",
+                           code="adapter_unsupported") from None
+        if self.generation_watch is not None:  # counted as a model of its own
+            view.watch = functools.partial(self.generation_watch, adapter.id)
+        return view
 
     def _release(self, resident: Resident, keep_alive: tuple[bool, float | None]) -> None:
         self._admission.release()

@@ -51,6 +51,13 @@ class Resident:
         return self.engine.resident_bytes()
 
 
+def _has_idle_adapter(resident: Resident, now: float) -> bool:
+    """Whether an adapter of `resident` has gone unused for its keep-alive (read without the
+    engine's lock: the reaper asks four times a second)."""
+    adapters = getattr(resident.engine, "adapters", {})  # an embedding model has none
+    return any(now - loaded.last_used >= resident.keep_alive for loaded in list(adapters.values()))
+
+
 class Residency:
     """The resident models and the one memory budget they share, so that loads (make_room)
     and growing caches (fit_budget, cache_budget) are weighed against the same figures."""
@@ -148,13 +155,29 @@ class Residency:
             await self.unload(resident)
 
     async def reap(self) -> None:
-        """Unload models idle past their keep-alive."""
+        """Unload models idle past their keep-alive, and the LoRA adapters of the others unused
+        that long (the model's keep-alive: an adapter is a model of its own to its clients)."""
         while True:
             await asyncio.sleep(REAP_INTERVAL)
             now = time.monotonic()
             for resident in list(self.models.values()):
-                if resident.active == 0 and resident.keep_alive is not None and now - resident.last_used >= resident.keep_alive:
+                if resident.keep_alive is None:
+                    continue
+                if resident.active == 0 and now - resident.last_used >= resident.keep_alive:
                     await self.unload(resident)
+                elif resident.keep_alive and _has_idle_adapter(resident, now):  # 0: they go with the model
+                    await self._drop_idle_adapters(resident)
+
+    async def _drop_idle_adapters(self, resident: Resident) -> None:
+        """In a thread: unloading an adapter waits for the model's worker. A failure is logged,
+        never raised: the reaper must outlive it (the model may have unloaded meanwhile)."""
+        try:
+            dropped = await asyncio.to_thread(resident.engine.drop_idle_adapters, resident.keep_alive)
+        except Exception:
+            log.exception("unloading the idle adapters of %s failed", resident.spec.id)
+            return
+        for name in dropped:
+            log.info("unloaded adapter %s of %s", name, resident.spec.id)
 
     async def close(self) -> None:
         for resident in list(self.models.values()):

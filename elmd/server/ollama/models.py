@@ -1,5 +1,7 @@
 """Ollama's model endpoints: GET /api/tags (installed), GET /api/ps (loaded), POST /api/show,
 GET /api/version, POST /api/pull, DELETE /api/delete (the embeddings routes are in embed.py).
+A LoRA adapter is listed and shown as a model of its own whose `details.parent_model` is its
+base (and whose Modelfile says `ADAPTER`, as Ollama's own do).
 
 The daemon itself never touches the network: /api/pull runs `elmd pull` as a child
 process (the one command that downloads, for models named in models.yaml only) and
@@ -26,7 +28,7 @@ from elmd.offline import OFFLINE_ENVIRONMENT
 from elmd.server import errors
 from elmd.server.deps import get_manager
 from elmd.server.errors import APIError, invalid
-from elmd.catalog import ModelSpec
+from elmd.catalog import ADAPTER_WEIGHTS, AdapterSpec, ModelSpec
 from elmd.server.manager import ModelManager
 from elmd.server.ollama.common import NS, model_id, timestamp
 from elmd.server.ollama.schemas import (OllamaModel, OllamaModelDetails, OllamaModelRequest,
@@ -82,14 +84,36 @@ def _digest(spec: ModelSpec) -> str:
     return hashlib.sha256(str(spec.path).encode()).hexdigest()
 
 
+def _adapter_digest(adapter: AdapterSpec) -> str:
+    """A stored adapter's manifest's sha256; else that of its config and weights (small files)."""
+    names = [MANIFEST] if (adapter.path / MANIFEST).is_file() else ["adapter_config.json", *ADAPTER_WEIGHTS]
+    digest = hashlib.sha256()
+    for path in (adapter.path / name for name in names):
+        if path.is_file() and not path.is_symlink():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def _details(spec: ModelSpec) -> OllamaModelDetails:
     family = _config(spec).get("model_type", "openelm")
     return OllamaModelDetails(format="safetensors", family=family, families=[family],
                               parameter_size=_parameter_size(_parameter_count(spec)), quantization_level=str(spec.quant))
 
 
+def _adapter_details(adapter: AdapterSpec, base: ModelSpec | None) -> OllamaModelDetails:
+    """The base's details (its family, size and quantization are what runs), naming it the parent."""
+    details = _details(base) if base else OllamaModelDetails(format="safetensors", family="openelm", families=["openelm"],
+                                                              parameter_size="", quantization_level="")
+    return details.model_copy(update={"parent_model": adapter.base})
+
+
 def _entry(spec: ModelSpec) -> dict:
     return dict(name=spec.id, model=spec.id, size=spec.estimated_bytes(), digest=_digest(spec), details=_details(spec))
+
+
+def _adapter_entry(adapter: AdapterSpec, base: ModelSpec | None) -> dict:
+    return dict(name=adapter.id, model=adapter.id, size=adapter.weight_bytes(), digest=_adapter_digest(adapter),
+                details=_adapter_details(adapter, base))
 
 
 def _requested(body: OllamaModelRequest) -> str:
@@ -106,8 +130,12 @@ async def version() -> OllamaVersion:
 
 @router.get("/api/tags", response_model=OllamaTags, responses=errors.ollama_responses())
 async def tags(manager: ModelManager = Depends(get_manager)) -> OllamaTags:
-    return OllamaTags(models=[OllamaModel(**_entry(spec), modified_at=timestamp(spec.created))
-                              for spec in manager.catalog.specs()])
+    catalog = manager.catalog
+    specs = catalog.specs()
+    bases = {spec.id: spec for spec in specs}
+    adapters = [OllamaModel(**_adapter_entry(adapter, bases.get(adapter.base)), modified_at=timestamp(adapter.created))
+                for adapter in catalog.adapters()]
+    return OllamaTags(models=[OllamaModel(**_entry(spec), modified_at=timestamp(spec.created)) for spec in specs] + adapters)
 
 
 @router.get("/api/ps", response_model=OllamaRunning, responses=errors.ollama_responses())
@@ -132,8 +160,8 @@ async def running(manager: ModelManager = Depends(get_manager)) -> OllamaRunning
 
 @router.post("/api/show", response_model=OllamaShow, responses=errors.ollama_responses(400, 404, 503))
 async def show(body: OllamaModelRequest, manager: ModelManager = Depends(get_manager)) -> OllamaShow:
-    spec = manager.spec(model_id(manager, _requested(body)))
-    details = _details(spec)
+    spec, adapter = manager.target(model_id(manager, _requested(body)))
+    details = _adapter_details(adapter, spec) if adapter else _details(spec)
     engine = manager.loaded().get(spec.id)
     config = _config(spec)
     if spec.kind == "embedding":  # no chat template: an encoder answers /api/embed only
@@ -145,6 +173,7 @@ async def show(body: OllamaModelRequest, manager: ModelManager = Depends(get_man
     parameters = "\n".join(f"{key} {value}" for key, value in sorted(spec.defaults.items()))
     return OllamaShow(
         modelfile=f"# elmd serves this model from {spec.path}\nFROM {spec.path}\n"
+                  + (f"ADAPTER {adapter.path}\n" if adapter else "")
                   + "".join(f"PARAMETER {line}\n" for line in parameters.splitlines()),
         parameters=parameters,
         template=template,
@@ -153,7 +182,7 @@ async def show(body: OllamaModelRequest, manager: ModelManager = Depends(get_man
                     f"{details.family}.context_length": context},
         # tools: elmd/server/tools.py, for every generator
         capabilities=["embedding"] if spec.kind == "embedding" else ["completion", "tools"],
-        modified_at=timestamp(spec.created),
+        modified_at=timestamp((adapter or spec).created),
     )
 
 

@@ -41,7 +41,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, manage
         engine = admitted.engine
         [prompt_ids] = admitted.prompts
         meta = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-                    system_fingerprint=engine.info.system_fingerprint)
+                    system_fingerprint=engine.system_fingerprint)
         if body.stream:
             streams = [engine.astream(prompt_ids, p, reply=True) for p in admitted.params]
             if use.active:

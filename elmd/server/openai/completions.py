@@ -126,7 +126,7 @@ async def completions(body: CompletionRequest, request: Request, manager: ModelM
         engine = admitted.engine
         prompts = [await _prepare(engine, body, raw, ids) for raw, ids in zip(raw_prompts, admitted.prompts)]
         meta = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-                    system_fingerprint=engine.info.system_fingerprint)
+                    system_fingerprint=engine.system_fingerprint)
         jobs = [(k * body.n + i, prompt, p) for k, prompt in enumerate(prompts) for i, p in enumerate(admitted.params)]
         if body.stream:
             return sse_response(_stream(engine, body, meta, jobs, admitted.lease.deadline), admitted.lease)

@@ -1,5 +1,5 @@
-"""GET /v1/models, /v1/models/{id}: what this daemon can serve and what is loaded;
-GET /health: 200 when a model is ready (or none is loading), 503 while loading; which CPU
+"""GET /v1/models, /v1/models/{id}: what this daemon can serve and what is loaded (LoRA
+adapters too, with `parent` their base model, as vLLM lists them); GET /health: 200 when a model is ready (or none is loading), 503 while loading; which CPU
 kernels the loaded models run on."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from elmd.server import errors
 from elmd.server.deps import get_manager
-from elmd.catalog import ModelSpec
+from elmd.catalog import AdapterSpec, ModelSpec
 from elmd.server.manager import ModelManager
 from elmd.server.openai.schemas import Health, ModelCard, ModelList
 
@@ -29,14 +29,38 @@ def _card(manager: ModelManager, spec: ModelSpec) -> ModelCard:
     )
 
 
+def _adapter_card(manager: ModelManager, adapter: AdapterSpec) -> ModelCard:
+    """Loaded: read into its base, which is resident (its memory is counted in the base's)."""
+    base = manager.loaded().get(adapter.base)
+    loaded = getattr(base, "adapters", {}).get(adapter.id)
+    if loaded is not None and loaded.directory != adapter.path:  # the name has meant another folder since
+        loaded = None
+    return ModelCard(
+        id=adapter.id,
+        created=adapter.created,
+        owned_by="elmd",
+        loaded=loaded is not None,
+        context_length=base.context_length if base else None,
+        backend=base.info.name if base else None,
+        memory_bytes=loaded.nbytes if loaded else None,
+        parent=adapter.base,
+        root=str(adapter.path),
+    )
+
+
+def _card_for(manager: ModelManager, found: ModelSpec | AdapterSpec) -> ModelCard:
+    return _adapter_card(manager, found) if isinstance(found, AdapterSpec) else _card(manager, found)
+
+
 @router.get("/v1/models", response_model=ModelList, responses=errors.responses())
 async def list_models(manager: ModelManager = Depends(get_manager)) -> ModelList:
-    return ModelList(data=[_card(manager, spec) for spec in manager.catalog.specs()])
+    catalog = manager.catalog
+    return ModelList(data=[_card_for(manager, found) for found in [*catalog.specs(), *catalog.adapters()]])
 
 
 @router.get("/v1/models/{model_id}", response_model=ModelCard, responses=errors.responses(404, 503))
 async def get_model(model_id: str, manager: ModelManager = Depends(get_manager)) -> ModelCard:
-    return _card(manager, manager.spec(model_id))
+    return _card_for(manager, manager.resolve(model_id))
 
 
 @router.get("/health", response_model=Health, responses={

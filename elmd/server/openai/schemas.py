@@ -403,6 +403,9 @@ class ModelCard(BaseModel):
     context_length: int | None = None
     backend: str | None = None
     memory_bytes: int | None = None  # what a loaded model holds now: weights, KV cache, cached prefixes (`elmd status`)
+    # A LoRA adapter, as vLLM lists its LoRA modules: the model it adapts, and its folder
+    parent: str | None = None
+    root: str | None = None
 
 
 class ModelList(BaseModel):
