@@ -183,7 +183,9 @@ def test_replies_mixed_cached_and_speculated_equal_each_alone(tiny, two_adapters
 def test_unloading_waits_for_the_sequences_that_use_it(tiny, two_adapters):
     with closing(TorchBackend(tiny, quant="int8", slots=2)) as backend:
         nbytes = backend.load_adapter("lora", two_adapters[0])
-        assert nbytes == read_adapter(two_adapters[0], backend.model.cfg).nbytes
+        float32 = read_adapter(two_adapters[0], backend.model.cfg).nbytes
+        # its float32 tensors, and on the native plan their float16 copies over the int8 layers
+        assert nbytes == (float32 * 3 // 2 if backend.runner.native_plan is not None else float32)
         running = backend.submit(PROMPT, SamplingParams(max_tokens=200, ignore_eos=True), frozenset(), adapter="lora")
         next(iter(running))
         assert backend.unload_adapter("lora") is False

@@ -52,6 +52,13 @@ class Runner:
         self._attach_adapters()
         return index
 
+    def adapter_bytes(self, index: int) -> int:
+        """What adapter `index` holds: its tensors for the hooks (and scoring), and the native plan's
+        copies (float16 over int8/int4 layers, B transposed)."""
+        tensors = [t for d in self.adapters.prepared[index].values() for t in (d.a, d.b, d.factor) if t is not None]
+        plan = self.native_plan.adapter_bytes(index) if self.native_plan is not None else 0
+        return sum(t.numel() * t.element_size() for t in tensors) + plan
+
     def remove_adapter(self, name: str) -> int:
         index = self.adapters.remove(name)
         if self.native_plan is not None:

@@ -242,8 +242,7 @@ class TorchBackend:
         from elmd.engine.lora import read_adapter
 
         adapter = read_adapter(directory, self.model.cfg, name)
-        self.scheduler.call(lambda: self.runner.add_adapter(adapter))
-        return adapter.nbytes
+        return self.scheduler.call(lambda: self.runner.adapter_bytes(self.runner.add_adapter(adapter)))
 
     def unload_adapter(self, name: str) -> bool:
         """Drop adapter `name` and its cached prefixes, unless a sequence still uses it (False)."""

@@ -441,6 +441,14 @@ struct NativePlan : torch::CustomClassHolder {
 
   void remove_adapter(int64_t index) { adapters.erase(index); }
 
+  // Bytes of the plan's A and B^T copies of adapter `index`.
+  int64_t adapter_bytes(int64_t index) const {
+    int64_t bytes = 0;
+    for (const auto& t : adapters.at(index).a) bytes += t.nbytes();
+    for (const auto& t : adapters.at(index).bt) bytes += t.nbytes();
+    return bytes;
+  }
+
   // ids [B] int64: the adapter of each row (0: the base; empty: none anywhere).
   RowAdapters rows_of(const at::Tensor& ids, int64_t rows) const {
     RowAdapters out;
@@ -660,7 +668,8 @@ TORCH_LIBRARY_FRAGMENT(elmd, m) {
       .def("step", &NativePlan::step)
       .def("prefill", &NativePlan::prefill)
       .def("add_adapter", &NativePlan::add_adapter)
-      .def("remove_adapter", &NativePlan::remove_adapter);
+      .def("remove_adapter", &NativePlan::remove_adapter)
+      .def("adapter_bytes", &NativePlan::adapter_bytes);
 }
 
 TORCH_LIBRARY_IMPL(elmd, CPU, m) {
