@@ -103,7 +103,7 @@ def _install_adapter(source: Path, name: str, base: str, force: bool) -> Path:
     """Check the adapter in `source` against `base`'s config (as serving it would), then copy the
     files it is read from: not mlx-lm's training checkpoints beside them."""
     from elmd.engine.checkpoint import CheckpointError, read_config
-    from elmd.engine.lora import MLX_FILES, PEFT_FILES, AdapterError, read_adapter
+    from elmd.engine.lora import LAYOUTS, AdapterError, read_adapter
     from elmd.store import Store, write_manifest
 
     store = Store()
@@ -119,7 +119,7 @@ def _install_adapter(source: Path, name: str, base: str, force: bool) -> Path:
     except (AdapterError, CheckpointError) as e:
         raise AdapterImportError(f"not an adapter of {base}: {e}") from None
     with store.installing(name, overwrite=force) as tmp:
-        for file in MLX_FILES if adapter.format == "mlx" else PEFT_FILES:
+        for file in ("adapter_config.json", LAYOUTS[adapter.format].file):
             shutil.copyfile(source / file, tmp / file)
         write_manifest(tmp, source={"kind": "local-dir", "path": str(source.resolve())}, revision=None,
                        adapter_for=base, adapter_format=adapter.format, adapter_kind=adapter.kind, adapter_rank=adapter.rank)

@@ -30,8 +30,6 @@ from torch import nn
 from elmd.engine.openelm import OpenELM, OpenELMConfig
 
 TARGETS = ("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2")  # the order of the native plan's linears
-MLX_FILES = ("adapter_config.json", "adapters.safetensors")
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 # PEFT options that change what an adapter computes beyond B (A x): refused by name, not ignored.
@@ -68,10 +66,6 @@ class Adapter:
     def nbytes(self) -> int:
         tensors = [t for d in self.deltas.values() for t in (d.a, d.b, d.magnitude) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def is_adapter_dir(directory: Path) -> bool:
-    return all((directory / f).is_file() for f in MLX_FILES) or all((directory / f).is_file() for f in PEFT_FILES)
 
 
 def layer_shapes(cfg: OpenELMConfig, layer: int) -> dict[str, tuple[int, int]]:
@@ -140,25 +134,7 @@ def _read_mlx(directory: Path, config: dict, cfg: OpenELMConfig, name: str) -> A
         unknown = sorted(set(keys) - set(TARGETS))
         if unknown:
             raise AdapterError(f"{path}: lora_parameters.keys {unknown}: elmd adapts {', '.join(TARGETS)} only")
-    weights_path = directory / "adapters.safetensors"
-    tensors = _load_tensors(weights_path)
-    pattern = re.compile(r"(?:model\.)?transformer\.layers\.(\d+)\.(attn\.qkv_proj|attn\.out_proj|ffn\.proj_1|ffn\.proj_2)\.(lora_a|lora_b|m)")
-    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        match = pattern.fullmatch(key)
-        if match is None:
-            raise AdapterError(f"{weights_path}: tensor '{key}' is not a LoRA weight of an OpenELM linear layer "
-                               f"({', '.join(TARGETS)})")
-        parts.setdefault((int(match[1]), match[2]), {})[match[3]] = tensor
-    deltas = {}
-    for (layer, target), p in sorted(parts.items()):
-        where = f"{weights_path}: transformer.layers.{layer}.{target}"
-        if "lora_a" not in p or "lora_b" not in p:
-            raise AdapterError(f"{where}: needs both lora_a and lora_b")
-        if kind == "dora" and "m" not in p:
-            raise AdapterError(f"{where}: a dora adapter needs m")
-        deltas[(layer, target)] = LayerDelta(p["lora_a"].T.contiguous(), (scale * p["lora_b"].T).contiguous(),
-                                             p.get("m") if kind == "dora" else None)
+    deltas, weights_path = _read_deltas(directory, MLX_LAYOUT, kind, scale)
     return _checked(Adapter(name, directory, "mlx", kind, rank, deltas), cfg, weights_path)
 
 
@@ -180,27 +156,53 @@ def _read_peft(directory: Path, config: dict, cfg: OpenELMConfig, name: str) -> 
     alpha = _number(config, "lora_alpha", path)
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     kind = "dora" if config.get("use_dora") else "lora"
-    weights_path = directory / "adapter_model.safetensors"
+    deltas, weights_path = _read_deltas(directory, PEFT_LAYOUT, kind, scale)
+    return _checked(Adapter(name, directory, "peft", kind, rank, deltas), cfg, weights_path)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a format keeps an adapter's tensors: its file, the prefix of its keys, the names of A,
+    B and DoRA's magnitude after a layer's key, and whether A and B are stored transposed."""
+
+    file: str
+    prefix: str
+    a: str
+    b: str
+    magnitude: str
+    transposed: bool
+
+
+MLX_LAYOUT = Layout("adapters.safetensors", r"(?:model\.)?", "lora_a", "lora_b", "m", True)
+PEFT_LAYOUT = Layout("adapter_model.safetensors", r"(?:base_model\.model\.)?", "lora_A.weight", "lora_B.weight",
+                     "lora_magnitude_vector", False)
+LAYOUTS = {"mlx": MLX_LAYOUT, "peft": PEFT_LAYOUT}  # by Adapter.format
+LAYER_KEY = r"transformer\.layers\.(\d+)\.(attn\.qkv_proj|attn\.out_proj|ffn\.proj_1|ffn\.proj_2)"
+
+
+def _read_deltas(directory: Path, layout: Layout, kind: str, scale: float) -> tuple[dict, Path]:
+    """Every layer's delta in `layout`'s file (B times `scale`), and the file's path."""
+    weights_path = directory / layout.file
     tensors = _load_tensors(weights_path)
-    pattern = re.compile(r"(?:base_model\.model\.)?transformer\.layers\.(\d+)\.(attn\.qkv_proj|attn\.out_proj|ffn\.proj_1|ffn\.proj_2)"
-                         r"\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)")
+    names = {layout.a: "a", layout.b: "b", layout.magnitude: "m", f"{layout.magnitude}.weight": "m"}
+    pattern = re.compile(layout.prefix + LAYER_KEY + r"\.(" + "|".join(re.escape(n) for n in names) + ")")
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = pattern.fullmatch(key)
         if match is None:
-            what = "an embedding or output head" if "embed" in key or "lm_head" in key else "not an OpenELM linear layer"
+            what = "an embedding or output head" if "embed" in key or "lm_head" in key else "no OpenELM linear layer"
             raise AdapterError(f"{weights_path}: tensor '{key}' adapts {what}; elmd adapts {', '.join(TARGETS)} only")
-        parts.setdefault((int(match[1]), match[2]), {})[match[3].split(".")[0]] = tensor
+        parts.setdefault((int(match[1]), match[2]), {})[names[match[3]]] = tensor
     deltas = {}
     for (layer, target), p in sorted(parts.items()):
         where = f"{weights_path}: transformer.layers.{layer}.{target}"
-        if "lora_A" not in p or "lora_B" not in p:
-            raise AdapterError(f"{where}: needs both lora_A.weight and lora_B.weight")
-        if kind == "dora" and "lora_magnitude_vector" not in p:
-            raise AdapterError(f"{where}: use_dora needs lora_magnitude_vector")
-        deltas[(layer, target)] = LayerDelta(p["lora_A"].contiguous(), (scale * p["lora_B"]).contiguous(),
-                                             p.get("lora_magnitude_vector") if kind == "dora" else None)
-    return _checked(Adapter(name, directory, "peft", kind, rank, deltas), cfg, weights_path)
+        if "a" not in p or "b" not in p:
+            raise AdapterError(f"{where}: needs both {layout.a} and {layout.b}")
+        if kind == "dora" and "m" not in p:
+            raise AdapterError(f"{where}: a dora adapter needs {layout.magnitude}")
+        a, b = (p["a"].T, p["b"].T) if layout.transposed else (p["a"], p["b"])
+        deltas[(layer, target)] = LayerDelta(a.contiguous(), (scale * b).contiguous(), p.get("m") if kind == "dora" else None)
+    return deltas, weights_path
 
 
 def _checked(adapter: Adapter, cfg: OpenELMConfig, weights_path: Path) -> Adapter:
