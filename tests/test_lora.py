@@ -194,6 +194,11 @@ def test_unloading_waits_for_the_sequences_that_use_it(tiny, two_adapters):
         assert backend.unload_adapter("lora") is True
         with pytest.raises(KeyError):
             backend.submit(PROMPT, SamplingParams(max_tokens=2), frozenset(), adapter="lora")
+        # a sequence whose adapter went between its lookup and its admission ends alone, with an error
+        beside = backend.submit(PROMPT, SamplingParams(max_tokens=4, ignore_eos=True), frozenset())
+        orphan = backend.scheduler.submit(PROMPT, SamplingParams(max_tokens=4), frozenset(), adapter=1)
+        assert list(orphan) == [] and orphan.finished.reason == "error" and "unloaded" in orphan.finished.error
+        assert len(list(beside)) == 4 and beside.finished.reason == "length"
 
 
 # -- what cannot be served: a clear error naming the file and the key ---------------------------

@@ -247,6 +247,9 @@ class Scheduler:
                 if seq.params.max_tokens <= 0 or seq.prompt_len >= self.max_len:
                     seq.channel.close(Finished("length"))
                     continue
+                if seq.adapter and seq.adapter not in self.runner.adapters.prepared:  # unloaded since it was submitted
+                    seq.channel.close(Finished("error", error="its LoRA adapter was unloaded; send the request again"))
+                    continue
                 seq.slot = heapq.heappop(self.free)
                 seq.sampler = Sampler(seq.params, seq.tokens, self.model.cfg.vocab_size, self.device, seq.matcher)
                 if self._speculates(seq):
