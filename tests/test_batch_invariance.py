@@ -226,7 +226,10 @@ def other_paths() -> list[str]:
 
 @pytest.mark.parametrize("path", other_paths())
 def test_the_other_kernel_paths_are_invariant_too(path):
-    """This file again in a child forced onto `path` (ELMD_CPU_KERNELS)."""
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], capture_output=True,
+    """This file again in a child forced onto `path` (ELMD_CPU_KERNELS), with the LoRA adapters'
+    mixed batches and their agreement with PEFT (tests/test_lora.py) on that path."""
+    lora = [f"{ROOT / 'tests' / 'test_lora.py'}::{test}" for test in
+            ("test_a_mixed_batch_gives_each_row_its_logits_alone", "test_cached_forwards_match_peft")]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, *lora], capture_output=True,
                           text=True, timeout=1800, env={**os.environ, "ELMD_CPU_KERNELS": path, IN_CHILD: "1"}, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-4000:]

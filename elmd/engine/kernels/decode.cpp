@@ -32,6 +32,7 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -475,11 +476,10 @@ struct NativePlan : torch::CustomClassHolder {
   // y[i] = (y[i] + B (A x[i])) * factor for each row i whose adapter adapts linear l, in one pass
   // for every adapter of the call (no gathers). A row's arithmetic is fixed whatever the rows beside
   // it: each of A x[i]'s entries is one lane-wise FMA chain over `in` and one vsum, each output sums
-  // the rank in order, and threads split whole rows (A) or whole 64-column blocks (B). A pass this
-  // small costs less than waking the other threads, so a share of it runs on one thread until its work
-  // passes kSerialFmas.
+  // the rank in order, and threads split whole dots (A) or whole 64-column blocks (B). A pass this
+  // small costs less than waking the other threads, so it runs on one thread below kSerialFmas.
   void add_adapters(size_t l, const at::Tensor& x, at::Tensor& y, const RowAdapters& rows) const {
-    constexpr int64_t kSerialFmas = 1 << 14;
+    constexpr int64_t kSerialFmas = 1 << 15;
     const int64_t n_rows = x.size(0), in = x.size(1), out = y.size(1);
     std::vector<int64_t> offset(n_rows, -1);
     int64_t total = 0;
@@ -501,8 +501,13 @@ struct NativePlan : torch::CustomClassHolder {
       for (int64_t j = 0; j < rows[i]->a[l].size(0); j += 4) items.emplace_back(i, j);
     }
     const int64_t n_items = static_cast<int64_t>(items.size());
-    at::parallel_for(0, n_items, std::max<int64_t>(1, kSerialFmas / (4 * in)), [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
+    const int64_t blocks = (out + 63) / 64;
+    const int threads = total * (in + out) >= kSerialFmas ? at::get_num_threads() : 1;
+    // One parallel region for both halves (waking the threads once), a barrier between them.
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+      for (int64_t item = n_items * tid / nt; item < n_items * (tid + 1) / nt; ++item) {
         const auto [i, j] = items[item];
         const at::Tensor& a = rows[i]->a[l];
         const int64_t count = std::min<int64_t>(4, a.size(0) - j);
@@ -512,21 +517,19 @@ struct NativePlan : torch::CustomClassHolder {
         else
           project(a.data_ptr<float>() + j * in, count, xp + i * in, in, ti);
       }
-    });
-    const int64_t blocks = (out + 63) / 64;
-    at::parallel_for(0, blocks, std::max<int64_t>(1, kSerialFmas / (64 * total)), [&](int64_t begin, int64_t end) {
-      for (int64_t i = 0; i < n_rows; ++i) {
+#pragma omp barrier
+      const int64_t from = blocks * tid / nt * 64, to = std::min(out, blocks * (tid + 1) / nt * 64);
+      for (int64_t i = 0; i < n_rows && from < to; ++i) {
         if (offset[i] < 0) continue;
         const at::Tensor& factor = rows[i]->factor[l];
         const at::Tensor& bt = rows[i]->bt[l];
         const float* f = factor.numel() > 0 ? factor.data_ptr<float>() : nullptr;
-        const int64_t from = begin * 64, to = std::min(out, end * 64);
         if (bt.scalar_type() == at::kHalf)
           expand_row(bt.data_ptr<at::Half>(), bt.size(0), f, t.data() + offset[i], yp + i * out, out, from, to);
         else
           expand_row(bt.data_ptr<float>(), bt.size(0), f, t.data() + offset[i], yp + i * out, out, from, to);
       }
-    });
+    }
   }
 
   // t[j] = A[j] . x for A's first `count` (at most 4) rows: independent chains, each one lane-wise
