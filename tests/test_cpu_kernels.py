@@ -12,8 +12,10 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -127,6 +129,45 @@ def test_aten_where_forced_or_no_native_build_can_run_and_why():
     assert aten["why"] == "forced by ELMD_CPU_KERNELS=aten"
     for got in (aten, forced, old_cpu, no_compiler):
         assert got["path"] == "aten" and got["kernel"] == "aten" and got["libraries"] == []
+
+
+def test_an_arm64_cpu_runs_the_neon_build_where_it_has_the_dot_product(monkeypatch):
+    """On ARM64 the choice is among ARM64's builds, by the HWCAP features: without SDOT (a
+    Cortex-A72, Raspberry Pi 4) ATen's kernels and the reason; an x86 path forced there is
+    refused by name. (The neon build itself is tested under emulation: tests/arm64/run.)"""
+    monkeypatch.setattr(native, "BUILDS", native.ARM64_BUILDS)
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"asimd", "fphp", "asimdhp"}))
+    choose = native._select.__wrapped__  # uncached: this process keeps its own choice
+    assert choose()[1:] == ("aten", "no native kernels for this CPU (aarch64, lacks asimddp)")
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"asimd", "fphp", "asimdhp", "asimddp"}))
+    monkeypatch.setenv("ELMD_CPU_KERNELS", "avx2")
+    assert choose()[1:] == ("aten", "ELMD_CPU_KERNELS=avx2 is not built for aarch64")
+    monkeypatch.setenv("ELMD_CPU_KERNELS", "neon")
+    monkeypatch.setattr(native, "_load_prebuilt", lambda build, flags: build.path == "neon")  # as a wheel built there carries it
+    monkeypatch.setattr(native, "_register_shapes", lambda: None)
+    assert choose()[1:] == ("neon", None)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs Debian's g++-aarch64-linux-gnu")
+def test_the_neon_build_compiles_for_arm64_with_sdot(tmp_path):
+    """The ARM64 build's sources, with its flags, through Debian's aarch64 cross compiler (against
+    this torch's headers, the same on ARM64): a change to the kernel code shared by every build
+    cannot break ARM64 unseen, and the int8/int4 dot products are SDOT. Its numerics run
+    under emulation, with PyPI's aarch64 torch (tests/arm64/run)."""
+    from torch.utils.cpp_extension import include_paths
+
+    build = native.ARM64_BUILDS[0]
+    includes = [flag for path in [*include_paths(), sysconfig.get_paths()["include"]] for flag in ("-isystem", path)]
+    for source in build.sources:
+        obj = tmp_path / f"{source}.o"
+        done = subprocess.run(["aarch64-linux-gnu-g++", "-std=c++20", "-O3", "-fPIC", "-fopenmp", *build.compiler_flags,
+                               "-DTORCH_API_INCLUDE_EXTENSION_H", *includes, "-c", str(native.PREBUILT.parent / source),
+                               "-o", str(obj)], capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-4000:]
+    code = subprocess.run(["aarch64-linux-gnu-objdump", "-d", str(tmp_path / "qgemv.cpp.o")], capture_output=True,
+                          text=True, check=True).stdout
+    assert re.search(r"\tsdot\t", code), "no SDOT in the int8/int4 kernels"
 
 
 @pytest.mark.parametrize("path", runnable()[1:])

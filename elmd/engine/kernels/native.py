@@ -5,11 +5,12 @@ matmuls and the attention of prompts on AMX (used where the CPU has it), decode.
 small operations between them (QK-norm + RoPE + KV write + attention, residual add +
 RMSNorm, SwiGLU) and the native plan that runs a decode step or a prompt chunk in one call.
 
-Three builds of the same sources, chosen at run time by the CPU's flags: "avx512"
+Builds of the same sources, chosen at run time by the CPU's flags: on x86-64 "avx512"
 (AVX512-VNNI + AVX512-BF16, with amx.cpp for CPUs with AMX), "avx512-vnni" (the same
-without BF16) and "avx2" (AVX2 + FMA + F16C, with AVX-VNNI where the CPU has it); simd.h
-gives each its 16-lane vectors, so the packed weights are the same for all.
-ELMD_CPU_KERNELS=auto|avx512|avx512-vnni|avx2|aten forces one
+without BF16) and "avx2" (AVX2 + FMA + F16C, with AVX-VNNI where the CPU has it); on ARM64
+"neon" (ARMv8.2-A NEON with the dot product and float16 extensions); simd.h gives each its
+16-lane vectors, so the packed weights are the same for all.
+ELMD_CPU_KERNELS=auto|avx512|avx512-vnni|avx2|neon|aten forces one
 (auto: the best this CPU runs). Where no build can run (another CPU, no C++ compiler or
 ninja, a failed build) elmd/engine/quantize.py falls back to ATen's own kernels, so the
 native build is only ever a speed-up; kernel_path() says which path runs and, when it is
@@ -42,7 +43,7 @@ import torch
 
 KERNELS_ENV = "ELMD_CPU_KERNELS"
 BUILD_NICENESS = 10  # the background build's priority, below the requests it runs beside
-CHOICES = ("auto", "avx512", "avx512-vnni", "avx2", "aten")
+CHOICES = ("auto", "avx512", "avx512-vnni", "avx2", "neon", "aten")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Build:
 # -fopenmp: at::parallel_for is an inline OpenMP loop; without it the kernels run on one
 # thread. At run time the library binds to the libgomp torch has already loaded (same soname).
 _AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma")
-BUILDS = (  # best first
+X86_BUILDS = (  # best first
     Build("avx512", frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma"}),
           ("qgemv.cpp", "decode.cpp", "amx.cpp"), (*_AVX512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16")),
     # AVX-512 without BF16 (Intel Ice Lake / Cascade Lake, the common cloud CPUs): the same
@@ -67,6 +68,16 @@ BUILDS = (  # best first
           ("qgemv.cpp", "decode.cpp"), _AVX512),
     Build("avx2", frozenset({"avx2", "fma", "f16c"}), ("qgemv.cpp", "decode.cpp"), ("-mavx2", "-mfma", "-mf16c")),
 )
+# ARM64 (Graviton 2 and later, Ampere Altra, Raspberry Pi 5, Windows on ARM, Linux on Apple
+# silicon): SDOT for the int8/int4 dot products, float16 conversions for the KV cache and scales.
+ARM64_BUILDS = (
+    Build("neon", frozenset({"asimd", "asimddp", "fphp", "asimdhp"}), ("qgemv.cpp", "decode.cpp"),
+          ("-march=armv8.2-a+dotprod+fp16",)),
+)
+ARM64 = ("aarch64", "arm64")
+BUILDS = ARM64_BUILDS if platform.machine().lower() in ARM64 else X86_BUILDS
+# The Linux HWCAP bits (asm/hwcap.h) of the features the ARM64 build needs.
+ARM64_HWCAPS = {"asimd": 1 << 1, "fphp": 1 << 9, "asimdhp": 1 << 10, "asimddp": 1 << 20}
 HEADERS = ("kernels.h", "simd.h")  # included by every build's sources
 PREBUILT = Path(__file__).with_name("prebuilt")  # the compiled builds a wheel carries (prebuild)
 ROWS = 16  # output rows per register in qgemv.cpp
@@ -78,6 +89,10 @@ _said_building = False
 
 
 def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them: /proc/cpuinfo's on x86-64; on ARM64 the
+    kernel's HWCAP bits (what the kernel says user space may run, also under emulation)."""
+    if platform.machine().lower() in ARM64:
+        return _arm64_features()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -86,6 +101,17 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def _arm64_features() -> frozenset[str]:
+    if not sys.platform.startswith("linux"):  # macOS serves through MLX; its PyTorch runs on ATen here
+        return frozenset()
+    import ctypes
+
+    getauxval = ctypes.CDLL(None).getauxval
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    hwcap = getauxval(16)  # AT_HWCAP
+    return frozenset(name for name, bit in ARM64_HWCAPS.items() if hwcap & bit)
 
 
 def load():
@@ -108,7 +134,7 @@ def _select():
     if choice not in CHOICES:
         log.warning("%s=%s is not one of %s; using auto", KERNELS_ENV, choice, "|".join(CHOICES))
         choice = "auto"
-    flags = cpu_flags() if platform.machine() in ("x86_64", "AMD64") else frozenset()
+    flags = cpu_flags() if platform.machine().lower() in ("x86_64", "amd64", *ARM64) else frozenset()
     runnable = [b for b in BUILDS if b.cpu_flags <= flags]
     if not runnable:
         missing = ", ".join(sorted(BUILDS[-1].cpu_flags - flags))
@@ -117,7 +143,9 @@ def _select():
     if choice == "aten":
         return None, "aten", f"forced by {KERNELS_ENV}=aten"
     if choice != "auto":
-        forced = next(b for b in BUILDS if b.path == choice)
+        forced = next((b for b in BUILDS if b.path == choice), None)
+        if forced is None:
+            return None, "aten", f"{KERNELS_ENV}={choice} is not built for {platform.machine()}"
         if forced not in runnable:
             missing = ", ".join(sorted(forced.cpu_flags - flags))
             return None, "aten", f"{KERNELS_ENV}={choice}, but this CPU lacks {missing}"
@@ -157,16 +185,19 @@ def _load_prebuilt(build: Build, flags: frozenset[str]) -> bool:
 
 
 def prebuild(target: Path | None = None) -> list[Path]:
-    """Compile every build (and avx2's AVX-VNNI variant) into `target` (PREBUILT), as the wheel
-    carries them: build_backend/elmd_build.py runs this when `pip wheel` builds one. Each
-    compiles in a child process (one native build per process), in a folder of its own."""
+    """Compile every build for this machine's architecture (and avx2's AVX-VNNI variant) into
+    `target` (PREBUILT), as the wheel carries them: build_backend/elmd_build.py runs this when
+    `pip wheel` builds one. Each compiles in a child process (one native build per process), in
+    a folder of its own."""
     import tempfile
 
     target = target or PREBUILT
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     libraries = []
-    variants = [(build, frozenset()) for build in BUILDS] + [(BUILDS[-1], frozenset({"avx_vnni"}))]
+    variants = [(build, frozenset()) for build in BUILDS]
+    if BUILDS is X86_BUILDS:
+        variants.append((BUILDS[-1], frozenset({"avx_vnni"})))
     before = os.environ.get("TORCH_EXTENSIONS_DIR")
     with tempfile.TemporaryDirectory() as folder:
         os.environ["TORCH_EXTENSIONS_DIR"] = folder  # the children's build folders

@@ -1,5 +1,5 @@
-// Weight-streaming matmuls for small batches on x86 CPUs: AVX512-VNNI / AVX512-BF16, or
-// AVX2 + FMA + F16C (simd.h gives both builds their 16-lane vectors).
+// Weight-streaming matmuls for small batches on CPUs: AVX512-VNNI / AVX512-BF16, AVX2 + FMA +
+// F16C, or ARM64 NEON with SDOT (simd.h gives every build its 16-lane vectors).
 //
 // Batch-1 decode reads every weight once per token, so its speed is the speed at which
 // a kernel streams weights. ATen's weight-only kernels reach about half the machine's
@@ -8,7 +8,7 @@
 //
 // * int8 / int4 weights are multiplied with int8 activations (quantized here, per
 //   block of 32, like llama.cpp's q8_0) by VPDPBUSD (on AVX2: AVX-VNNI, or VPMADDUBSW +
-//   VPMADDWD, see simd.h), 16 output rows per register
+//   VPMADDWD; on ARM64 SDOT, see simd.h), 16 output rows per register
 //   (one row per 32-bit lane, 4 consecutive k per lane), with the activation bytes
 //   broadcast. Weights are unsigned: int8 is stored +128, int4 is q in [0, 15] with
 //   w = scale * (q - 8) + zero per group (ATen's int4pack convention); the offsets are
@@ -24,7 +24,6 @@
 #include "kernels.h"
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
@@ -46,7 +45,7 @@ constexpr int kTile = 4;    // activation rows sharing one weight load
 constexpr int kPrefetch = 8192;
 
 inline void prefetch_ahead(const uint8_t* p) {
-  _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetch), _MM_HINT_T1);
+  __builtin_prefetch(p + kPrefetch, 0, 2);  // x86: PREFETCHT1; ARM64: PRFM PLDL2KEEP
 }
 
 // Independent VPDPBUSD accumulation chains per activation row: with fewer rows than
@@ -326,7 +325,7 @@ void float_tile(const typename D::W* w, const typename D::X* x, int64_t K, int64
     decltype(D::load_x(x)) xv[T];
     for (int t = 0; t < T; ++t) xv[t] = D::load_x(x + (m0 + t) * K + k);
     for (int r = 0; r < R; ++r) {
-      if (stream) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + r + 2 * R) * K + k), _MM_HINT_T0);
+      if (stream) __builtin_prefetch(w + (n0 + r + 2 * R) * K + k, 0, 3);  // into L1
       const auto wv = D::load_w(w + (n0 + r) * K + k);
       for (int t = 0; t < T; ++t) acc[t * R + r] = D::dot(acc[t * R + r], wv, xv[t]);
     }

@@ -1,19 +1,26 @@
 // Sixteen-lane vectors for the kernels, one definition per instruction set, so that
 // qgemv.cpp and decode.cpp hold one algorithm for every build (native.py compiles them
-// with AVX-512 flags, with or without AVX512-BF16, and with AVX2 + FMA + F16C).
+// with AVX-512 flags, with or without AVX512-BF16, with AVX2 + FMA + F16C, and on ARM64 with
+// NEON's dot product and float16 extensions).
 //
 // * vf: 16 float32, vi: 16 int32, vb: 64 bytes (16 rows x 4 bytes of a packed weight block).
-//   AVX-512: one register each. AVX2: a pair of 256-bit registers (rows 0-7, rows 8-15),
-//   so the packed layouts of native.py, 16 output rows per block, are the same in both.
+//   AVX-512: one register each. AVX2: a pair of 256-bit registers (rows 0-7, rows 8-15).
+//   NEON: four 128-bit registers. So the packed layouts of native.py, 16 output rows per
+//   block, are the same in all.
 // * dpbusd(acc, w, x4): acc + sum over each 32-bit lane of 4 unsigned weight bytes times
 //   the 4 signed activation bytes x4 (VPDPBUSD; AVX-VNNI's 256-bit form; on plain AVX2
-//   VPMADDUBSW + VPMADDWD, exact for weights below 128 such as int4's nibbles).
+//   VPMADDUBSW + VPMADDWD, exact for weights below 128 such as int4's nibbles; on NEON
+//   SDOT, which takes such weights as signed bytes).
 // * dot_int8(acc, w, x4): the same for int8 weights stored +128, whose products would
 //   saturate VPMADDUBSW's 16-bit pairs: without VNNI the weights are made signed again and
 //   kInt8DotHasOffset is false (the sum is of the true int8 values, no +128 to take out).
 #pragma once
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -110,6 +117,120 @@ constexpr bool kAmxBuild = true;  // amx.cpp is part of this build (used where t
 #else
 constexpr bool kAmxBuild = false;  // AVX-512 without BF16: no AMX CPU lacks it, so no amx.cpp
 #endif
+
+#elif defined(__aarch64__)  // ARMv8.2-A NEON with the dot product (SDOT) and float16 extensions
+
+// Four 128-bit registers per vector, lanes in order: v[0] holds rows 0-3 of a packed block,
+// v[3] rows 12-15, so the packed layouts are those of the x86 builds.
+struct vf {
+  float32x4_t v[4];
+};
+struct vi {
+  int32x4_t v[4];
+};
+struct vb {
+  uint8x16_t v[4];
+};
+
+template <typename F>
+inline vf each(F&& f) {
+  return {{f(0), f(1), f(2), f(3)}};
+}
+inline vf vzero() { return each([](int) { return vdupq_n_f32(0.f); }); }
+inline vf vset(float x) { return each([x](int) { return vdupq_n_f32(x); }); }
+inline vf vload(const float* p) { return each([p](int i) { return vld1q_f32(p + 4 * i); }); }
+inline void vstore(float* p, vf a) {
+  for (int i = 0; i < 4; ++i) vst1q_f32(p + 4 * i, a.v[i]);
+}
+inline vf vadd(vf a, vf b) { return each([&](int i) { return vaddq_f32(a.v[i], b.v[i]); }); }
+inline vf vsub(vf a, vf b) { return each([&](int i) { return vsubq_f32(a.v[i], b.v[i]); }); }
+inline vf vmul(vf a, vf b) { return each([&](int i) { return vmulq_f32(a.v[i], b.v[i]); }); }
+inline vf vdiv(vf a, vf b) { return each([&](int i) { return vdivq_f32(a.v[i], b.v[i]); }); }
+inline vf vmax(vf a, vf b) { return each([&](int i) { return vmaxq_f32(a.v[i], b.v[i]); }); }
+inline vf vfmadd(vf a, vf b, vf c) { return each([&](int i) { return vfmaq_f32(c.v[i], a.v[i], b.v[i]); }); }
+inline vf vfnmadd(vf a, vf b, vf c) { return each([&](int i) { return vfmsq_f32(c.v[i], a.v[i], b.v[i]); }); }
+inline float32x4_t fold(vf a) { return vaddq_f32(vaddq_f32(a.v[0], a.v[1]), vaddq_f32(a.v[2], a.v[3])); }
+inline float vsum(vf a) { return vaddvq_f32(fold(a)); }
+inline float vmaxval(vf a) { return vmaxvq_f32(vmaxq_f32(vmaxq_f32(a.v[0], a.v[1]), vmaxq_f32(a.v[2], a.v[3]))); }
+inline float vfirst(vf a) { return vgetq_lane_f32(a.v[0], 0); }
+
+// bf16 by round-to-nearest-even of the high 16 bits (as VCVTNEPS2BF16, NaN aside).
+inline uint16x4_t to_bf16(float32x4_t x) {
+  const uint32x4_t bits = vreinterpretq_u32_f32(x);
+  const uint32x4_t odd = vandq_u32(vshrq_n_u32(bits, 16), vdupq_n_u32(1));
+  return vshrn_n_u32(vaddq_u32(bits, vaddq_u32(odd, vdupq_n_u32(0x7FFF))), 16);
+}
+inline void store16(float* p, vf a) { vstore(p, a); }
+inline void store16(at::BFloat16* p, vf a) {
+  for (int i = 0; i < 4; ++i) vst1_u16(reinterpret_cast<uint16_t*>(p) + 4 * i, to_bf16(a.v[i]));
+}
+inline void store16(at::Half* p, vf a) {
+  for (int i = 0; i < 4; ++i) vst1_f16(reinterpret_cast<float16_t*>(p) + 4 * i, vcvt_f16_f32(a.v[i]));
+}
+
+inline vf load16(const float* p) { return vload(p); }
+inline vf load16(const at::Half* p) {
+  const float16_t* h = reinterpret_cast<const float16_t*>(p);
+  return each([h](int i) { return vcvt_f32_f16(vld1_f16(h + 4 * i)); });
+}
+inline vf load_bf16(const uint16_t* p) {
+  return each([p](int i) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p + 4 * i), 16)); });
+}
+
+// e^x as the AVX2 build's exp8: 2^n built in the exponent bits, x clamped to where 2^n is a
+// normal float, and inputs below that give 0 (softmax's masked scores).
+inline float32x4_t exp4(float32x4_t x) {
+  const uint32x4_t kept = vcgeq_f32(x, vdupq_n_f32(-87.3f));
+  x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.3f)), vdupq_n_f32(88.3f));
+  const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504f)));
+  float32x4_t f = vfmsq_f32(x, n, vdupq_n_f32(0.693145752f));
+  f = vfmsq_f32(f, n, vdupq_n_f32(1.42860677e-6f));
+  float32x4_t p = vdupq_n_f32(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = vfmaq_f32(vdupq_n_f32(c), p, f);
+  const int32x4_t two_n = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+  const float32x4_t scaled = vmulq_f32(p, vreinterpretq_f32_s32(two_n));
+  return vreinterpretq_f32_u32(vandq_u32(vreinterpretq_u32_f32(scaled), kept));
+}
+inline vf exp16(vf x) { return each([&](int i) { return exp4(x.v[i]); }); }
+
+// out[i] = the sum of a[i]'s 16 lanes, for 16 vectors at once: each folded to 4 lanes, then
+// pairwise adds (FADDP) of 4 folded vectors give their 4 sums.
+inline vf sum16(const vf* a) {
+  return each([a](int i) {
+    const float32x4_t s0 = fold(a[4 * i]), s1 = fold(a[4 * i + 1]), s2 = fold(a[4 * i + 2]), s3 = fold(a[4 * i + 3]);
+    return vpaddq_f32(vpaddq_f32(s0, s1), vpaddq_f32(s2, s3));
+  });
+}
+
+inline vi vizero() { return {{vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)}}; }
+inline vi viadd(vi a, vi b) {
+  return {{vaddq_s32(a.v[0], b.v[0]), vaddq_s32(a.v[1], b.v[1]), vaddq_s32(a.v[2], b.v[2]), vaddq_s32(a.v[3], b.v[3])}};
+}
+inline vf vcvt(vi a) { return each([&](int i) { return vcvtq_f32_s32(a.v[i]); }); }
+inline vb vload_bytes(const uint8_t* p) { return {{vld1q_u8(p), vld1q_u8(p + 16), vld1q_u8(p + 32), vld1q_u8(p + 48)}}; }
+inline vb low_nibbles(vb w) {
+  const uint8x16_t low = vdupq_n_u8(0x0F);
+  return {{vandq_u8(w.v[0], low), vandq_u8(w.v[1], low), vandq_u8(w.v[2], low), vandq_u8(w.v[3], low)}};
+}
+inline vb high_nibbles(vb w) {
+  return {{vshrq_n_u8(w.v[0], 4), vshrq_n_u8(w.v[1], 4), vshrq_n_u8(w.v[2], 4), vshrq_n_u8(w.v[3], 4)}};
+}
+// SDOT takes signed bytes on both sides: int4's nibbles (below 128) as they are, int8's
+// weights made signed again (kInt8DotHasOffset false, as on plain AVX2).
+inline vi dpbusd(vi acc, vb w, int32_t x4) {
+  const int8x16_t x = vreinterpretq_s8_s32(vdupq_n_s32(x4));
+  vi out;
+  for (int i = 0; i < 4; ++i) out.v[i] = vdotq_s32(acc.v[i], vreinterpretq_s8_u8(w.v[i]), x);
+  return out;
+}
+constexpr bool kInt8DotHasOffset = false;
+inline vb int8_weights(vb w) {
+  const uint8x16_t bias = vdupq_n_u8(0x80);
+  return {{veorq_u8(w.v[0], bias), veorq_u8(w.v[1], bias), veorq_u8(w.v[2], bias), veorq_u8(w.v[3], bias)}};
+}
+inline vi dot_int8(vi acc, vb w, int32_t x4) { return dpbusd(acc, w, x4); }
+
+constexpr bool kAmxBuild = false;  // AMX is x86's
 
 #else  // AVX2 + FMA + F16C (and AVX-VNNI where the build has it)
 
