@@ -1,7 +1,10 @@
 """elmd's build backend: setuptools', except that a wheel carries the native CPU kernels
-compiled (elmd/engine/kernels/native.py prebuild), for every x86-64 build, against the torch
-that pyproject.toml pins. A wheel install then runs them from its first token, with no
-compiler; an editable install or an sdist builds them at first use, as before.
+compiled (elmd/engine/kernels/native.py prebuild), for every build of the machine's
+architecture (x86-64's three, ARM64's neon), against the torch that pyproject.toml pins. A
+wheel install then runs them from its first token, with no compiler; an editable install or an
+sdist builds them at first use, as before. Such a wheel is tagged for the Python and the
+platform it was built on (cp311-cp311-linux_x86_64, say), as one with extension modules is:
+its kernels link torch's Python bindings.
 
 Only building a wheel needs torch (and ninja) in the build environment; an editable install
 does not pull them in."""
@@ -20,7 +23,7 @@ TORCH = "torch==2.13.0"  # the kernels' ABI: the version pyproject.toml pins (te
 
 
 def _builds_kernels() -> bool:
-    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+    return sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64", "aarch64")
 
 
 def get_requires_for_build_wheel(config_settings=None):
@@ -35,4 +38,7 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
 
         for library in native.prebuild():
             print(f"elmd: compiled {library.name}", file=sys.stderr)
+        from setuptools.dist import Distribution
+
+        Distribution.has_ext_modules = lambda self: True  # bdist_wheel: not pure, tagged for this platform
     return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)

@@ -91,6 +91,10 @@ def test_the_backend_compiles_against_the_torch_that_pyproject_pins():
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not sys.platform.startswith("linux"),
                     reason="the wheel carries compiled kernels for x86-64 Linux")
 def test_the_wheel_carries_every_build_compiled(wheel):
+    """Every x86-64 build, in a wheel tagged for this Python and platform (the kernels link
+    torch's Python bindings), so pip never installs it where they cannot load."""
+    python = "cp%d%d" % sys.version_info[:2]
+    assert wheel.name.endswith(f"-{python}-{python}-linux_x86_64.whl"), wheel.name
     carried = {Path(n).name for n in zipfile.ZipFile(wheel).namelist() if "/kernels/prebuilt/" in n}
     variants = [(build, frozenset()) for build in native.BUILDS] + [(native.BUILDS[-1], frozenset({"avx_vnni"}))]
     assert carried == {f"{native.build_name(build, flags)}.so" for build, flags in variants}
