@@ -204,6 +204,36 @@ def test_an_idle_adapter_unloads_and_the_base_stays(server, client):
     assert completion(client, "peft-lora") == text  # read again on its next request
 
 
+def wait_unloaded(base, adapter: str) -> None:
+    deadline = time.monotonic() + 30
+    while adapter in base.adapters:
+        assert time.monotonic() < deadline, f"{adapter} was not unloaded"
+        time.sleep(0.05)
+
+
+def test_keep_alive_on_an_adapter_is_the_adapters_not_its_bases(server, client):
+    """Ollama's `keep_alive` on an adapter's id: 0 unloads that adapter after its reply (and a
+    request with no prompt unloads it at once), while the base, which other clients share,
+    and the other adapter stay loaded with their own keep-alive; a duration is kept by the
+    adapter alone."""
+    ollama_client = ollama.Client(host=server.base_url)
+    for name in GOOD:
+        completion(client, name)
+    base = base_engine(server)
+    resident = server.manager._residency.models[TINY_MODEL]
+    reply = ollama_client.generate(model="peft-lora", prompt=PROMPT, keep_alive=0, options={"num_predict": 4})
+    assert reply.done and reply.model == "peft-lora"
+    wait_unloaded(base, "peft-lora")
+    assert base_engine(server) is base and "mlx-lora" in base.adapters and resident.keep_alive == 600
+    assert ollama_client.generate(model="mlx-lora", keep_alive="7m").done_reason == "load"
+    assert base.adapters["mlx-lora"].keep_alive == 420 and resident.keep_alive == 600
+    assert ollama_client.generate(model="mlx-lora", keep_alive=0).done_reason == "unload"
+    wait_unloaded(base, "mlx-lora")
+    assert base_engine(server) is base and client.models.retrieve(TINY_MODEL).loaded is True
+    assert completion(client, "mlx-lora") and "mlx-lora" in base.adapters  # loaded again on its next request
+    assert base.adapters["mlx-lora"].keep_alive_given is False  # a new load takes the base's again
+
+
 # -- the command line: `serve --lora-modules`, and adapters in the store ------------------------------
 
 

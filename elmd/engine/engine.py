@@ -139,6 +139,14 @@ class LoadedAdapter:
     stamp: str  # its files' names, sizes and modification times: a new stamp (an import --force) reloads it
     nbytes: int
     last_used: float
+    # Seconds unused before it unloads, as its last request's keep_alive said (Ollama's, on the
+    # adapter's own model id); None: never. Unset (keep_alive_given False): the base model's.
+    keep_alive: float | None = None
+    keep_alive_given: bool = False
+
+    def idle_past(self, now: float, base_keep_alive: float | None) -> bool:
+        limit = self.keep_alive if self.keep_alive_given else base_keep_alive
+        return limit is not None and now - self.last_used >= limit
 
 
 def adapter_stamp(directory: Path) -> str:
@@ -196,16 +204,28 @@ class Engine:
         view.model_id, view.adapter = name, name
         return view
 
-    def drop_idle_adapters(self, idle_seconds: float) -> list[str]:
-        """Unload the adapters unused for `idle_seconds` (keep_alive) that no sequence holds; their names."""
-        dropped = []
+    def drop_idle_adapters(self, base_keep_alive: float | None) -> list[str]:
+        """Unload the adapters unused past their keep-alive (their own, else the base model's)
+        that no sequence holds; their names."""
+        now = time.monotonic()
+        return [name for name, loaded in list(self.adapters.items())
+                if loaded.idle_past(now, base_keep_alive) and self.drop_adapter(name)]
+
+    def drop_adapter(self, name: str) -> bool:
+        """Unload adapter `name` unless a sequence still uses it; whether it is gone."""
         with self._adapters_lock:
-            now = time.monotonic()
-            for name, loaded in list(self.adapters.items()):
-                if now - loaded.last_used >= idle_seconds and self.backend.unload_adapter(name):
-                    del self.adapters[name]
-                    dropped.append(name)
-        return dropped
+            if name not in self.adapters:
+                return True
+            if not self.backend.unload_adapter(name):
+                return False
+            del self.adapters[name]
+            return True
+
+    def keep_adapter_alive(self, name: str, seconds: float | None) -> None:
+        """Adapter `name` unloads after `seconds` unused from now on (a request's keep_alive)."""
+        with self._adapters_lock:
+            if (loaded := self.adapters.get(name)) is not None:
+                loaded.keep_alive, loaded.keep_alive_given = seconds, True
 
     @property
     def info(self) -> BackendInfo:

@@ -187,13 +187,17 @@ class ModelManager:
             self._admission.release()
             raise
         resident.active += 1
-        release = functools.partial(self._release, resident, keep_alive)
+        # A request on an adapter's id gives its keep_alive to the adapter, not to the base
+        # model that other requests share.
+        release = functools.partial(self._release, resident, (False, None) if adapter else keep_alive)
         try:
             await self._residency.fit_budget(resident)
             engine = await self._with_adapter(resident.engine, adapter) if adapter else resident.engine
         except BaseException:
             release()
             raise
+        if adapter and keep_alive[0]:
+            release = functools.partial(self._release_adapter, release, resident.engine, adapter.id, keep_alive[1])
         return Lease(engine, self.settings, deadline, release)
 
     async def engine(self, model_id: str) -> "Engine":
@@ -231,10 +235,28 @@ class ModelManager:
         if self._residency.release(resident, keep_alive):
             self._spawn(self._residency.unload_if_idle(resident))
 
+    def _release_adapter(self, release: Callable[[], None], engine: "Engine", adapter: str, seconds: float | None) -> None:
+        """The lease's end on an adapter whose request gave a keep_alive: the adapter keeps it,
+        and with 0 leaves now (its sequences are done; the base and other adapters stay)."""
+        engine.keep_adapter_alive(adapter, seconds)
+        release()
+        if seconds == 0:
+            self._spawn(self._drop_adapter(engine, adapter))
+
+    async def _drop_adapter(self, engine: "Engine", adapter: str) -> None:
+        if await asyncio.to_thread(engine.drop_adapter, adapter):
+            log.info("unloaded adapter %s (keep_alive 0)", adapter)
+
     async def unload(self, model_id: str) -> None:
         """Unload a resident model now, or as soon as its running requests finish (Ollama's
-        `keep_alive: 0` on a request that generates nothing)."""
-        await self._residency.unload_when_idle(model_id)
+        `keep_alive: 0` on a request that generates nothing); an adapter's id unloads the
+        adapter once no request uses it, not its base."""
+        spec, adapter = self.target(model_id)
+        if adapter is None:
+            await self._residency.unload_when_idle(model_id)
+        elif (resident := self._residency.models.get(spec.id)) is not None and adapter.id in resident.engine.adapters:
+            resident.engine.keep_adapter_alive(adapter.id, 0)  # if a request holds it now, the reaper takes it after
+            await self._drop_adapter(resident.engine, adapter.id)
 
     # ------------------------------------------------------------------ lifecycle
 

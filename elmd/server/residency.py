@@ -52,10 +52,10 @@ class Resident:
 
 
 def _has_idle_adapter(resident: Resident, now: float) -> bool:
-    """Whether an adapter of `resident` has gone unused for its keep-alive (read without the
-    engine's lock: the reaper asks four times a second)."""
+    """Whether an adapter of `resident` has gone unused for its keep-alive, its own or the
+    model's (read without the engine's lock: the reaper asks four times a second)."""
     adapters = getattr(resident.engine, "adapters", {})  # an embedding model has none
-    return any(now - loaded.last_used >= resident.keep_alive for loaded in list(adapters.values()))
+    return any(loaded.idle_past(now, resident.keep_alive) for loaded in list(adapters.values()))
 
 
 class Residency:
@@ -156,16 +156,15 @@ class Residency:
 
     async def reap(self) -> None:
         """Unload models idle past their keep-alive, and the LoRA adapters of the others unused
-        that long (the model's keep-alive: an adapter is a model of its own to its clients)."""
+        past theirs (an adapter is a model of its own to its clients: the keep_alive of its last
+        request, else its base model's)."""
         while True:
             await asyncio.sleep(REAP_INTERVAL)
             now = time.monotonic()
             for resident in list(self.models.values()):
-                if resident.keep_alive is None:
-                    continue
-                if resident.active == 0 and now - resident.last_used >= resident.keep_alive:
+                if resident.keep_alive is not None and resident.active == 0 and now - resident.last_used >= resident.keep_alive:
                     await self.unload(resident)
-                elif resident.keep_alive and _has_idle_adapter(resident, now):  # 0: they go with the model
+                elif _has_idle_adapter(resident, now):
                     await self._drop_idle_adapters(resident)
 
     async def _drop_idle_adapters(self, resident: Resident) -> None:
