@@ -16,6 +16,8 @@ from torch import nn
 from elmd.engine.lora import Adapter, AdapterSet
 from elmd.engine.openelm import OpenELM
 
+NO_ADAPTERS = torch.empty(0, dtype=torch.long)  # a decode step's adapter ids when every row is the base's
+
 
 class Runner:
     def __init__(self, model: OpenELM):
@@ -131,7 +133,7 @@ class Runner:
         """Logits [B, vocab] for one new token per sequence, the layer stack run by the native
         plan in one call; float32 on the CPU."""
         x = self.model.transformer.token_embeddings(tokens)  # the residual stream, float32 [B, dim]
-        ids = torch.tensor(adapters if adapters and any(adapters) else [], dtype=torch.long)
+        ids = torch.tensor(adapters, dtype=torch.long) if adapters and any(adapters) else NO_ADAPTERS
         return self.head(self.native_plan.step(x, *self._cache_tensors(), slots, positions, ids))
 
     def prefill_chunk(self, tokens: torch.Tensor, start: int, slot: int, last_only: bool, adapter: int = 0) -> torch.Tensor:

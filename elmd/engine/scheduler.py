@@ -304,7 +304,8 @@ class Scheduler:
         tokens = [t for seq, guess in zip(batch, guesses) for t in (seq.tokens[-1], *guess)]
         positions = [seq.filled + i for seq, guess in zip(batch, guesses) for i in range(1 + len(guess))]
         slots = [seq.slot for seq, guess in zip(batch, guesses) for _ in range(1 + len(guess))]
-        adapters = [seq.adapter for seq, guess in zip(batch, guesses) for _ in range(1 + len(guess))]
+        adapters = ([seq.adapter for seq, guess in zip(batch, guesses) for _ in range(1 + len(guess))]
+                    if any(seq.adapter for seq in batch) else None)
         span = max(positions) + 1  # known here; on a GPU, reading it back would sync
         started = time.perf_counter()
         logits = self.runner(torch.tensor(tokens, device=self.device)[:, None],
