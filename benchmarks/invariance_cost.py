@@ -20,6 +20,10 @@ The invariant float32 and bf16 matmuls (float_linear), against the commit before
     git worktree add /tmp/before a53f5eb
     python benchmarks/invariance_cost.py --before /tmp/before --quant none
     python benchmarks/invariance_cost.py --before /tmp/before --quant bf16
+
+A change to ATen's path (the daemons get no ELMD_* variable of this shell, so name the path):
+
+    python benchmarks/invariance_cost.py --before /tmp/before --cpu-kernels aten --quant int4
 """
 
 from __future__ import annotations
@@ -91,14 +95,16 @@ def main(argv=None) -> int:
     p.add_argument("--before", type=Path, required=True, help="the checkout to compare against")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quant", help="elmd serve's --quant for both (default: the model's)")
+    p.add_argument("--cpu-kernels", help="ELMD_CPU_KERNELS for both (default: the CPU's best path)")
     args = p.parse_args(argv)
     serve_args = ("--quant", args.quant) if args.quant else ()
+    kernels = {"ELMD_CPU_KERNELS": args.cpu_kernels} if args.cpu_kernels else {}
     rng = random.Random(0)
     figures: dict[str, list[dict]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as work:
         # each its own kernel folder: both builds share an extension name, with different sources
         daemons = {name: serve_offline_model(Path(work) / name, Path(work) / f"{name}.log", repo, serve_args,
-                                             TORCH_EXTENSIONS_DIR=str(Path(work) / name / "torch_extensions"))
+                                             TORCH_EXTENSIONS_DIR=str(Path(work) / name / "torch_extensions"), **kernels)
                    for name, repo in (("before", args.before.resolve()), ("after", REPO))}
         try:
             for name, (base, _) in daemons.items():
