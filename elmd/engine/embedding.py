@@ -11,7 +11,6 @@ keeps serving) and take turns (the Embedder's lock), each on every intra-op thre
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, TypeVar
 
@@ -19,6 +18,7 @@ import torch
 
 from elmd.engine.embedder import Embedder, InputTooLong
 from elmd.engine.protocol import BackendInfo, CacheBytes
+from elmd.engine.threads import in_own_thread
 
 __all__ = ["EmbeddingEngine", "Embeddings", "InputTooLong"]
 
@@ -63,7 +63,7 @@ class EmbeddingEngine:
                                 memory_bytes=_weight_bytes(embedder.model), extra={"kind": "embedding"})
         self.watch: Callable = lambda prompt_tokens: None  # generation metrics: an encoder generates nothing
         self.dimensions, self.max_length, self.normalize = embedder.dimensions, embedder.max_length, embedder.normalize
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"elmd-embed-{model_id}")
+        self._one_at_a_time = asyncio.Lock()
         self._closed = False
 
     @classmethod
@@ -89,12 +89,13 @@ class EmbeddingEngine:
         self.embedder.check(token_id_lists)
 
     async def in_worker(self, fn: Callable[[], T]) -> T:
-        """fn() on this model's one worker thread. Always the same thread: torch's OpenMP keeps a
-        team of threads per calling thread, and a second team spinning idle beside the one at
-        work took a core from it (asyncio's pool lands calls on several threads)."""
+        """fn() in a thread of its own, one call at a time: a thread kept for the encoder would
+        keep its OpenMP team beside a chat model's scheduler, whose every decode step then waits
+        on woken threads (elmd/engine/threads.py)."""
         if self._closed:
             raise RuntimeError(f"{self.model_id} is unloaded")
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
+        async with self._one_at_a_time:
+            return await in_own_thread(fn)
 
     def embed(self, token_id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
         """float32 [n, dimensions]."""
@@ -117,5 +118,4 @@ class EmbeddingEngine:
     def close(self) -> None:
         """Let the weights go (the manager unloads a model only when no request holds it)."""
         self._closed = True
-        self._worker.shutdown(wait=True)
         self.embedder = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,13 +142,14 @@ class KVCache(nn.Module):
 
 def rope_tables(head_dim: int, length: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and a signed sin ([-sin, sin] halves) per position, so that rotate-half RoPE is
-    `x * cos + x.roll(D/2) * sin`. Computed in float64 on the CPU whatever the device (MPS
-    has no float64; on the meta device, a float64 arange also imports torch._refs), then moved."""
-    cpu = torch.device("cpu")
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=cpu) / head_dim))
-    angles = torch.arange(length, dtype=torch.float64, device=cpu)[:, None] * inv_freq[None, :]
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1).float().to(device), torch.cat([-sin, sin], dim=-1).float().to(device)
+    `x * cos + x.roll(D/2) * sin`. Computed in float64 by numpy whatever the device (MPS has no
+    float64), then moved: torch's float64 cos runs MKL's vector math in OpenMP threads nested in
+    its own, and an OpenMP team beside the scheduler's throttles it (elmd/engine/threads.py)."""
+    inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = np.arange(length, dtype=np.float64)[:, None] * inv_freq[None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    tables = (np.concatenate([cos, cos], axis=-1), np.concatenate([-sin, sin], axis=-1))
+    return tuple(torch.from_numpy(t.astype(np.float32)).to(device) for t in tables)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

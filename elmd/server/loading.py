@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 
 from elmd.catalog import ModelSpec
 from elmd.engine.protocol import describe_cpu_kernels
+from elmd.engine.threads import in_own_thread
 from elmd.server.errors import APIError, unavailable
 from elmd.server.residency import Residency, Resident
 from elmd.settings import Settings
@@ -75,7 +76,7 @@ class Loader:
         self.residency.loading_bytes[spec.id] = spec.estimated_bytes()
         started = time.monotonic()
         try:
-            engine = await asyncio.to_thread(self._load_engine, spec)
+            engine = await in_own_thread(self._load_engine, spec)
         except Exception as exc:
             log.exception("loading %s from %s failed", spec.id, spec.path)
             self.errors[spec.id] = f"{type(exc).__name__}: {exc}"
@@ -102,7 +103,7 @@ class Loader:
         started = time.monotonic()
         log.info("installing %s into the store (once, a few seconds); /health says loading until it is ready", model_id)
         try:
-            await asyncio.to_thread(install)
+            await in_own_thread(install)
         except Exception as exc:
             log.exception("installing %s failed", model_id)
             self.errors[model_id] = f"install failed: {type(exc).__name__}: {exc}"
