@@ -10,7 +10,6 @@ keeps serving) and take turns (the Embedder's lock), each on every intra-op thre
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, TypeVar
 
@@ -63,7 +62,6 @@ class EmbeddingEngine:
                                 memory_bytes=_weight_bytes(embedder.model), extra={"kind": "embedding"})
         self.watch: Callable = lambda prompt_tokens: None  # generation metrics: an encoder generates nothing
         self.dimensions, self.max_length, self.normalize = embedder.dimensions, embedder.max_length, embedder.normalize
-        self._one_at_a_time = asyncio.Lock()
         self._closed = False
 
     @classmethod
@@ -89,13 +87,12 @@ class EmbeddingEngine:
         self.embedder.check(token_id_lists)
 
     async def in_worker(self, fn: Callable[[], T]) -> T:
-        """fn() in a thread of its own, one call at a time: a thread kept for the encoder would
-        keep its OpenMP team beside a chat model's scheduler, whose every decode step then waits
-        on woken threads (elmd/engine/threads.py)."""
+        """fn() in a thread of its own (forwards take turns on the Embedder's lock): a thread kept
+        for the encoder would keep its OpenMP team beside a chat model's scheduler, whose every
+        decode step then waits on woken threads (elmd/engine/threads.py)."""
         if self._closed:
             raise RuntimeError(f"{self.model_id} is unloaded")
-        async with self._one_at_a_time:
-            return await in_own_thread(fn)
+        return await in_own_thread(fn)
 
     def embed(self, token_id_lists: Sequence[Sequence[int]]) -> torch.Tensor:
         """float32 [n, dimensions]."""
